@@ -1,0 +1,80 @@
+"""The pipeline's public data types: what callers (CLI, Ray Serve deployments, batch) pass in
+and get back. Plain dataclasses so they cross process boundaries (Ray pickles them) unchanged.
+
+Contract used by ``deploy``:
+
+    pipe = RAGPipeline(PipelineConfig(...))            # loads models + index (pipeline/rag.py)
+    pipe.retrieve(["q1", "q2"], k=4, retriever="dense") -> list[list[Source]]
+    pipe.generate(AskRequest(...), sources, on_text=cb) -> AskResult   # one-shot, given sources
+    pipe.answer(AskRequest(...), on_text=cb)            -> AskResult   # retrieve + generate
+                                                                     # (iterative when asked)
+``on_text`` receives text deltas as tokens are committed; their concatenation equals
+``AskResult.answer``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class RetrievalOptions:
+    k: int = 4
+    retriever: Literal["dense", "bm25", "hybrid"] = "dense"
+    iterative: bool = False
+    stride: int = 4                       # iterative: re-retrieve every `stride` tokens
+    query_tokens: int = 32                # iterative: query = last `query_tokens` tokens
+    speculation_stride: int | Literal["auto"] = "auto"   # RaLMSpec: strides per verification
+    async_verification: bool = True
+    prefetch: int = 20
+
+
+@dataclass
+class SpeculationOptions:
+    enabled: bool = True
+    max_draft_tokens: int | None = None   # None: the engine's default / adaptive
+
+
+@dataclass
+class AskRequest:
+    question: str
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    retrieval: RetrievalOptions = field(default_factory=RetrievalOptions)
+    speculation: SpeculationOptions = field(default_factory=SpeculationOptions)
+
+
+@dataclass
+class Source:
+    id: str
+    title: str
+    source: str
+    score: float
+    text: str
+    token_ids: list[int] | None = None   # generator-tokenized text, used as drafting reference
+
+    def public(self) -> dict[str, Any]:
+        """The fields shown to users (no token ids)."""
+        d = asdict(self)
+        d.pop("token_ids")
+        return d
+
+
+@dataclass
+class AskResult:
+    answer: str
+    token_ids: list[int]
+    sources: list[Source]
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int
+    # {"retrievals": {...}, "prefills", "target_forwards", "mean_accepted_per_forward",
+    #  "draft_tokens", "accepted_tokens", "by_drafter": {...}, "seconds": {...}}
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
