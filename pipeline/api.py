@@ -78,3 +78,12 @@ class AskResult:
     @property
     def completion_tokens(self) -> int:
         return len(self.token_ids)
+
+
+# Stages (implemented in pipeline/rag.py), so that Ray Serve can put retrieval and generation
+# in separate deployments:
+#   RetrievalStage(config).retrieve(questions, k, retriever) -> list[list[Source]]
+#   GenerationStage(config, retrieval=None).generate(request, sources, on_text=None) -> AskResult
+#   GenerationStage.answer(request, on_text=None) -> AskResult   (needs `retrieval`; iterative
+#                                                                 mode retrieves inside the loop)
+#   RAGPipeline(config) = both stages in one process: .retrieve, .generate, .answer

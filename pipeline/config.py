@@ -1,0 +1,31 @@
+"""The pipeline's one configuration object, built from CLI flags, YAML (serve config) or env."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+
+def default_index_dir() -> Path:
+    """Where the embedded default index of the built-in ``python-docs`` corpus lives."""
+    from speculation.models import cache_dir
+
+    return cache_dir() / "indexes" / "python-docs"
+
+
+class PipelineConfig(BaseModel):
+    """Everything needed to load a pipeline. ``index_dir`` None: the embedded default index,
+    built on first use."""
+
+    index_dir: str | None = None
+    redis_url: str | None = None
+    model: str = "smollm2-135m-instruct"
+    draft_model: str | None = None
+    embedding_model: str | None = None       # None: the one recorded in the index manifest
+    device: str = "auto"
+    dtype: str = "auto"
+    k: int = Field(4, ge=1, le=50)
+    retriever: str = "dense"
+    max_draft_tokens: int = Field(16, ge=1, le=64)
+    max_tokens: int = Field(256, ge=1)
