@@ -144,6 +144,9 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> Any:
 
 def load_causal_lm(name_or_path: str, device: str = "cpu", dtype: Any = None) -> Any:
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar for a sub-second safetensors load is noise
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=dtype)
     return model.to(device).eval()

@@ -1,0 +1,102 @@
+"""Verification of drafted tokens: pure functions over logits.
+
+Greedy: the longest draft prefix equal to the target's argmax is accepted, then the target's own
+token follows. Sampling: the speculative-sampling rule of Leviathan et al. / Chen et al., which
+makes the output distributed exactly as the target's (warped) distribution p whatever the
+draft distribution q is. A draft copied from a document is deterministic: q is one-hot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 means greedy. top_k 0 and top_p 1.0 disable those filters."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+def warp_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (nucleus) over the last dim; returns probabilities.
+
+    The same warping must be applied to the target's and the draft's logits: the rule is exact
+    for whatever distribution p the warped target defines.
+    """
+    logits = logits.float()
+    if params.greedy:
+        probs = torch.zeros_like(logits)
+        probs.scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        return probs
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        # drop a token when the mass strictly before it already reaches top_p (the top one stays)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        drop_sorted = mass_before >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits.softmax(-1)
+
+
+def greedy_verify(draft: list[int], target_logits: torch.Tensor) -> tuple[int, int]:
+    """target_logits: [len(draft) + 1, V], row i predicts the token after draft[:i].
+
+    Returns (number of draft tokens accepted, the target's next token after them).
+    """
+    predicted = target_logits.argmax(-1).tolist()
+    n = 0
+    while n < len(draft) and draft[n] == predicted[n]:
+        n += 1
+    return n, predicted[n]
+
+
+def sample_from(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def speculative_verify(
+    draft: list[int],
+    target_probs: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    generator: torch.Generator | None,
+) -> tuple[int, int]:
+    """The speculative-sampling rule.
+
+    target_probs: [len(draft) + 1, V] warped target distributions p.
+    draft_probs:  [len(draft), V] warped draft distributions q, or None for a deterministic
+                  (copied) draft, i.e. q = one-hot at the drafted token.
+    Accept draft x with probability min(1, p(x) / q(x)); at the first rejection sample from
+    normalise(max(0, p - q)); if all are accepted, sample a bonus token from p.
+    Returns (number accepted, next token).
+    """
+    for i, x in enumerate(draft):
+        p = target_probs[i]
+        if draft_probs is None:
+            q = torch.zeros_like(p)
+            q[x] = 1.0
+        else:
+            q = draft_probs[i]
+        q_x = float(q[x])
+        accept_prob = 1.0 if q_x <= 0.0 and float(p[x]) > 0.0 else min(1.0, float(p[x]) / max(q_x, 1e-30))
+        if float(torch.rand((), generator=generator)) < accept_prob:
+            continue
+        residual = (p - q).clamp_min(0.0)
+        total = float(residual.sum())
+        if total <= 0.0:  # p == q exactly: any rejection is measure-zero; fall back to p
+            residual, total = p, float(p.sum())
+        return i, sample_from(residual / total, generator)
+    return len(draft), sample_from(target_probs[len(draft)], generator)
