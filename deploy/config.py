@@ -1,0 +1,140 @@
+"""The serving layer's one configuration object.
+
+The same object is built from the ``args`` of ``deploy/serve.yaml`` (for ``serve run``), from
+``specrag serve --config FILE`` (either that YAML or a plain mapping of the same fields) and
+from CLI flags, so every way of starting the service reads one schema.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipeline.config import PipelineConfig
+
+
+class AutoscalingSettings(BaseModel):
+    """Ray Serve's request-based autoscaling for one deployment (``autoscaling_config``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+
+class DeploymentSettings(BaseModel):
+    """Resources and scaling of one deployment. ``autoscaling`` None: a fixed ``num_replicas``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: AutoscalingSettings | None = None
+    num_cpus: float = Field(0.5, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int = Field(8, ge=1)
+    health_check_period_s: float = Field(10.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)
+
+    def serve_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``Deployment.options``."""
+        opts: dict[str, Any] = {
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
+        }
+        if self.autoscaling is not None:
+            opts["autoscaling_config"] = self.autoscaling.model_dump()
+        else:
+            opts["num_replicas"] = self.num_replicas
+        return opts
+
+
+def _default_ingress() -> DeploymentSettings:
+    return DeploymentSettings(num_cpus=0.1, max_ongoing_requests=64)
+
+
+def _default_retriever() -> DeploymentSettings:
+    return DeploymentSettings(num_cpus=0.25, max_ongoing_requests=32)
+
+
+def _default_generator() -> DeploymentSettings:
+    return DeploymentSettings(num_cpus=0.5, max_ongoing_requests=8)
+
+
+class ServeConfig(BaseModel):
+    """Everything ``build_app`` needs: the pipeline to load and how to deploy it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    # Name clients pass as ``model``; None: the pipeline's model name. ``model_aliases`` are
+    # other names accepted for the same model (anything else is a 404).
+    served_model_name: str | None = None
+    model_aliases: list[str] = Field(default_factory=list)
+    # Optional bearer token for /v1/*; None: open. ``api_key_env`` names an environment
+    # variable to read it from (keeps secrets out of the YAML).
+    api_key: str | None = None
+    api_key_env: str | None = "SPECRAG_API_KEY"
+    # Query batching in the Retriever (``@serve.batch``).
+    retrieval_batch_size: int = Field(16, ge=1)
+    retrieval_batch_wait_s: float = Field(0.005, ge=0)
+    # Module providing RetrievalStage and GenerationStage (the pipeline's; tests substitute a
+    # stand-in, other implementations of the stage contract plug in here).
+    stages_module: str = "pipeline.rag"
+    # Threads torch may use inside each Generator replica; None: torch's default.
+    torch_threads: int | None = Field(None, ge=1)
+    ingress: DeploymentSettings = Field(default_factory=_default_ingress)
+    retriever: DeploymentSettings = Field(default_factory=_default_retriever)
+    generator: DeploymentSettings = Field(default_factory=_default_generator)
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.pipeline.model
+
+    def accepted_model_names(self) -> set[str]:
+        return {self.model_name, self.pipeline.model, *self.model_aliases}
+
+    def resolved_api_key(self) -> str | None:
+        import os
+
+        if self.api_key:
+            return self.api_key
+        if self.api_key_env:
+            return os.environ.get(self.api_key_env) or None
+        return None
+
+
+def load_stages(module: str) -> Any:
+    """The module holding the stage classes, imported late (it pulls in torch)."""
+    import importlib
+
+    return importlib.import_module(module)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a serve config: a ``serve run`` YAML (the first application's ``args``) or a
+    plain mapping of ``ServeConfig`` fields (YAML or JSON)."""
+    import yaml
+
+    text = Path(path).read_text()
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    if "applications" in data:
+        apps = data["applications"] or []
+        if not apps:
+            raise ValueError(f"{path}: 'applications' is empty")
+        data = apps[0].get("args") or {}
+    return data

@@ -1,0 +1,105 @@
+"""Starting Ray and the service from Python: used by ``specrag serve`` / ``batch``, the tests
+and the benchmark, so all of them run the exact same application."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from .config import ServeConfig
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "specrag"
+MB = 1024 * 1024
+
+
+def init_ray(*, address: str | None = None, num_cpus: int | None = None, object_store_mb: int = 256,
+             log_to_driver: bool = True, runtime_env: dict[str, Any] | None = None) -> None:
+    """Connect to ``address`` (a running cluster: "auto", "ray://host:10001") or start a small
+    local Ray in this process: no dashboard, a modest object store (answers are tiny)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = dict(runtime_env or {})
+    env_vars = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for key in ("SPECRAG_CACHE_DIR", "SPECRAG_API_KEY"):
+        if os.environ.get(key):
+            env_vars[key] = os.environ[key]
+    env["env_vars"] = {**env_vars, **env.get("env_vars", {})}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=log_to_driver)
+        return
+    ray.init(
+        num_cpus=num_cpus or max(2, os.cpu_count() or 2),
+        include_dashboard=False,
+        object_store_memory=object_store_mb * MB,
+        log_to_driver=log_to_driver,
+        runtime_env=env,
+    )
+
+
+def start_service(config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000,
+                  app_name: str = APP_NAME) -> str:
+    """Deploy the app (blocks until every replica has loaded its models) and return its URL."""
+    from ray import serve
+
+    from .app import build_app
+
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(config.model_dump(mode="json")), name=app_name, route_prefix="/")
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return f"http://{shown}:{port}"
+
+
+def wait_healthy(url: str, timeout_s: float = 120.0) -> dict[str, Any]:
+    """Poll /health until 200 (the app answers 503 while something is not ready)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(url + "/health", timeout=10)
+            if r.status_code == 200:
+                return r.json()
+            last = r.text
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(0.5)
+    raise TimeoutError(f"{url}/health not ready after {timeout_s:.0f}s: {last}")
+
+
+def shutdown() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def examples(url: str, model: str, api_key: str | None) -> str:
+    """The ready-to-paste curl and openai-python examples printed by ``specrag serve``."""
+    auth = f' \\\n  -H "Authorization: Bearer {api_key}"' if api_key else ""
+    key = repr(api_key) if api_key else '"unused"'
+    return f"""\
+curl {url}/v1/chat/completions \\
+  -H "Content-Type: application/json"{auth} \\
+  -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "What does functools.lru_cache do?"}}], "max_tokens": 64}}'
+
+python - <<'EOF'
+from openai import OpenAI
+client = OpenAI(base_url="{url}/v1", api_key={key})
+stream = client.chat.completions.create(
+    model="{model}", stream=True, max_tokens=64,
+    messages=[{{"role": "user", "content": "What does functools.lru_cache do?"}}])
+for chunk in stream:
+    if chunk.choices:
+        print(chunk.choices[0].delta.content or "", end="", flush=True)
+print()
+EOF"""

@@ -1,0 +1,199 @@
+"""OpenAI-compatible HTTP schemas and the translation to and from the pipeline's types.
+
+Only the fields specrag honours are modelled; unknown fields are accepted and ignored (plain
+OpenAI clients send things like ``user`` or ``logprobs: false``), except where ignoring them
+would silently change the answer (``n`` > 1, ``tools``), which is a 400.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict, is_dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.api import AskRequest, AskResult, RetrievalOptions, SpeculationOptions, Source
+
+from .errors import ServiceError
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str = "text"
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text or "" for p in self.content if p.type == "text")
+
+
+class RetrievalParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    k: int | None = Field(None, ge=1, le=50)
+    retriever: Literal["dense", "bm25", "hybrid"] | None = None
+    iterative: bool | None = None
+    stride: int | None = Field(None, ge=1, le=256)
+
+
+class SpeculationParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool | None = None
+    max_draft_tokens: int | None = Field(None, ge=1, le=64)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    messages: list[ChatMessage]
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int | None = Field(None, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    retrieval: RetrievalParams | None = None
+    speculation: SpeculationParams | None = None
+
+
+def question_of(req: ChatCompletionRequest) -> str:
+    """The last user message is the question; empty or missing is a 400."""
+    for msg in reversed(req.messages):
+        if msg.role == "user":
+            text = msg.text().strip()
+            if not text:
+                raise ServiceError(400, "invalid_request_error", "the last user message is empty")
+            return text
+    raise ServiceError(400, "invalid_request_error", "no user message: 'messages' needs at least one {'role': 'user', ...}")
+
+
+def to_ask_request(req: ChatCompletionRequest, *, default_k: int, default_retriever: str,
+                   default_max_tokens: int) -> AskRequest:
+    """Map an OpenAI request onto the pipeline's AskRequest (validation errors are 400s)."""
+    if req.n not in (None, 1):
+        raise ServiceError(400, "invalid_request_error", "only n=1 is supported")
+    if getattr(req, "tools", None):
+        raise ServiceError(400, "invalid_request_error", "tools are not supported")
+    question = question_of(req)
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if any(s == "" for s in stop):
+        raise ServiceError(400, "invalid_request_error", "stop strings must not be empty")
+    if len(stop) > 4:
+        raise ServiceError(400, "invalid_request_error", "at most 4 stop strings")
+    r = req.retrieval or RetrievalParams()
+    s = req.speculation or SpeculationParams()
+    retrieval = RetrievalOptions(k=r.k or default_k, retriever=r.retriever or default_retriever)  # type: ignore[arg-type]
+    if r.iterative is not None:
+        retrieval.iterative = r.iterative
+    if r.stride is not None:
+        retrieval.stride = r.stride
+    speculation = SpeculationOptions()
+    if s.enabled is not None:
+        speculation.enabled = s.enabled
+    if s.max_draft_tokens is not None:
+        speculation.max_draft_tokens = s.max_draft_tokens
+    return AskRequest(
+        question=question,
+        max_tokens=req.max_completion_tokens or req.max_tokens or default_max_tokens,
+        temperature=0.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        stop=stop,
+        seed=req.seed,
+        retrieval=retrieval,
+        speculation=speculation,
+    )
+
+
+def _jsonable(obj: Any) -> Any:
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and obj != obj:  # NaN is not JSON
+        return None
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if hasattr(obj, "item"):  # numpy scalar
+        return obj.item()
+    return str(obj)
+
+
+def public_sources(sources: list[Source]) -> list[dict[str, Any]]:
+    return [_jsonable(s.public()) for s in sources]
+
+
+def response_metrics(result: AskResult, extra_seconds: dict[str, float] | None = None) -> dict[str, Any]:
+    """``metrics: {speculation, retrieval, seconds}`` from the pipeline's stats."""
+    stats = dict(result.stats or {})
+    retrieval = stats.pop("retrievals", None) or stats.pop("retrieval", None) or {}
+    seconds = dict(stats.pop("seconds", None) or {})
+    if extra_seconds:
+        for k, v in extra_seconds.items():
+            seconds.setdefault(k, v)
+    return {"speculation": _jsonable(stats), "retrieval": _jsonable(retrieval), "seconds": _jsonable(seconds)}
+
+
+def usage(result: AskResult) -> dict[str, int]:
+    return {
+        "prompt_tokens": int(result.prompt_tokens),
+        "completion_tokens": int(result.completion_tokens),
+        "total_tokens": int(result.prompt_tokens + result.completion_tokens),
+    }
+
+
+def new_completion_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex[:24]
+
+
+def completion_body(result: AskResult, *, model: str, completion_id: str, created: int | None = None,
+                    extra_seconds: dict[str, float] | None = None) -> dict[str, Any]:
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created or int(time.time()),
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": result.answer},
+            "finish_reason": result.finish_reason,
+            "logprobs": None,
+        }],
+        "usage": usage(result),
+        "sources": public_sources(result.sources),
+        "metrics": response_metrics(result, extra_seconds),
+    }
+
+
+def chunk(*, model: str, completion_id: str, created: int, delta: dict[str, Any] | None = None,
+          finish_reason: str | None = None, empty_choices: bool = False, **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [] if empty_choices else [{"index": 0, "delta": delta or {}, "finish_reason": finish_reason,
+                                             "logprobs": None}],
+    }
+    body.update(extra)
+    return body

@@ -1,0 +1,185 @@
+"""Plain-Python wrappers that put the pipeline's stages behind an asyncio interface.
+
+The Ray deployments in ``deploy.app`` are thin shells over these (so are the in-process backend
+the unit tests use and the ``batch`` workers): the stage calls run on a dedicated thread, so a
+replica's event loop stays free for health checks and other requests while torch works, and
+every error leaves as a picklable :class:`~deploy.errors.ServiceError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator, Callable
+
+from pipeline.api import AskRequest, AskResult, Source
+
+from .errors import ServiceError, to_service_error
+
+log = logging.getLogger(__name__)
+
+
+class _Cancelled(Exception):
+    """Raised from ``on_text`` to stop a generation whose client went away."""
+
+
+class RetrievalRunner:
+    """A RetrievalStage behind one worker thread (its index and store are not shared between
+    threads) with a batched entry point for ``@serve.batch``."""
+
+    def __init__(self, stage: Any):
+        self.stage = stage
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="specrag-retrieval")
+
+    async def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+        except ServiceError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - converted so it pickles across Ray
+            raise to_service_error(exc) from None
+
+    async def retrieve_batch(self, queries: list[tuple[str, int, str]]) -> list[list[Source] | ServiceError]:
+        """One stage call per distinct (k, retriever) in the batch; per-query results or errors."""
+        results: list[list[Source] | ServiceError | None] = [None] * len(queries)
+        groups: dict[tuple[int, str], list[int]] = defaultdict(list)
+        for i, (_, k, retriever) in enumerate(queries):
+            groups[(int(k), str(retriever))].append(i)
+        for (k, retriever), idxs in groups.items():
+            try:
+                found = await self._run(self.stage.retrieve, [queries[i][0] for i in idxs], k, retriever)
+                for i, sources in zip(idxs, found):
+                    results[i] = list(sources)
+            except ServiceError as err:
+                for i in idxs:
+                    results[i] = err
+        return results  # type: ignore[return-value]
+
+    async def retrieve(self, question: str, k: int, retriever: str) -> list[Source]:
+        (out,) = await self.retrieve_batch([(question, k, retriever)])
+        if isinstance(out, ServiceError):
+            raise out
+        return out
+
+    async def retrieve_many(self, questions: list[str], k: int, retriever: str = "dense") -> list[list[Source]]:
+        return await self._run(self.stage.retrieve, list(questions), k, retriever)
+
+    async def call(self, name: str, args: tuple = (), kwargs: dict | None = None) -> Any:
+        """Any other stage method (iterative mode in a Generator replica needs more than retrieve)."""
+        if name.startswith("_"):
+            raise ServiceError(400, "invalid_request_error", f"no such retrieval method {name!r}")
+        return await self._run(getattr(self.stage, name), *args, **(kwargs or {}))
+
+    async def ready(self) -> dict[str, Any]:
+        """Proves index, embedding model and store answer: a real one-result retrieval."""
+        check = getattr(self.stage, "health", None)
+        if callable(check):
+            info = await self._run(check)
+            return dict(info) if isinstance(info, dict) else {"retrieval": "ok"}
+        await self._run(self.stage.retrieve, ["health check"], 1, "dense")
+        return {"retrieval": "ok"}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class GenerationRunner:
+    """A GenerationStage behind ``concurrency`` worker threads (1: requests queue, which is what
+    a CPU or a single model copy wants; the engine's state is per request)."""
+
+    def __init__(self, stage: Any, concurrency: int = 1):
+        self.stage = stage
+        self._pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="specrag-generate")
+
+    def _call(self, request: AskRequest, sources: list[Source] | None,
+              on_text: Callable[[str], None] | None) -> AskResult:
+        if sources is None:
+            return self.stage.answer(request, on_text=on_text)
+        return self.stage.generate(request, sources, on_text=on_text)
+
+    async def generate(self, request: AskRequest, sources: list[Source] | None) -> AskResult:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, self._call, request, sources, None)
+        except ServiceError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise to_service_error(exc) from None
+
+    async def stream(self, request: AskRequest, sources: list[Source] | None) -> AsyncIterator[str | AskResult]:
+        """Text deltas as the engine commits them, then the AskResult. Closing the iterator early
+        (client disconnected) stops the generation at its next commit."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def on_text(delta: str) -> None:
+            if cancelled.is_set():
+                raise _Cancelled()
+            loop.call_soon_threadsafe(queue.put_nowait, ("text", delta))
+
+        def work() -> None:
+            try:
+                result = self._call(request, sources, on_text)
+            except _Cancelled:
+                loop.call_soon_threadsafe(queue.put_nowait, ("cancelled", None))
+            except ServiceError as err:
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", err))
+            except Exception as exc:  # noqa: BLE001
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", to_service_error(exc)))
+            else:
+                loop.call_soon_threadsafe(queue.put_nowait, ("done", result))
+
+        future = loop.run_in_executor(self._pool, work)
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind == "text":
+                    yield value
+                elif kind == "done":
+                    yield value
+                    return
+                elif kind == "error":
+                    raise value
+                else:
+                    return
+        finally:
+            if not future.done():
+                cancelled.set()
+
+    async def ready(self) -> dict[str, Any]:
+        check = getattr(self.stage, "health", None)
+        if callable(check):
+            loop = asyncio.get_running_loop()
+            info = await loop.run_in_executor(None, check)
+            return dict(info) if isinstance(info, dict) else {"generation": "ok"}
+        return {"generation": "ok"}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class LocalBackend:
+    """Both stages in this process, for the HTTP layer's unit tests and ``--local`` use."""
+
+    def __init__(self, retrieval_stage: Any, generation_stage: Any, concurrency: int = 1):
+        self.retrieval = RetrievalRunner(retrieval_stage)
+        self.generation = GenerationRunner(generation_stage, concurrency)
+
+    async def retrieve(self, question: str, k: int, retriever: str) -> list[Source]:
+        return await self.retrieval.retrieve(question, k, retriever)
+
+    async def generate(self, request: AskRequest, sources: list[Source] | None) -> AskResult:
+        return await self.generation.generate(request, sources)
+
+    def stream(self, request: AskRequest, sources: list[Source] | None) -> AsyncIterator[str | AskResult]:
+        return self.generation.stream(request, sources)
+
+    async def ready(self) -> dict[str, Any]:
+        info = await self.retrieval.ready()
+        info.update(await self.generation.ready())
+        return info

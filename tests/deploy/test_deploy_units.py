@@ -1,0 +1,88 @@
+"""Pure-Python pieces of deploy/: batch input/output handling, config, error mapping."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+
+from deploy.batch import AnswerWriter, load_done_ids, read_questions
+from deploy.config import ServeConfig, load_config_file
+from deploy.errors import ServiceError, classify, to_service_error
+from pipeline.errors import PromptTooLongError, QuestionError
+
+
+def test_read_questions_reports_line_numbers(tmp_path):
+    p = tmp_path / "q.jsonl"
+    p.write_text("\n".join([
+        '{"id": 1, "question": "a?"}',
+        '{"id": 2, "question": ',            # torn JSON
+        '["not", "an", "object"]',
+        '{"question": "no id"}',
+        '{"id": 3, "question": "   "}',
+        '',
+        '{"id": "1", "question": "dup"}',
+        '{"id": 4, "question": "b?", "max_tokens": 8}',
+    ]) + "\n")
+    rep = read_questions(p)
+    assert [q.id for q in rep.questions] == ["1", "4"]
+    assert rep.questions[1].max_tokens == 8
+    assert [n for n, _ in rep.malformed] == [2, 3, 4, 5]
+    assert rep.duplicates == [(7, "1")]
+
+
+def test_torn_last_line_is_truncated_on_resume(tmp_path):
+    out = tmp_path / "a.jsonl"
+    with AnswerWriter(out) as w:
+        w.write(json.dumps({"id": "a", "answer": "x"}))
+        w.write(json.dumps({"id": "b", "answer": "y"}))
+    with open(out, "ab") as f:
+        f.write(b'{"id": "c", "ans')               # killed mid-write
+    assert load_done_ids(out) == {"a", "b"}
+    assert out.read_bytes().endswith(b"}\n")
+    with AnswerWriter(out) as w:
+        w.write(json.dumps({"id": "c", "answer": "z"}))
+    assert [json.loads(l)["id"] for l in out.read_text().splitlines()] == ["a", "b", "c"]
+
+
+def test_serve_yaml_validates_and_builds():
+    from deploy.app import build_app
+
+    args = load_config_file("deploy/serve.yaml")
+    cfg = ServeConfig.model_validate(args)
+    assert cfg.generator.autoscaling is not None and cfg.retriever.autoscaling is not None
+    opts = cfg.generator.serve_options()
+    assert "autoscaling_config" in opts and "num_gpus" in opts["ray_actor_options"]
+    build_app(args)  # binds without a cluster
+
+
+def test_config_rejects_unknown_keys_and_bad_bounds():
+    with pytest.raises(ValueError):
+        ServeConfig.model_validate({"nope": 1})
+    with pytest.raises(ValueError):
+        ServeConfig.model_validate({"generator": {"autoscaling": {"min_replicas": 3, "max_replicas": 1}}})
+
+
+def test_error_mapping_survives_pickling():
+    err = classify(PromptTooLongError("question too long", prompt_tokens=9000, context_tokens=8192, max_tokens=256))
+    assert err.status == 400 and "context_tokens=8192" in err.message
+    again = pickle.loads(pickle.dumps(err))
+    assert isinstance(again, ServiceError) and again.status == 400 and again.message == err.message
+    assert classify(QuestionError("empty")).status == 400
+    from retrieval.errors import IndexNotFoundError, StoreUnavailableError
+    from speculation.errors import ModelNotFoundError
+
+    assert classify(StoreUnavailableError("down")).status == 503
+    assert classify(IndexNotFoundError("none")).status == 503
+    assert classify(ModelNotFoundError("x")).status == 404
+    assert classify(ValueError("bug")) is None
+    assert classify(ConnectionError("not redis")) is None
+    assert to_service_error(KeyError("secret internals")).status == 500
+    assert "secret" not in to_service_error(KeyError("secret internals")).message
+
+
+def test_redis_connection_error_is_503():
+    import redis
+
+    assert classify(redis.exceptions.ConnectionError("refused")).status == 503
