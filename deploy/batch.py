@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ class Question:
     question: str
     line: int
     max_tokens: int | None = None
+    raw_id: Any = None  # the id as given (int or str), written back unchanged
 
 
 @dataclass
@@ -63,12 +64,11 @@ def read_questions(path: str | Path) -> InputReport:
             if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
                 report.malformed.append((n, "'max_tokens' must be a positive integer"))
                 continue
-            qid = str(qid)
-            if qid in seen:
-                report.duplicates.append((n, qid))
+            if str(qid) in seen:
+                report.duplicates.append((n, str(qid)))
                 continue
-            seen.add(qid)
-            report.questions.append(Question(qid, question, n, max_tokens))
+            seen.add(str(qid))
+            report.questions.append(Question(str(qid), question, n, max_tokens, raw_id=qid))
     return report
 
 
@@ -148,7 +148,7 @@ class QAWorker:
         self._cfg = cfg
         self._max_tokens = max_tokens
 
-    def answer_one(self, qid: str, question: str, max_tokens: int | None) -> dict[str, Any]:
+    def answer_one(self, qid: str, question: str, max_tokens: int | None, raw_id: Any = None) -> dict[str, Any]:
         from pipeline.api import AskRequest, RetrievalOptions
 
         from .errors import to_service_error
@@ -163,7 +163,7 @@ class QAWorker:
             err = to_service_error(exc)
             return {"id": qid, "ok": False, "line": "", "error": f"{err.type}: {err.message}",
                     "tokens": 0, "forwards": 0}
-        out = {"id": qid, "question": question, "answer": res.answer,
+        out = {"id": qid if raw_id is None else raw_id, "question": question, "answer": res.answer,
                "sources": public_sources(res.sources), "metrics": response_metrics(res),
                "finish_reason": res.finish_reason,
                "usage": {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens}}
@@ -171,8 +171,8 @@ class QAWorker:
                 "tokens": res.completion_tokens, "forwards": int((res.stats or {}).get("target_forwards") or 0)}
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        rows = [self.answer_one(str(i), str(q), int(m) if m and m > 0 else None)
-                for i, q, m in zip(batch["id"], batch["question"], batch["max_tokens"])]
+        rows = [self.answer_one(str(i), str(q), int(m) if m and m > 0 else None, json.loads(str(r)))
+                for i, q, m, r in zip(batch["id"], batch["question"], batch["max_tokens"], batch["raw_id"])]
         return {k: [r[k] for r in rows] for k in ("id", "ok", "line", "error", "tokens", "forwards")}
 
 
@@ -185,6 +185,8 @@ class BatchSummary:
     malformed: int = 0
     duplicates: int = 0
     seconds: float = 0.0
+    startup_seconds: float = 0.0     # until the first answer: Ray + actor start + model loading
+    last_answer_seconds: float = 0.0
     tokens: int = 0
     forwards: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
@@ -198,6 +200,12 @@ class BatchSummary:
         return self.answered / self.seconds if self.seconds else 0.0
 
     @property
+    def steady_questions_per_s(self) -> float:
+        """Throughput after the first answer (start-up excluded)."""
+        span = self.last_answer_seconds - self.startup_seconds
+        return (self.answered - 1) / span if self.answered > 1 and span > 0 else 0.0
+
+    @property
     def mean_accepted_per_forward(self) -> float:
         return self.tokens / self.forwards if self.forwards else 0.0
 
@@ -206,6 +214,8 @@ class BatchSummary:
                 "malformed": self.malformed, "duplicates": self.duplicates, "seconds": round(self.seconds, 3),
                 "tokens": self.tokens, "tokens_per_s": round(self.tokens_per_s, 2),
                 "questions_per_s": round(self.questions_per_s, 3),
+                "startup_seconds": round(self.startup_seconds, 3),
+                "steady_questions_per_s": round(self.steady_questions_per_s, 3),
                 "mean_accepted_tokens_per_forward": round(self.mean_accepted_per_forward, 3)}
 
 
@@ -216,7 +226,8 @@ def _results(report: list[Question], *, pipeline: dict[str, Any], stages_module:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours (tqdm, with throughput) is the one shown
     ctx.print_on_execution_start = False
-    items = [{"id": q.id, "question": q.question, "max_tokens": q.max_tokens or 0} for q in report]
+    items = [{"id": q.id, "question": q.question, "max_tokens": q.max_tokens or 0,
+              "raw_id": json.dumps(q.raw_id if q.raw_id is not None else q.id)} for q in report]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.map_batches(
         QAWorker,
@@ -231,9 +242,10 @@ def _results(report: list[Question], *, pipeline: dict[str, Any], stages_module:
 
 def run_batch(input_path: str | Path, output_path: str | Path, *, pipeline: dict[str, Any],
               concurrency: int = 1, stages_module: str = "pipeline.rag", max_tokens: int | None = None,
-              cpus_per_actor: float | None = None, progress: bool = True, err=sys.stderr) -> BatchSummary:
+              cpus_per_actor: float | None = None, progress: bool = True, err=sys.stderr,
+              init_ray: Callable[[], None] | None = None) -> BatchSummary:
     """Answer every not-yet-answered question of ``input_path`` into ``output_path``.
-    Ray must already be initialised (see ``deploy.local.init_ray``)."""
+    ``init_ray`` is called only when there is work (else Ray must already be initialised)."""
     from tqdm import tqdm
 
     summary = BatchSummary()
@@ -249,6 +261,8 @@ def run_batch(input_path: str | Path, output_path: str | Path, *, pipeline: dict
     summary.already_done = len(report.questions) - len(todo)
     if not todo:
         return summary
+    if init_ray is not None:
+        init_ray()
     cpus = os.cpu_count() or 1
     threads = max(1, cpus // concurrency)
     t0 = time.perf_counter()
@@ -258,6 +272,10 @@ def run_batch(input_path: str | Path, output_path: str | Path, *, pipeline: dict
             for row in _results(todo, pipeline=pipeline, stages_module=stages_module, concurrency=concurrency,
                                 cpus_per_actor=cpus_per_actor if cpus_per_actor is not None else min(1.0, cpus / concurrency),
                                 torch_threads=threads, max_tokens=max_tokens):
+                now = time.perf_counter() - t0
+                if not summary.answered and not summary.failed:
+                    summary.startup_seconds = now
+                summary.last_answer_seconds = now
                 if row["ok"]:
                     writer.write(row["line"])
                     summary.answered += 1

@@ -85,8 +85,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     host = args.host or "127.0.0.1"
     port = args.port or 8000
-    stop = {"now": False}
-
     def _term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
@@ -99,7 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"\nspecrag is serving {config.model_name} at {url}  (Ctrl-C stops it)\n", flush=True)
         print(local.examples(url, config.model_name, config.resolved_api_key()), flush=True)
         print(f"\nalso: GET {url}/health, {url}/metrics, {url}/v1/models, {url}/docs\n", flush=True)
-        while not stop["now"]:
+        while True:
             time.sleep(1.0)
     except KeyboardInterrupt:
         print("\nspecrag serve: shutting down ...", file=sys.stderr, flush=True)
@@ -125,13 +123,18 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from . import local
     from .batch import run_batch
 
-    local.init_ray(address=args.address, num_cpus=args.num_cpus, log_to_driver=False)
+    def init() -> None:
+        local.init_ray(address=args.address, num_cpus=args.num_cpus, log_to_driver=False)
+
     try:
         summary = run_batch(args.questions, args.out, pipeline=config.pipeline.model_dump(mode="json"),
                             concurrency=args.concurrency, stages_module=config.stages_module,
-                            max_tokens=args.max_tokens, progress=not args.no_progress)
+                            max_tokens=args.max_tokens, progress=not args.no_progress, init_ray=init)
     finally:
-        local.shutdown()
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
     s = summary
     print(f"answered {s.answered}, failed {s.failed}, already done {s.already_done}, "
           f"malformed lines {s.malformed}, duplicate ids {s.duplicates}; "

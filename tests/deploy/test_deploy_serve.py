@@ -1,0 +1,246 @@
+"""The real application on a local Ray Serve, called over real HTTP: the official openai client
+(streaming and not), raw HTTP for every error status, the real Redis as document store and
+cache, answers compared with the in-process pipeline. One Serve app for the whole module
+(Ray start-up is the slow part on a small machine)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from deploy_helpers import (QUESTIONS, REDIS_URL, build_index, chat, drop_redis_namespace, free_port,
+                            require_redis, requires_pipeline, stop_process_group)
+
+pytestmark = [requires_pipeline, pytest.mark.slow, pytest.mark.timeout(600)]
+
+API_KEY = "test-key-123"
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory):
+    require_redis()
+    index_dir = tmp_path_factory.mktemp("deploy-index") / "pydocs"
+    name = build_index(index_dir)
+    yield index_dir
+    drop_redis_namespace(name)
+
+
+def _config(index_dir, redis_url, **extra):
+    from deploy.config import ServeConfig
+
+    return ServeConfig.model_validate({
+        "pipeline": {"index_dir": str(index_dir), "redis_url": redis_url, "max_tokens": MAX_TOKENS},
+        "api_key": API_KEY,
+        "torch_threads": 1,
+        "generator": {"num_cpus": 0.5, "max_ongoing_requests": 8, "health_check_timeout_s": 60},
+        **extra,
+    })
+
+
+@pytest.fixture(scope="module")
+def service(index):
+    from deploy import local
+
+    local.init_ray(num_cpus=2, log_to_driver=False)
+    try:
+        url = local.start_service(_config(index, REDIS_URL), port=free_port())
+        local.wait_healthy(url, timeout_s=120)
+        yield url
+    finally:
+        local.shutdown()
+
+
+@pytest.fixture(scope="module")
+def inproc(index):
+    from pipeline.config import PipelineConfig
+    from pipeline.rag import RAGPipeline
+
+    return RAGPipeline(PipelineConfig(index_dir=str(index), redis_url=REDIS_URL, max_tokens=MAX_TOKENS))
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    from openai import OpenAI
+
+    return OpenAI(base_url=service + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def _ask(client, question, **kw):
+    return client.chat.completions.create(model="smollm2-135m-instruct", max_tokens=MAX_TOKENS, temperature=0,
+                                          messages=[{"role": "user", "content": question}], **kw)
+
+
+def _stream_text(client, question, **kw):
+    chunks = list(_ask(client, question, stream=True, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return text, chunks
+
+
+def test_openai_client_non_streaming(client):
+    r = _ask(client, QUESTIONS[0])
+    assert r.choices[0].message.content.strip()
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens > 0 and r.usage.prompt_tokens > 0
+    extra = r.model_extra
+    assert extra["sources"] and {"id", "title", "source", "score", "text"} <= set(extra["sources"][0])
+    assert set(extra["metrics"]) == {"speculation", "retrieval", "seconds"}
+
+
+def test_streamed_text_equals_non_streamed(client):
+    for q in QUESTIONS[:2]:
+        plain = _ask(client, q).choices[0].message.content
+        text, chunks = _stream_text(client, q, stream_options={"include_usage": True})
+        assert text == plain
+        last = chunks[-1]
+        assert last.choices == [] and last.usage.completion_tokens > 0
+        assert last.model_extra["sources"]
+        finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert len(finishes) == 1
+
+
+def test_answers_equal_in_process_pipeline(client, inproc):
+    from pipeline.api import AskRequest
+
+    for q in QUESTIONS:
+        http = _ask(client, q)
+        local = inproc.answer(AskRequest(question=q, max_tokens=MAX_TOKENS))
+        assert http.choices[0].message.content == local.answer, q
+        assert [s["id"] for s in http.model_extra["sources"]] == [s.id for s in local.sources]
+
+
+def test_iterative_mode_over_http_equals_in_process(client, inproc):
+    """Iterative retrieval runs inside the Generator and calls the Retriever deployment."""
+    from pipeline.api import AskRequest, RetrievalOptions
+
+    q = QUESTIONS[0]
+    http = _ask(client, q, extra_body={"retrieval": {"iterative": True, "stride": 4, "k": 1}})
+    local = inproc.answer(AskRequest(question=q, max_tokens=MAX_TOKENS,
+                                     retrieval=RetrievalOptions(k=1, iterative=True, stride=4)))
+    assert http.choices[0].message.content == local.answer
+
+
+def test_speculation_off_gives_the_same_text(client):
+    q = QUESTIONS[1]
+    on = _ask(client, q).choices[0].message.content
+    off = _ask(client, q, extra_body={"speculation": {"enabled": False}}).choices[0].message.content
+    assert on == off
+
+
+def test_error_statuses_over_raw_http(service):
+    import httpx
+
+    h = {"Authorization": f"Bearer {API_KEY}"}
+    url = service + "/v1/chat/completions"
+    cases = [
+        (httpx.post(url, content=b"{broken", headers={**h, "content-type": "application/json"}), 422),
+        (httpx.post(url, json={"messages": "x"}, headers=h), 422),
+        (httpx.post(url, json={"messages": [{"role": "user", "content": ""}]}, headers=h), 400),
+        (httpx.post(url, json={"messages": [{"role": "system", "content": "hi"}]}, headers=h), 400),
+        (httpx.post(url, json={"model": "gpt-4o", "messages": [{"role": "user", "content": "q"}]}, headers=h), 404),
+        (httpx.post(url, json={"messages": [{"role": "user", "content": "q"}]}), 401),
+        (httpx.post(url, json={"messages": [{"role": "user", "content": "q"}]},
+                    headers={"Authorization": "Bearer wrong"}), 401),
+        (httpx.get(service + "/v1/models"), 401),
+    ]
+    for resp, status in cases:
+        assert resp.status_code == status, resp.text
+        err = resp.json()["error"]
+        assert err["message"] and err["type"]
+        assert "Traceback" not in resp.text
+
+
+def test_prompt_beyond_context_is_400_with_limits(service):
+    long_q = "Explain this: " + "lorem ipsum dolor sit amet " * 2500  # ~12k tokens > 8k context
+    r = chat(service, long_q, api_key=API_KEY)
+    assert r.status_code == 400, r.text
+    msg = r.json()["error"]["message"]
+    assert any(ch.isdigit() for ch in msg), msg  # the limits are in the message
+    r = chat(service, long_q, api_key=API_KEY, stream=True)
+    assert r.status_code == 400
+
+
+def test_models_health_metrics(service, client):
+    import httpx
+
+    assert [m.id for m in client.models.list().data][0] == "smollm2-135m-instruct"
+    h = httpx.get(service + "/health")
+    assert h.status_code == 200 and h.json()["status"] == "ok"
+    _ask(client, QUESTIONS[2])
+    text = httpx.get(service + "/metrics").text
+    for name in ("specrag_requests_total", "specrag_errors_total", "specrag_request_latency_seconds_bucket",
+                 "specrag_tokens_generated_total", "specrag_mean_accepted_tokens_per_forward",
+                 "specrag_draft_acceptance_rate", "specrag_retrieval_speculation_hit_rate"):
+        assert name in text
+    line = next(l for l in text.splitlines() if l.startswith("specrag_tokens_generated_total"))
+    assert float(line.split()[-1]) > 0
+
+
+def test_concurrent_requests(service):
+    """Several clients at once: every request answered (the Retriever batches their queries)."""
+    import concurrent.futures as cf
+
+    with cf.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda q: chat(service, q, api_key=API_KEY, max_tokens=8), QUESTIONS))
+    assert [r.status_code for r in results] == [200] * 4
+
+
+def test_redis_outage_is_503_and_recovers(service, index, tmp_path):
+    """A second app on a private redis-server: stop it -> 503 (not 500), restart -> 200 again,
+    with no restart of the service."""
+    import shutil
+
+    import httpx
+    from ray import serve
+
+    from deploy.app import build_app
+
+    redis_server = shutil.which("redis-server")
+    if redis_server is None:
+        pytest.fail("redis-server binary not found (scripts/ensure_redis.sh installs it)")
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+
+    def start_redis():
+        proc = subprocess.Popen([redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                 "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        import redis
+
+        for _ in range(50):
+            try:
+                redis.Redis(port=port).ping()
+                return proc
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.1)
+        raise AssertionError("private redis-server did not start")
+
+    proc = start_redis()
+    try:
+        cfg = _config(index, url)
+        serve.run(build_app(cfg.model_dump(mode="json")), name="outage", route_prefix="/outage")
+        base = service + "/outage"
+        first = chat(base, QUESTIONS[0], api_key=API_KEY, max_tokens=4)
+        assert first.status_code == 200, first.text
+        stop_process_group(proc, sig=15, timeout=10)
+        down = chat(base, QUESTIONS[1], api_key=API_KEY, max_tokens=4)   # a query not yet cached
+        assert down.status_code == 503, down.text
+        assert down.json()["error"]["type"] == "service_unavailable"
+        assert httpx.get(base + "/health", timeout=30).status_code == 503
+        proc = start_redis()  # empty: the store refills itself from the index directory
+        deadline = time.monotonic() + 30
+        while True:
+            again = chat(base, QUESTIONS[1], api_key=API_KEY, max_tokens=4)
+            if again.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert again.status_code == 200, again.text
+        assert httpx.get(base + "/health", timeout=30).status_code == 200
+    finally:
+        try:
+            serve.delete("outage")
+        finally:
+            stop_process_group(proc, sig=15, timeout=10)
