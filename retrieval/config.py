@@ -62,7 +62,7 @@ class RetrievalConfig:
     embedding_model: str | None = None  # None: the one recorded in the manifest
     cache_ttl_s: int = 3600  # retrieval cache in Redis (only with a redis_url); 0 disables
     ivf_nprobe: int = 16
-    hnsw_ef_search: int = 64
+    hnsw_ef_search: int = 128  # recall@10 ~0.97 vs flat on clustered 64-d data (tests)
     hybrid_weight: float = 0.3  # weight of the saturated BM25 score in the hybrid score
     hybrid_bm25_saturation: float = 5.0
     hybrid_depth: int = 50  # candidates taken from each retriever before hybrid re-scoring

@@ -318,20 +318,31 @@ def _class_doc(qual: str, cls: type) -> str:
     return "\n".join(line for line in lines if line is not None).strip()
 
 
-def module_documents(modname: str, module: object) -> list[Document]:
-    """One document for the module (docstring + functions), one per public class."""
+def module_documents(modname: str, module: object, seen: set[tuple[str, str]] | None = None) -> list[Document]:
+    """One document for the module (docstring + functions), one per public class.
+
+    Members listed in ``__all__`` are documented here even when defined in a submodule
+    (``json.JSONDecoder`` lives in ``json.decoder``); ``seen`` documents each object once.
+    """
     key = f"{BUILTIN_PYDOCS}:{modname}"
+    seen = set() if seen is None else seen
     public = getattr(module, "__all__", None)
-    names = sorted(public) if isinstance(public, (list, tuple)) else sorted(
-        n for n in vars(module) if not n.startswith("_"))
+    exported = {n for n in public if isinstance(n, str)} if isinstance(public, (list, tuple)) else set()
+    names = sorted(exported) if exported else sorted(n for n in vars(module) if not n.startswith("_"))
     head = [f"Module {modname}", _own_doc(module)]
     classes: list[Document] = []
     for name in names:
         if not isinstance(name, str):
             continue
         obj = getattr(module, name, None)
-        if obj is None or not _belongs(obj, modname):
+        if obj is None or not (name in exported or _belongs(obj, modname)):
             continue
+        if not (inspect.isclass(obj) or callable(obj)):
+            continue
+        ident = (str(getattr(obj, "__module__", "")), str(getattr(obj, "__qualname__", name)))
+        if ident in seen:
+            continue
+        seen.add(ident)
         qual = f"{modname}.{name}"
         if inspect.isclass(obj):
             classes.append(Document(f"{key}.{name}", qual, f"{key}.{name}", _class_doc(qual, obj)))
@@ -352,6 +363,7 @@ def iter_python_docs(modules: Iterable[str] | None = None) -> Iterator[tuple[str
         env = os.environ.get("SPECRAG_PYDOCS_MODULES", "").strip()
         modules = [m.strip() for m in env.split(",") if m.strip()] or None
     names = sorted(set(modules)) if modules is not None else python_doc_modules()
+    seen: set[tuple[str, str]] = set()
     for name in names:
         if name.split(".")[0] in SIDE_EFFECT_MODULES:
             yield name, None
@@ -361,7 +373,7 @@ def iter_python_docs(modules: Iterable[str] | None = None) -> Iterator[tuple[str
             yield name, None
             continue
         try:
-            docs = module_documents(name, module)
+            docs = module_documents(name, module, seen)
         except Exception as exc:  # noqa: BLE001 -- odd modules must not stop the corpus
             logger.debug("python-docs: cannot document %s: %s", name, exc)
             yield name, None

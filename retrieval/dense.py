@@ -40,9 +40,7 @@ def build_index(vectors: np.ndarray, index_type: str, *, nlist: int | None = Non
         nlist = nlist or default_nlist(n)
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(vectors)
-        index.own_fields = True  # keep the quantizer alive with the index
-        index._quantizer_ref = quantizer  # python side too (faiss SWIG ownership quirk)
+        index.train(vectors)  # faiss' Python wrapper keeps `quantizer` alive with the index
     else:
         raise ValueError(f"unknown index type {index_type!r}")
     index.add(vectors)
@@ -60,26 +58,26 @@ def set_search_params(index: faiss.Index, *, nprobe: int = 16, ef_search: int = 
         base.hnsw.efSearch = ef_search
 
 
-def maybe_to_gpu(index: faiss.Index, use_gpu: bool | None = None) -> tuple[faiss.Index, str]:
-    """Move the index to GPU 0 when FAISS has a GPU build and sees a GPU; (index, device).
+def maybe_to_gpu(index: faiss.Index, use_gpu: bool | None = None) -> tuple[faiss.Index, str, Any]:
+    """Move the index to GPU 0 when FAISS has a GPU build and sees a GPU.
 
-    HNSW has no GPU implementation in FAISS: it stays on the CPU (logged).
+    Returns (index, device, resources): the caller keeps ``resources`` (the GPU memory pool)
+    alive as long as the index. HNSW has no GPU implementation in FAISS: it stays on the CPU.
     """
     ngpu = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if use_gpu is False or ngpu == 0 or not hasattr(faiss, "StandardGpuResources"):
         if use_gpu:
             logger.warning("GPU FAISS asked for but this FAISS build sees no GPU: using CPU")
         logger.info("FAISS index on CPU (%d GPUs visible)", ngpu)
-        return index, "cpu"
+        return index, "cpu", None
     try:
         res = faiss.StandardGpuResources()
         gpu_index = faiss.index_cpu_to_gpu(res, 0, index)
-        gpu_index._gpu_resources_ref = res  # the resources must outlive the index
     except Exception as exc:  # noqa: BLE001 -- e.g. HNSW is CPU-only
         logger.info("FAISS index stays on CPU (%s cannot move to GPU: %s)", type(index).__name__, exc)
-        return index, "cpu"
+        return index, "cpu", None
     logger.info("FAISS index moved to GPU 0 (%d GPUs visible)", ngpu)
-    return gpu_index, "cuda:0"
+    return gpu_index, "cuda:0", res
 
 
 def save_index(index: faiss.Index, index_dir: Path) -> None:

@@ -86,6 +86,7 @@ class Retriever:
         self._embedder = embedder
         self._bm25: BM25Index | None = None
         self._lock = threading.Lock()
+        self._gpu_resources: Any = None
 
     # ------------------------------------------------------------------------- opening
     @classmethod
@@ -130,7 +131,7 @@ class Retriever:
                 or index.ntotal != len(ids):
             raise IndexMismatchError(f"index {index_dir} is inconsistent (ids, vectors and FAISS disagree); re-ingest")
         dense.set_search_params(index, nprobe=config.ivf_nprobe, ef_search=config.hnsw_ef_search)
-        index, device = dense.maybe_to_gpu(index, config.use_gpu)
+        index, device, gpu_resources = dense.maybe_to_gpu(index, config.use_gpu)
         sqlite_store = SQLiteDocStore(index_dir / SQLITE_NAME, readonly=True)
         store: DocStore = sqlite_store
         cache = None
@@ -144,7 +145,9 @@ class Retriever:
                                        manifest.corpus_fingerprint, config.cache_ttl_s)
         logger.info("opened index %s: %d chunks, %s (%s), store %s", index_dir, len(ids),
                     manifest.index_type, device, "redis" if redis_url else "embedded")
-        return cls(index_dir, manifest, ids, vectors, index, store, config, embedder, cache, device)
+        self = cls(index_dir, manifest, ids, vectors, index, store, config, embedder, cache, device)
+        self._gpu_resources = gpu_resources  # must outlive the GPU index
+        return self
 
     def close(self) -> None:
         self.store.close()

@@ -181,7 +181,11 @@ class SQLiteDocStore:
 
 
 def redis_client(url: str, connect_timeout_s: float = 3.0) -> Any:
-    """A redis-py client that fails fast: connect/read timeouts of a few seconds, one retry."""
+    """A redis-py client that fails fast: connect/read timeouts of a few seconds, one retry.
+
+    The one retry is what makes recovery transparent: after a Redis restart the pooled
+    connection is dead, the first attempt fails and the retry reconnects.
+    """
     import redis
     from redis.backoff import ExponentialBackoff
     from redis.retry import Retry
@@ -189,7 +193,7 @@ def redis_client(url: str, connect_timeout_s: float = 3.0) -> Any:
     return redis.Redis.from_url(
         url,
         socket_connect_timeout=connect_timeout_s,
-        socket_timeout=max(connect_timeout_s, 5.0),
+        socket_timeout=connect_timeout_s,
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
         health_check_interval=0,
     )
@@ -202,6 +206,10 @@ def redis_errors(url: str) -> Iterator[None]:
 
     try:
         yield
+    except redis.exceptions.InvalidResponse as exc:
+        raise StoreUnavailableError(
+            f"{redact_url(url)} did not answer as a Redis server ({exc}); check --redis-url"
+        ) from exc
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
         raise StoreUnavailableError(
             f"Redis at {redact_url(url)} is unreachable ({exc.__class__.__name__}: {exc}); "
