@@ -53,11 +53,14 @@ class Retriever:
 
     def __init__(self, config: dict[str, Any]):
         from .config import load_stages
-        from .runners import RetrievalRunner
+        from .runners import LazyStage, RetrievalRunner
 
         self._config = ServeConfig.model_validate(config)
         stages = load_stages(self._config.stages_module)
-        self._runner = RetrievalRunner(stages.RetrievalStage(self._config.pipeline))
+        # Lazy: a replica started while Redis or the index is missing answers 503 and heals
+        # itself when they appear, instead of failing the whole deployment.
+        stage = LazyStage(lambda: stages.RetrievalStage(self._config.pipeline))
+        self._runner = RetrievalRunner(stage, health_retriever=self._config.pipeline.retriever)
         self._batched.set_max_batch_size(self._config.retrieval_batch_size)
         self._batched.set_batch_wait_timeout_s(self._config.retrieval_batch_wait_s)
 

@@ -211,6 +211,13 @@ def create_api(backend: Backend, settings: HttpSettings, metrics: ServiceMetrics
         finally:
             if status != 200:
                 metrics.request(endpoint, status, time.perf_counter() - t0)
+            if result is None:  # stopped early (error or client gone): stop the generation too
+                aclose = getattr(it, "aclose", None)
+                if aclose is not None:
+                    try:
+                        await aclose()
+                    except Exception:  # noqa: BLE001 - best effort
+                        log.debug("closing the generator stream failed", exc_info=True)
         if result is not None:
             seconds["total_endpoint"] = time.perf_counter() - t0
             extra = {"sources": oa.public_sources(result.sources),

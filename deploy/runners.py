@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable
@@ -26,18 +27,67 @@ class _Cancelled(Exception):
     """Raised from ``on_text`` to stop a generation whose client went away."""
 
 
+class LazyStage:
+    """Builds the stage at once if it can. When the index or Redis is not there yet (an error
+    that maps to 503), the replica stays up, answers 503, and retries the build on later calls
+    (at most every ``retry_s``), so the service heals itself when they appear. Any other
+    construction error (bad config, missing model) is raised: that replica must fail loudly."""
+
+    def __init__(self, factory: Callable[[], Any], retry_s: float = 5.0):
+        self._factory = factory
+        self._retry_s = retry_s
+        self._stage: Any = None
+        self._error: ServiceError | None = None
+        self._last_try = 0.0
+        self._lock = threading.Lock()
+        self._build()
+
+    def _build(self) -> None:
+        from .errors import classify
+
+        self._last_try = time.monotonic()
+        try:
+            self._stage = self._factory()
+            self._error = None
+        except Exception as exc:  # noqa: BLE001 - sorted below
+            err = classify(exc)
+            if err is None or err.status != 503:
+                raise
+            log.warning("stage not available yet (%s); retrying on later requests", err.message)
+            self._error = err
+
+    def get(self) -> Any:
+        with self._lock:
+            if self._stage is None and time.monotonic() - self._last_try >= self._retry_s:
+                self._build()
+            if self._stage is None:
+                assert self._error is not None
+                raise self._error
+            return self._stage
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.get(), name)
+
+
 class RetrievalRunner:
     """A RetrievalStage behind one worker thread (its index and store are not shared between
     threads) with a batched entry point for ``@serve.batch``."""
 
-    def __init__(self, stage: Any):
+    def __init__(self, stage: Any, health_retriever: str = "dense"):
         self.stage = stage
+        self._health_retriever = health_retriever
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="specrag-retrieval")
 
-    async def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    async def _run(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call ``stage.<method>`` on the worker thread (a LazyStage may build itself there)."""
+        return await self._call(lambda: getattr(self.stage, method)(*args, **kwargs))
+
+    async def _call(self, fn: Callable[[], Any]) -> Any:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+            return await loop.run_in_executor(self._pool, fn)
         except ServiceError:
             raise
         except Exception as exc:  # noqa: BLE001 - converted so it pickles across Ray
@@ -51,7 +101,7 @@ class RetrievalRunner:
             groups[(int(k), str(retriever))].append(i)
         for (k, retriever), idxs in groups.items():
             try:
-                found = await self._run(self.stage.retrieve, [queries[i][0] for i in idxs], k, retriever)
+                found = await self._run("retrieve", [queries[i][0] for i in idxs], k, retriever)
                 for i, sources in zip(idxs, found):
                     results[i] = list(sources)
             except ServiceError as err:
@@ -66,22 +116,25 @@ class RetrievalRunner:
         return out
 
     async def retrieve_many(self, questions: list[str], k: int, retriever: str = "dense") -> list[list[Source]]:
-        return await self._run(self.stage.retrieve, list(questions), k, retriever)
+        return await self._run("retrieve", list(questions), k, retriever)
 
     async def call(self, name: str, args: tuple = (), kwargs: dict | None = None) -> Any:
         """Any other stage method (iterative mode in a Generator replica needs more than retrieve)."""
         if name.startswith("_"):
             raise ServiceError(400, "invalid_request_error", f"no such retrieval method {name!r}")
-        return await self._run(getattr(self.stage, name), *args, **(kwargs or {}))
+        return await self._run(name, *args, **(kwargs or {}))
 
     async def ready(self) -> dict[str, Any]:
         """Proves index, embedding model and store answer: a real one-result retrieval."""
-        check = getattr(self.stage, "health", None)
-        if callable(check):
-            info = await self._run(check)
-            return dict(info) if isinstance(info, dict) else {"retrieval": "ok"}
-        await self._run(self.stage.retrieve, ["health check"], 1, "dense")
-        return {"retrieval": "ok"}
+        def probe() -> dict[str, Any]:
+            stage = self.stage.get() if isinstance(self.stage, LazyStage) else self.stage
+            if callable(getattr(stage, "health", None)):
+                info = stage.health()
+                return dict(info) if isinstance(info, dict) else {"retrieval": "ok"}
+            stage.retrieve(["health check"], 1, self._health_retriever)
+            return {"retrieval": "ok"}
+
+        return await self._call(probe)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

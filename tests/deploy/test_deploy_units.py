@@ -86,3 +86,85 @@ def test_redis_connection_error_is_503():
     import redis
 
     assert classify(redis.exceptions.ConnectionError("refused")).status == 503
+
+
+def test_closing_a_stream_early_stops_the_generation():
+    import asyncio
+
+    import fake_stages
+    from deploy.runners import GenerationRunner
+    from pipeline.api import AskRequest
+
+    calls = []
+
+    class Counting(fake_stages.GenerationStage):
+        def generate(self, request, sources, on_text=None):
+            def counted(t):
+                calls.append(t)
+                on_text(t)
+            return super().generate(request, sources, on_text=counted)
+
+    runner = GenerationRunner(Counting(None))
+    src = fake_stages.RetrievalStage(None).retrieve(["lru_cache"], 2)[0]
+
+    async def consume_two():
+        it = runner.stream(AskRequest(question="SLOW lru_cache", max_tokens=100), src)
+        got = [await it.__anext__(), await it.__anext__()]
+        await it.aclose()
+        await asyncio.sleep(0.3)
+        return got
+
+    got = asyncio.run(consume_two())
+    assert len(got) == 2
+    assert len(calls) < 10  # stopped within a few tokens, not after all 100
+    runner.close()
+
+
+def test_streaming_errors_are_service_errors():
+    import asyncio
+
+    import fake_stages
+    from deploy.runners import GenerationRunner
+    from pipeline.api import AskRequest
+
+    runner = GenerationRunner(fake_stages.GenerationStage(None))
+
+    async def run():
+        return [x async for x in runner.stream(AskRequest(question="x" * 3000), [])]
+
+    with pytest.raises(ServiceError) as info:
+        asyncio.run(run())
+    assert info.value.status == 400
+
+
+def test_lazy_stage_heals_when_the_store_returns():
+    import fake_stages
+    from deploy.runners import LazyStage
+
+    state = {"up": False, "builds": 0}
+
+    def factory():
+        state["builds"] += 1
+        if not state["up"]:
+            raise fake_stages.StoreUnavailableError("redis down")
+        return fake_stages.RetrievalStage(None)
+
+    lazy = LazyStage(factory, retry_s=0.0)
+    with pytest.raises(ServiceError) as info:
+        lazy.retrieve(["q"], 1)
+    assert info.value.status == 503
+    state["up"] = True
+    assert lazy.retrieve(["lru_cache"], 1)[0][0].id == "d1"
+    n = state["builds"]
+    lazy.retrieve(["x"], 1)
+    assert state["builds"] == n  # built once, then kept
+
+
+def test_lazy_stage_fails_loudly_on_config_errors():
+    from deploy.runners import LazyStage
+
+    def factory():
+        raise ValueError("bad config")
+
+    with pytest.raises(ValueError):
+        LazyStage(factory)
