@@ -242,6 +242,8 @@ def markdown(res: dict) -> str:
         f"target < 4096 MB — **{'met' if m['pss_mb'] < 4096 else 'not met'}**. "
         f"The driver itself: {m['driver_pss_mb']} MB.", "",
         "Largest by process name (PSS, MB): " + ", ".join(f"{k} {v}" for k, v in m["top_by_name_pss_mb"].items()),
+        "", f"Load average (1, 5, 15 min) at start {res['load_average_at_start']}, at end "
+        f"{res['load_average_at_end']}: other work on the machine inflates every number here.",
         "", "Notes: on this CPU-only machine every phase shares 2 cores; the overhead is Ray Serve's proxy "
         "-> ingress -> retriever -> generator hops plus SSE framing, measured against the same pipeline "
         "called in-process.", "",
@@ -268,6 +270,7 @@ def main() -> int:
     build_index(index_dir, args.corpus)
     questions = (QUESTIONS * ((args.requests // len(QUESTIONS)) + 1))[: args.requests]
     threads = torch.get_num_threads()
+    load_start = [round(x, 2) for x in os.getloadavg()]
 
     print("in-process ...", file=sys.stderr, flush=True)
     ip, ip_answers = bench_in_process(index_dir, questions, args.max_tokens)
@@ -289,6 +292,8 @@ def main() -> int:
         for k in [k for k in d if k.startswith("_")]:
             d.pop(k)
     res = {
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "load_average_at_start": load_start,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {threads}",
         "model": "smollm2-135m-instruct", "corpus": args.corpus, "requests": len(questions),
         "max_tokens": args.max_tokens, "batch_questions": args.batch_questions,

@@ -1,4 +1,4 @@
-"""``specrag batch`` on Ray Data with the real pipeline: 24 questions, a run killed part-way
+"""``specrag batch`` on Ray Data with the real pipeline: 20 questions, a run killed part-way
 (SIGKILL to the whole process group, Ray included), a resumed run, every id exactly once,
 malformed input lines reported by line number."""
 
@@ -12,11 +12,11 @@ import time
 
 import pytest
 
-from deploy_helpers import (BIN, REDIS_URL, REPO, build_index, drop_redis_namespace, read_jsonl, require_redis,
-                            requires_pipeline, stop_process_group, subprocess_env)
+from deploy_helpers import BIN, REDIS_URL, REPO, read_jsonl, requires_pipeline, stop_process_group, subprocess_env
 
 pytestmark = [requires_pipeline, pytest.mark.slow, pytest.mark.timeout(600)]
 
+N = 20
 TOPICS = ["functools.lru_cache", "functools.partial", "functools.reduce", "functools.wraps",
           "functools.cached_property", "functools.total_ordering", "functools.singledispatch",
           "json.dumps", "json.loads", "json.JSONEncoder", "json.JSONDecoder", "json.dump"]
@@ -24,9 +24,9 @@ TOPICS = ["functools.lru_cache", "functools.partial", "functools.reduce", "funct
 
 def _questions(path):
     lines = []
-    for i in range(24):
+    for i in range(N):
         topic = TOPICS[i % len(TOPICS)]
-        verb = "What does" if i < 12 else "When should I use"
+        verb = "What does" if i < len(TOPICS) else "When should I use"
         lines.append(json.dumps({"id": f"q{i:02d}", "question": f"{verb} {topic} do?"}))
     lines.insert(5, '{"id": "bad1", "question": ')          # line 6: torn JSON
     lines.insert(11, '{"id": "bad2"}')                        # line 12: no question
@@ -35,16 +35,12 @@ def _questions(path):
 
 def _batch_cmd(qfile, out, index, *extra):
     return [str(BIN / "specrag"), "batch", str(qfile), "--out", str(out), "--index", str(index),
-            "--redis-url", REDIS_URL, "--max-tokens", "8", "--num-cpus", "2", "--no-progress", *extra]
+            "--redis-url", REDIS_URL, "--max-tokens", "8", "--k", "1", "--num-cpus", "2", "--no-progress", *extra]
 
 
 @pytest.fixture(scope="module")
-def index(tmp_path_factory):
-    require_redis()
-    index_dir = tmp_path_factory.mktemp("batch-index") / "pydocs"
-    name = build_index(index_dir)
-    yield index_dir
-    drop_redis_namespace(name)
+def index(deploy_index):
+    return deploy_index
 
 
 def test_batch_killed_and_resumed_answers_every_id_once(index, tmp_path):
@@ -62,7 +58,7 @@ def test_batch_killed_and_resumed_answers_every_id_once(index, tmp_path):
     assert proc.poll() is None, "the batch finished before it could be killed: " + (proc.stdout.read() or "")[-3000:]
     stop_process_group(proc, signal.SIGKILL, timeout=30)
     first = read_jsonl(out)
-    assert 3 <= len(first) < 24
+    assert 3 <= len(first) < N
     # simulate the worst case on top: a torn last line left by the kill
     with open(out, "ab") as f:
         f.write(b'{"id": "q99", "question": "torn')
@@ -73,7 +69,7 @@ def test_batch_killed_and_resumed_answers_every_id_once(index, tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])["summary"]
     assert summary["already_done"] == len(first)
-    assert summary["answered"] == 24 - len(first)
+    assert summary["answered"] == N - len(first)
     assert summary["failed"] == 0 and summary["malformed"] == 2
     assert "questions.jsonl:6: skipped malformed line" in done.stderr
     assert "questions.jsonl:12: skipped malformed line" in done.stderr
@@ -81,7 +77,7 @@ def test_batch_killed_and_resumed_answers_every_id_once(index, tmp_path):
 
     rows = read_jsonl(out)
     ids = [r["id"] for r in rows]
-    assert sorted(ids) == [f"q{i:02d}" for i in range(24)]   # every id exactly once
+    assert sorted(ids) == [f"q{i:02d}" for i in range(N)]   # every id exactly once
     for r in rows:
         assert {"id", "question", "answer", "sources", "metrics"} <= set(r)
         assert r["answer"].strip() and r["sources"]
@@ -90,6 +86,6 @@ def test_batch_killed_and_resumed_answers_every_id_once(index, tmp_path):
     again = subprocess.run(_batch_cmd(qfile, out, index), cwd=REPO, env=subprocess_env(),
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0
-    assert json.loads(again.stdout.strip().splitlines()[-1])["summary"]["already_done"] == 24
-    assert len(read_jsonl(out)) == 24
+    assert json.loads(again.stdout.strip().splitlines()[-1])["summary"]["already_done"] == N
+    assert len(read_jsonl(out)) == N
     assert os.path.getsize(out) == len(out.read_bytes())

@@ -6,23 +6,20 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import time
 
 import pytest
 import yaml
 
-from deploy_helpers import (BIN, QUESTIONS, REDIS_URL, REPO, build_index, chat, drop_redis_namespace, free_port,
-                            require_redis, requires_pipeline, stop_process_group, subprocess_env, wait_http_ok)
+from deploy_helpers import (BIN, QUESTIONS, REDIS_URL, REPO, chat, free_port, requires_pipeline, stop_process_group,
+                            subprocess_env, wait_http_ok)
 
 pytestmark = [requires_pipeline, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
-def index(tmp_path_factory):
-    require_redis()
-    index_dir = tmp_path_factory.mktemp("cli-index") / "pydocs"
-    name = build_index(index_dir)
-    yield index_dir
-    drop_redis_namespace(name)
+def index(deploy_index):
+    return deploy_index
 
 
 def test_serve_run_with_rays_cli(index, tmp_path):
@@ -63,8 +60,6 @@ def test_specrag_serve_prints_examples_and_stops_on_ctrl_c(index, tmp_path):
     try:
         wait_http_ok(f"http://127.0.0.1:{port}/health", timeout=240, proc=proc)
         # the banner comes right after health turns green
-        import time
-
         for _ in range(30):
             text = (tmp_path / "out.log").read_text()
             if "openai import OpenAI" in text:
