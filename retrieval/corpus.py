@@ -282,10 +282,42 @@ def _safe_import(name: str) -> object | None:
         return None
 
 
+class _Elided:
+    """Stands in for a default value that is not a short literal."""
+
+    def __repr__(self) -> str:
+        return "..."
+
+
+_SIMPLE_TYPES = (bool, int, float, complex, type(None))
+
+
+def _is_simple(value: object) -> bool:
+    if isinstance(value, _SIMPLE_TYPES):
+        return True
+    return isinstance(value, (str, bytes)) and len(value) <= 40
+
+
 def _signature(obj: object) -> str:
+    """The signature with annotations dropped and non-literal defaults shown as ``...``.
+
+    Defaults are live objects: their reprs can hold the process environment (``cgi.parse``'s
+    ``environ=os.environ``), memory addresses or hash-ordered sets -- none of which may reach an
+    index (secrets; and the corpus must be byte-identical between runs for stable chunk ids).
+    """
     try:
-        return _ADDR.sub("", str(inspect.signature(obj)))  # type: ignore[arg-type]
+        sig = inspect.signature(obj)  # type: ignore[arg-type]
     except Exception:  # noqa: BLE001 -- C signatures may eval names that do not exist
+        return "(...)"
+    params = []
+    for p in sig.parameters.values():
+        p = p.replace(annotation=inspect.Parameter.empty)
+        if p.default is not inspect.Parameter.empty and not _is_simple(p.default):
+            p = p.replace(default=_Elided())
+        params.append(p)
+    try:
+        return _ADDR.sub("", str(sig.replace(parameters=params, return_annotation=inspect.Signature.empty)))
+    except (TypeError, ValueError):
         return "(...)"
 
 

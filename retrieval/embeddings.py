@@ -31,6 +31,11 @@ def canonical_model_name(name: str | None) -> str:
     if not name or name in DEFAULT_ALIASES:
         return DEFAULT_EMBEDDING_MODEL
     if os.path.isdir(name):
+        try:
+            if os.path.realpath(name) == os.path.realpath(resolve_model_path(None)):
+                return DEFAULT_EMBEDDING_MODEL  # the packaged default, named by its path
+        except RetrievalError:
+            pass
         return os.path.basename(os.path.normpath(name))
     return name
 

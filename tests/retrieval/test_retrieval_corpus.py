@@ -94,3 +94,36 @@ def test_chunks_respect_size_overlap_and_decode_exactly(tokenizer):
     assert [c.id for c in again] == [c.id for c in chunks]     # stable ids
     other = list(chunk_document(Document("k2", "t", "s", text), tokenizer, size=64, overlap=16))
     assert {c.id for c in other}.isdisjoint(c.id for c in chunks)  # ids are per document
+
+
+def test_signatures_never_leak_live_default_values():
+    from retrieval.corpus import _signature
+
+    def f(a, env={"API_KEY": "s3cret"}, items=frozenset({1, 2}), n=3, s="short", obj=object()):
+        pass
+
+    assert _signature(f) == "(a, env=..., items=..., n=3, s='short', obj=...)"
+
+
+def test_whole_python_docs_corpus_is_identical_across_processes(tmp_path):
+    """Different hash seeds and environments must give byte-identical documents (stable ids)."""
+    import subprocess
+
+    script = (
+        "import hashlib, sys\n"
+        "from retrieval.corpus import iter_python_docs\n"
+        "h = hashlib.sha256()\n"
+        "for name, docs in iter_python_docs(None):\n"
+        "    for d in docs or []:\n"
+        "        h.update(d.doc_key.encode() + b'\\0' + d.text.encode() + b'\\0')\n"
+        "print(h.hexdigest())\n"
+    )
+    digests = []
+    for seed, extra in (("1", "a"), ("2", "b" * 50)):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "SPECRAG_TEST_NOISE": extra}
+        env.pop("SPECRAG_PYDOCS_MODULES", None)
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))), timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        digests.append(out.stdout.strip().splitlines()[-1])
+    assert digests[0] == digests[1]

@@ -160,3 +160,24 @@ def test_index_types_and_switching(built, corpus_dir, tokenizer, fake_embedder):
         with open_(index, fake_embedder) as r:
             got = [h.id for h in r.retrieve(["steep the leaves for 5 minutes"], k=3)[0]]
             assert got[0] == flat[0]                      # small index: approximate == exact top-1
+
+
+def test_concurrent_reads_from_threads_agree(built, fake_embedder):
+    """Retrieval speculation verifies in a background thread while the main thread reads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    index, _ = built
+    queries = [f"heat the water to {80 + i} degrees" for i in range(12)]
+    with open_(index, fake_embedder) as r:
+        expected = [[h.id for h in hs] for hs in r.retrieve(queries, k=3, retriever="hybrid")]
+
+        def one(i: int) -> list[str]:
+            q = queries[i % len(queries)]
+            ids = [h.id for h in r.retrieve([q], k=3, retriever="hybrid")[0]]
+            r.get_chunks(ids)
+            r.score_local(q, ids, retriever="bm25")
+            return ids
+
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(one, range(48)))
+        assert got == [expected[i % len(queries)] for i in range(48)]
