@@ -14,6 +14,8 @@ import logging
 import os
 import sys
 
+from pipeline.errors import CLIError  # noqa: F401  (re-exported for command modules)
+
 # (module, commands it registers) -- order is the order shown in --help.
 COMMAND_MODULES = (
     "pipeline.commands.generate",
@@ -23,12 +25,8 @@ COMMAND_MODULES = (
 )
 
 
-class CLIError(Exception):
-    """A user error found by the CLI itself (bad flag combination, missing file, ...)."""
-
-
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    types: list[type[BaseException]] = [CLIError, FileNotFoundError, IsADirectoryError, PermissionError]
+    types: list[type[BaseException]] = [FileNotFoundError, IsADirectoryError, PermissionError]
     for module, name in (
         ("speculation.errors", "SpeculationError"),
         ("retrieval.errors", "RetrievalError"),

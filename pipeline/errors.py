@@ -17,3 +17,7 @@ class PromptTooLongError(PipelineError):
         self.prompt_tokens = prompt_tokens
         self.context_tokens = context_tokens
         self.max_tokens = max_tokens
+
+
+class CLIError(PipelineError):
+    """A user error found by the CLI itself (bad flag combination, missing file, ...)."""

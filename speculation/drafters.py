@@ -78,10 +78,12 @@ class _NgramIndex:
         self.seqs: list[list[int]] = []
         self._table: dict[tuple[int, ...], tuple[int, int]] = {}
         self._indexed: list[int] = []    # per seq: continuation positions already indexed
+        self._owned: list[list[tuple[int, tuple[int, ...]]]] = []   # per seq: (position, key) it owns
 
     def add(self, tokens: Sequence[int]) -> int:
         self.seqs.append(list(tokens))
         self._indexed.append(1)
+        self._owned.append([])
         self._index(len(self.seqs) - 1)
         return len(self.seqs) - 1
 
@@ -90,17 +92,22 @@ class _NgramIndex:
         self._index(seq_id)
 
     def truncate(self, seq_id: int, length: int) -> None:
-        """Forget tokens past ``length`` (rollback). Stale table entries pointing past the end
-        are harmless: lookups clip the continuation to what exists."""
+        """Forget tokens past ``length`` (rollback), with the n-grams that contained them."""
         del self.seqs[seq_id][length:]
+        owned = self._owned[seq_id]
+        while owned and owned[-1][0] > length:
+            del self._table[owned.pop()[1]]
         self._indexed[seq_id] = min(self._indexed[seq_id], max(1, length))
 
     def _index(self, seq_id: int) -> None:
-        seq, table = self.seqs[seq_id], self._table
+        seq, table, owned = self.seqs[seq_id], self._table, self._owned[seq_id]
         # an n-gram ending at j-1 is useful only once its continuation seq[j] exists
         for j in range(self._indexed[seq_id], len(seq)):
             for n in range(1, min(self.max_n, j) + 1):
-                table.setdefault(tuple(seq[j - n:j]), (seq_id, j))
+                key = tuple(seq[j - n:j])
+                if key not in table:
+                    table[key] = (seq_id, j)
+                    owned.append((j, key))
         self._indexed[seq_id] = max(self._indexed[seq_id], len(seq))
 
     def lookup(self, suffix_source: Sequence[int], max_tokens: int, min_n: int = 1) -> list[int]:

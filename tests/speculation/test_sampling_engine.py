@@ -1,0 +1,106 @@
+"""Seeded sampling through the whole engine: with speculation, tokens are distributed exactly as
+without it. The first token comes from the prefill, so the check is on tokens 2 and 3 -- the
+ones produced by draft + verify -- against their exact distribution computed from the target."""
+
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+import speculation.engine as engine_mod
+from speculation.engine import EngineConfig, GenerationRequest, SpeculativeEngine
+from speculation.verify import SamplingParams, warp_probs
+from tinymodels import TinyTokenizer, tiny_llama
+
+VOCAB = 5
+PROMPT = [1, 3, 4, 0, 3]
+PARAMS = SamplingParams(temperature=1.0)
+N = 1000
+
+
+def _exact_joint(target):
+    """P(t2, t3) = sum over t1 of p(t1) p(t2 | t1) p(t3 | t1, t2)."""
+    def p(prefix):
+        with torch.inference_mode():
+            return warp_probs(target(input_ids=torch.tensor([prefix])).logits[0, -1], PARAMS)
+    joint = torch.zeros(VOCAB, VOCAB)
+    p1 = p(PROMPT)
+    for t1 in range(VOCAB):
+        if t1 == 2 or p1[t1] == 0:       # EOS ends the sequence: excluded by conditioning below
+            continue
+        p2 = p(PROMPT + [t1])
+        for t2 in range(VOCAB):
+            if t2 == 2:
+                continue
+            joint[t2] += p1[t1] * p2[t2] * p(PROMPT + [t1, t2])
+    return joint
+
+
+def _sampled_joint(engine, references):
+    counts = torch.zeros(VOCAB, VOCAB)
+    for seed in range(N):
+        out = engine.generate_one(GenerationRequest(PROMPT, references, max_new_tokens=3,
+                                                    sampling=PARAMS, seed=seed)).token_ids
+        if len(out) == 3:                # sequences that ended early (EOS) are not counted
+            counts[out[1], out[2]] += 1
+    return counts
+
+
+def _pvalue(counts, joint):
+    expected = joint / joint.sum() * counts.sum()
+    keep = expected.flatten() >= 5
+    obs, exp = counts.flatten()[keep], expected.flatten()[keep]
+    rest_obs, rest_exp = counts.sum() - obs.sum(), expected.sum() - exp.sum()
+    if rest_exp > 0:   # pool the rare cells into one
+        obs, exp = torch.cat([obs, rest_obs.reshape(1)]), torch.cat([exp, rest_exp.reshape(1)])
+    pvalue = chisquare(obs.numpy(), exp.numpy()).pvalue
+    print(f"chi-square over {len(obs)} cells, {int(counts.sum())} samples: p = {pvalue:.3g}")
+    return pvalue
+
+
+@pytest.fixture(scope="module")
+def setup():
+    target = tiny_llama(seed=3, vocab_size=VOCAB, eos_boost=0.5)
+    draft = tiny_llama(seed=4, vocab_size=VOCAB, eos_boost=0.5)
+    return target, draft, _exact_joint(target)
+
+
+CONFIGS = {
+    "draft_model": (("draft_model",), []),
+    "reference": (("reference",), [[3, 4, 0, 3, 4, 1, 0, 1, 3, 3, 4]]),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_speculative_sampling_matches_target_distribution(setup, name):
+    target, draft, joint = setup
+    drafters, refs = CONFIGS[name]
+    engine = SpeculativeEngine(target, TinyTokenizer(VOCAB), draft, EngineConfig(drafters=drafters))
+    counts = _sampled_joint(engine, refs)
+    assert _pvalue(counts, joint) > 1e-3
+
+
+def test_seeded_sampling_is_reproducible(setup):
+    target, draft, _ = setup
+    engine = SpeculativeEngine(target, TinyTokenizer(VOCAB), draft, EngineConfig(drafters=("draft_model",)))
+    req = GenerationRequest(PROMPT, [], max_new_tokens=20, sampling=PARAMS, seed=7)
+    assert engine.generate_one(req).token_ids == engine.generate_one(req).token_ids
+
+
+def test_chi_square_rejects_a_wrong_residual(setup, monkeypatch):
+    """Test of the test: resampling from p instead of max(0, p - q) on rejection must fail it."""
+    target, draft, joint = setup
+
+    def wrong(draft_tokens, target_probs, draft_probs, generator):
+        for i, x in enumerate(draft_tokens):
+            p = target_probs[i]
+            q = draft_probs[i] if draft_probs is not None else torch.nn.functional.one_hot(torch.tensor(x), VOCAB).float()
+            if float(torch.rand((), generator=generator)) < min(1.0, float(p[x] / q[x])):
+                continue
+            return i, int(torch.multinomial(p, 1, generator=generator))   # the bug
+        return len(draft_tokens), int(torch.multinomial(target_probs[len(draft_tokens)], 1, generator=generator))
+
+    monkeypatch.setattr(engine_mod, "speculative_verify", wrong)
+    engine = SpeculativeEngine(target, TinyTokenizer(VOCAB), draft, EngineConfig(drafters=("draft_model",)))
+    assert _pvalue(_sampled_joint(engine, []), joint) < 1e-3
