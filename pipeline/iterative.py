@@ -1,0 +1,301 @@
+"""Iterative retrieval (In-Context RALM) and its speculative form (RaLMSpec).
+
+Every ``stride`` generated tokens the last ``query_tokens`` tokens of question + answer so far
+are the query; the top-1 chunk sits before the question, replacing the previous one.
+
+Modes (all give the same tokens; the first is the reference output):
+* baseline (``speculation.enabled`` False): real retrieval every stride, a fresh prefill of
+  [chunk; question; answer so far] every stride, plain greedy decoding -- as RaLMSpec's baseline.
+* ``kv_reuse``: the same, but when a stride's chunk equals the previous one generation continues
+  on the existing KV cache.
+* speculative (``speculation.enabled``): a per-request cache of chunks answers retrievals (best
+  chunk in the cache by the retriever's own metric); every s strides one batched real retrieval
+  verifies them (in a background thread while the next stride is generated, unless
+  ``async_verification`` is off); at the first mismatch the answer and the KV cache roll back to
+  that stride, which is redone with the true chunk. Verified results add their top ``prefetch``
+  to the cache. Token speculation runs inside every stride.
+
+Exactness: a speculated chunk is used only until its verification; any mismatch rolls back, so
+every committed stride was generated with the chunk the real retriever returns for its query.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .api import AskRequest, AskResult, Source
+from .prompts import iterative_prompt
+from .scheduler import StrideScheduler
+
+
+NO_DOC = Source(id="", title="", source="", score=0.0, text="")   # a retriever that found nothing
+
+
+def _top1(hits: list[Source]) -> Source:
+    return hits[0] if hits else NO_DOC
+
+
+@dataclass
+class _Stride:
+    query: str
+    doc: Source
+    answer_start: int        # answer length when the stride began
+    state: Any               # engine SequenceState that generated it
+    gen_start: int           # len(state.generated) when the stride began
+    gen_end: int = 0
+
+
+@dataclass
+class IterativeOptions:
+    stride: int = 4
+    query_tokens: int = 32
+    speculative_retrieval: bool = True
+    kv_reuse: bool = True
+    token_speculation: bool = True
+    speculation_stride: int | str = "auto"
+    async_verification: bool = True
+    prefetch: int = 20
+    # tests force rollbacks by seeding the cache with wrong chunks
+    seed_cache: list[Source] | None = None
+    seed_with_first_retrieval: bool = True
+
+    @classmethod
+    def from_request(cls, request: AskRequest) -> "IterativeOptions":
+        r, spec = request.retrieval, request.speculation.enabled
+        return cls(stride=r.stride, query_tokens=r.query_tokens, speculative_retrieval=spec, kv_reuse=spec,
+                   token_speculation=spec, speculation_stride=r.speculation_stride,
+                   async_verification=r.async_verification, prefetch=r.prefetch)
+
+
+class IterativeAnswer:
+    """One iterative answer. ``stage`` is a GenerationStage; ``retrieval`` has ``retrieve`` and
+    ``score_local``."""
+
+    def __init__(self, stage: Any, retrieval: Any, request: AskRequest,
+                 options: IterativeOptions | None = None) -> None:
+        if request.retrieval.stride < 1 or request.retrieval.query_tokens < 1:
+            from .errors import QuestionError
+
+            raise QuestionError("stride and query_tokens must be at least 1")
+        self.stage, self.retrieval, self.request = stage, retrieval, request
+        self.opt = options or IterativeOptions.from_request(request)
+        self.engine = stage.engine
+        self.tok = stage.tokenizer
+        self.question_ids = self.tok.encode(request.question, add_special_tokens=False)
+        self.answer: list[int] = []
+        self.finished = False
+        self.finish_reason = "length"
+        self.states: dict[int, Any] = {}       # every engine state used, for the stats
+        self.counts = {"real": 0, "speculated": 0, "verified": 0, "mismatched": 0, "batches": 0}
+        self.seconds = {"retrieval": 0.0}
+        fixed = None if self.opt.speculation_stride == "auto" else int(self.opt.speculation_stride)
+        self.scheduler = StrideScheduler(fixed=fixed, asynchronous=self.opt.async_verification)
+        self.cache: dict[str, Source] = {}
+        self.sources_used: dict[str, Source] = {}
+
+    # ---- building blocks ---------------------------------------------------------------------
+    def _query(self, answer_len: int) -> str:
+        ids = (self.question_ids + self.answer[:answer_len])[-self.opt.query_tokens:]
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def _real(self, queries: list[str], k: int) -> list[list[Source]]:
+        t0 = time.perf_counter()
+        hits = self.retrieval.retrieve(queries, k, self.request.retrieval.retriever)
+        self.seconds["retrieval"] += time.perf_counter() - t0
+        self.counts["real"] += len(queries)
+        self.counts["batches"] += 1
+        return hits
+
+    def _speculate(self, query: str) -> Source:
+        """The best chunk in the local cache by the retriever's own metric."""
+        t0 = time.perf_counter()
+        ids = list(self.cache)
+        if not ids:
+            return NO_DOC
+        scores = self.retrieval.score_local(query, ids, self.request.retrieval.retriever)
+        best = max(range(len(ids)), key=lambda i: (scores[i], -i))
+        self.seconds["retrieval"] += time.perf_counter() - t0
+        self.counts["speculated"] += 1
+        return self.cache[ids[best]]
+
+    def _use(self, doc: Source) -> None:
+        if doc.id:
+            self.sources_used.setdefault(doc.id, doc)
+
+    def _add_to_cache(self, sources: list[Source]) -> None:
+        for s in sources:
+            self.cache.setdefault(s.id, s)
+
+    def _run_stride(self, doc: Source, prev: _Stride | None) -> _Stride:
+        """Generate one stride with ``doc`` before the question; continue ``prev``'s KV cache when
+        the chunk is unchanged (and KV reuse is on), else prefill anew."""
+        start = len(self.answer)
+        budget = self.request.max_tokens - start
+        if (self.opt.kv_reuse and prev is not None and prev.doc.id == doc.id and not prev.state.finished
+                and len(prev.state.generated) == prev.gen_end):
+            state = prev.state
+            state.pause_at = prev.gen_end + self.opt.stride
+            self.engine.run([state])
+            gen_start = prev.gen_end
+        else:
+            prompt = iterative_prompt(self.tok, self.request.question, doc) + self.answer
+            req = self.stage.engine_request(self.request, prompt, [], budget, stop=[])
+            req.speculate = self.opt.token_speculation
+            (state,) = self.engine.begin([req])
+            state.pause_at = self.opt.stride
+            self.engine.run([state])
+            gen_start = 0
+            self.states[id(state)] = state
+        new = state.generated[gen_start:]
+        self.answer.extend(new)
+        stride = _Stride(query="", doc=doc, answer_start=start, state=state, gen_start=gen_start,
+                         gen_end=len(state.generated))
+        if state.finished or len(self.answer) >= self.request.max_tokens:
+            self.finished = True
+            self.finish_reason = state.finish_reason or "length"
+        return stride
+
+    def _rollback(self, stride: _Stride) -> None:
+        """Forget ``stride`` and everything after it."""
+        del self.answer[stride.answer_start:]
+        self.finished = False
+        self.finish_reason = "length"
+
+    # ---- the loops -----------------------------------------------------------------------------
+    def run(self, on_text: Callable[[str], None] | None = None) -> AskResult:
+        t0 = time.perf_counter()
+        if self.opt.speculative_retrieval:
+            self._run_speculative()
+        else:
+            self._run_baseline()
+        return self._result(t0, on_text)
+
+    def _run_baseline(self) -> None:
+        prev: _Stride | None = None
+        while not self.finished:
+            query = self._query(len(self.answer))
+            doc = _top1(self._real([query], 1)[0])
+            self._use(doc)
+            prev = self._run_stride(doc, prev)
+
+    def _run_speculative(self) -> None:
+        anchor: _Stride | None = None       # the last verified stride
+        pending: list[_Stride] = []
+        if self.opt.seed_cache:
+            self._add_to_cache(self.opt.seed_cache)
+        pool = ThreadPoolExecutor(max_workers=1) if self.opt.async_verification else None
+        try:
+            # the first retrieval is real: it seeds the cache and its stride is verified
+            query = self._query(0)
+            first = self._real([query], max(1, self.opt.prefetch))[0]
+            if self.opt.seed_with_first_retrieval:
+                self._add_to_cache(first)
+            anchor = self._run_stride(_top1(first), None)
+            anchor.query = query
+            self._use(_top1(first))
+            while True:
+                target = self.scheduler.next_stride()
+                while not self.finished and len(pending) < target:
+                    pending.append(self._speculative_stride(pending[-1] if pending else anchor))
+                if not pending:
+                    break
+                verification: Future | None = None
+                t_verify = time.perf_counter()
+                queries = [p.query for p in pending]
+                if pool is not None:
+                    verification = pool.submit(self._real, queries, max(1, self.opt.prefetch))
+                    extra = None
+                    if not self.finished:   # overlap one more speculative stride with the verification
+                        extra = self._speculative_stride(pending[-1])
+                    truth = verification.result()
+                else:
+                    extra = None
+                    truth = self._real(queries, max(1, self.opt.prefetch))
+                verify_seconds = time.perf_counter() - t_verify
+                for hits in truth:
+                    self._add_to_cache(hits)
+                m = next((i for i, (p, hits) in enumerate(zip(pending, truth)) if p.doc.id != _top1(hits).id), None)
+                matched = len(pending) if m is None else m
+                self.counts["verified"] += matched
+                self.scheduler.observe_verification(verify_seconds, matched, len(pending))
+                for p in pending[:matched]:
+                    self._use(p.doc)
+                if m is None:
+                    anchor = pending[-1]
+                    pending = [extra] if extra is not None else []
+                    continue
+                # mismatch at stride m: roll back to it and redo it with the true chunk
+                self.counts["mismatched"] += 1
+                bad = pending[m]
+                base = pending[m - 1] if m > 0 else anchor
+                self._rollback(bad)
+                if base is not None and base.state is bad.state:
+                    # same KV cache continued into the bad stride: cut it back to the stride start
+                    self.engine.truncate(bad.state, bad.gen_start)
+                    base.gen_end = bad.gen_start
+                elif base is not None and len(base.state.generated) != base.gen_end:
+                    self.engine.truncate(base.state, base.gen_end)
+                true_doc = _top1(truth[m])
+                redo = self._run_stride(true_doc, base)
+                redo.query = bad.query
+                self._use(true_doc)
+                anchor, pending = redo, []
+                if self.finished:
+                    break
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
+
+    def _speculative_stride(self, prev: _Stride) -> _Stride:
+        t0 = time.perf_counter()
+        query = self._query(len(self.answer))
+        doc = self._speculate(query)
+        stride = self._run_stride(doc, prev)
+        stride.query = query
+        self.scheduler.observe_step(time.perf_counter() - t0)
+        return stride
+
+    # ---- result ------------------------------------------------------------------------------
+    def _result(self, t0: float, on_text: Callable[[str], None] | None) -> AskResult:
+        from speculation.engine import GenerationStats
+        from speculation.text import StopStringStreamer
+
+        from .rag import engine_stats
+
+        answer = self.answer[:self.request.max_tokens]
+        streamer = StopStringStreamer(self.tok, self.request.stop)
+        kept: list[int] = []
+        eos = self.engine.eos_ids
+        finish = "length" if len(answer) >= self.request.max_tokens else self.finish_reason
+        for t in answer:
+            kept.append(t)
+            if t in eos:
+                finish = "stop"
+                break
+            if on_text is not None:
+                delta = streamer.push(t)
+                if delta:
+                    on_text(delta)
+            else:
+                streamer.push(t)
+            if streamer.stopped:
+                finish = "stop"
+                break
+        last = streamer.finish()
+        if on_text is not None and last:
+            on_text(last)
+        total = GenerationStats()
+        for state in self.states.values():
+            total.merge(state.stats)
+        stats = engine_stats(total)
+        stats["retrievals"] = dict(self.counts)
+        stats["speculation_strides"] = list(self.scheduler.rounds)
+        stats["seconds"] = {"retrieval": round(self.seconds["retrieval"], 4),
+                            "prefill": round(total.prefill_seconds, 4), "decode": round(total.decode_seconds, 4),
+                            "total": round(time.perf_counter() - t0, 4)}
+        return AskResult(answer=streamer.text, token_ids=kept, sources=list(self.sources_used.values()),
+                         finish_reason="stop" if finish == "stop" else "length",
+                         prompt_tokens=len(self.question_ids), stats=stats)

@@ -1,0 +1,193 @@
+"""The RAG pipeline: retrieval and generation stages, and the two together.
+
+The stages are plain classes so that Ray Serve can host them as separate deployments
+(deploy/app.py) while the CLI, batch jobs and tests run them in one process.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .api import AskRequest, AskResult, Source
+from .config import PipelineConfig, default_index_dir
+from .errors import PipelineError, QuestionError
+from .prompts import one_shot_prompt
+
+log = logging.getLogger(__name__)
+
+TextCallback = Callable[[str], None]
+
+
+def ensure_default_index(config: PipelineConfig, show_progress: bool = True) -> Path:
+    """The embedded default index (the built-in ``python-docs`` corpus), built on first use.
+
+    A file lock makes concurrent first uses (several replicas, CLI + server) build it once."""
+    from retrieval import IngestConfig, ingest
+    from retrieval.manifest import MANIFEST_NAME
+    from speculation.models import load_tokenizer
+
+    index_dir = default_index_dir()
+    if (index_dir / MANIFEST_NAME).exists():
+        return index_dir
+    index_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(index_dir.parent / ".python-docs.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (index_dir / MANIFEST_NAME).exists():
+            log.warning("building the default python-docs index in %s (first use only, a few minutes)", index_dir)
+            ingest(["python-docs"], index_dir, load_tokenizer(config.model),
+                   IngestConfig(embedding_model=config.embedding_model, show_progress=show_progress))
+    return index_dir
+
+
+def to_source(hit: Any) -> Source:
+    return Source(id=hit.id, title=hit.title, source=hit.source, score=float(hit.score), text=hit.text,
+                  token_ids=list(hit.token_ids) if hit.token_ids is not None else None)
+
+
+class RetrievalStage:
+    """Index + document store + cache behind the batched calls the pipeline needs."""
+
+    def __init__(self, config: PipelineConfig, retriever: Any = None) -> None:
+        from retrieval import Retriever
+
+        self.config = config
+        if retriever is None:
+            index_dir = config.index_dir or ensure_default_index(config)
+            retriever = Retriever.open(index_dir, redis_url=config.redis_url,
+                                       embedding_model=config.embedding_model)
+        self.retriever = retriever
+
+    def retrieve(self, queries: list[str], k: int, retriever: str = "dense") -> list[list[Source]]:
+        return [[to_source(h) for h in hits] for hits in self.retriever.retrieve(list(queries), k, retriever)]
+
+    def score_local(self, query: str, chunk_ids: list[str], retriever: str = "dense") -> list[float]:
+        """Scores of candidate chunks with the index's own metric (RaLMSpec's local cache)."""
+        return self.retriever.score_local(query, list(chunk_ids), retriever)
+
+    def info(self) -> dict[str, Any]:
+        m = self.retriever.manifest
+        return {"index": str(self.retriever.index_dir), "chunks": len(self.retriever),
+                "index_type": m.index_type, "embedding_model": m.embedding_model}
+
+    def close(self) -> None:
+        self.retriever.close()
+
+
+class GenerationStage:
+    """Models + speculative engine. ``retrieval`` (a RetrievalStage or anything with the same
+    methods, e.g. a remote handle) is needed for ``answer``; ``generate`` takes given sources."""
+
+    def __init__(self, config: PipelineConfig, retrieval: Any = None, models: Any = None) -> None:
+        from speculation.engine import EngineConfig, SpeculativeEngine
+        from speculation.models import ModelConfig, load_models
+
+        self.config = config
+        self.retrieval = retrieval
+        self.models = models or load_models(ModelConfig(model=config.model, draft_model=config.draft_model,
+                                                        device=config.device, dtype=config.dtype))
+        self.tokenizer = self.models.tokenizer
+        self.engine = SpeculativeEngine(self.models.target, self.tokenizer, self.models.draft,
+                                        EngineConfig(max_draft_tokens=config.max_draft_tokens))
+        self.context_tokens = self.engine.context_tokens or 2048
+
+    # ---- helpers shared with the iterative mode --------------------------------------------
+    def engine_request(self, request: AskRequest, prompt_ids: list[int], references: list[list[int]],
+                       max_new_tokens: int, stop: list[str] | None = None) -> Any:
+        from speculation.engine import GenerationRequest
+        from speculation.verify import SamplingParams
+
+        return GenerationRequest(
+            prompt_ids=prompt_ids, references=references, max_new_tokens=max_new_tokens,
+            sampling=SamplingParams(temperature=request.temperature, top_p=request.top_p),
+            stop=list(request.stop if stop is None else stop), seed=request.seed,
+            speculate=request.speculation.enabled, max_draft_tokens=request.speculation.max_draft_tokens,
+        )
+
+    def reference_ids(self, source: Source) -> list[int]:
+        if source.token_ids is None:
+            source.token_ids = self.tokenizer.encode(source.text, add_special_tokens=False)
+        return source.token_ids
+
+    @staticmethod
+    def check_question(request: AskRequest) -> None:
+        if not request.question or not request.question.strip():
+            raise QuestionError("the question is empty")
+        if request.max_tokens < 1:
+            raise QuestionError(f"max_tokens must be at least 1 (got {request.max_tokens})")
+
+    # ---- one-shot --------------------------------------------------------------------------
+    def generate(self, request: AskRequest, sources: list[Source], on_text: TextCallback | None = None,
+                 retrieval_seconds: float = 0.0) -> AskResult:
+        """Answer from the given sources: a prompt with numbered sources, their token ids as
+        drafting references."""
+        t0 = time.perf_counter()
+        self.check_question(request)
+        prompt_ids, used = one_shot_prompt(self.tokenizer, request.question, sources, self.context_tokens,
+                                           request.max_tokens)
+        req = self.engine_request(request, prompt_ids, [self.reference_ids(s) for s in used], request.max_tokens)
+        callback = (lambda _s, _ids, delta: delta and on_text(delta)) if on_text else None
+        result = self.engine.generate_one(req, callback)
+        st = result.stats
+        stats = engine_stats(st)
+        stats["retrievals"] = {"real": 1 if sources else 0, "speculated": 0, "verified": 0, "mismatched": 0,
+                               "batches": 1 if sources else 0}
+        stats["seconds"] = {"retrieval": round(retrieval_seconds, 4), "prefill": round(st.prefill_seconds, 4),
+                            "decode": round(st.decode_seconds, 4),
+                            "total": round(time.perf_counter() - t0 + retrieval_seconds, 4)}
+        return AskResult(answer=result.text, token_ids=result.token_ids, sources=used,
+                         finish_reason="length" if result.finish_reason == "length" else "stop",
+                         prompt_tokens=len(prompt_ids), stats=stats)
+
+    def answer(self, request: AskRequest, on_text: TextCallback | None = None) -> AskResult:
+        """Retrieve, then generate; iterative retrieval (with RaLMSpec) when the request asks."""
+        self.check_question(request)
+        if self.retrieval is None:
+            raise PipelineError("this generation stage has no retrieval stage to answer with")
+        if request.retrieval.iterative:
+            from .iterative import IterativeAnswer
+
+            return IterativeAnswer(self, self.retrieval, request).run(on_text)
+        t0 = time.perf_counter()
+        sources = self.retrieval.retrieve([request.question], request.retrieval.k, request.retrieval.retriever)[0]
+        return self.generate(request, sources, on_text, retrieval_seconds=time.perf_counter() - t0)
+
+
+def engine_stats(st: Any) -> dict[str, Any]:
+    """The engine's numbers in the pipeline's stats dict."""
+    return {
+        "prefills": st.prefills,
+        "target_forwards": st.target_forwards,
+        "generated_tokens": st.generated_tokens,
+        "draft_tokens": st.draft_tokens,
+        "accepted_tokens": st.accepted_tokens,
+        "mean_accepted_per_forward": round(st.mean_accepted_per_forward, 4),
+        "acceptance_rate": round(st.accepted_tokens / st.draft_tokens, 4) if st.draft_tokens else 0.0,
+        "tokens_per_second": round(st.tokens_per_second, 3),
+        "by_drafter": {k: vars(v) for k, v in st.by_drafter.items()},
+    }
+
+
+class RAGPipeline:
+    """Both stages in one process: what the CLI, batch jobs and tests use."""
+
+    def __init__(self, config: PipelineConfig | None = None, *, retrieval: RetrievalStage | None = None,
+                 models: Any = None) -> None:
+        self.config = config or PipelineConfig()
+        self.retrieval = retrieval or RetrievalStage(self.config)
+        self.generation = GenerationStage(self.config, retrieval=self.retrieval, models=models)
+
+    def retrieve(self, queries: list[str], k: int, retriever: str = "dense") -> list[list[Source]]:
+        return self.retrieval.retrieve(queries, k, retriever)
+
+    def generate(self, request: AskRequest, sources: list[Source], on_text: TextCallback | None = None) -> AskResult:
+        return self.generation.generate(request, sources, on_text)
+
+    def answer(self, request: AskRequest, on_text: TextCallback | None = None) -> AskResult:
+        return self.generation.answer(request, on_text)
+
+    def close(self) -> None:
+        self.retrieval.close()
