@@ -63,9 +63,12 @@ class Manifest:
 
 
 def tokenizer_name(tokenizer: object) -> str:
-    """Last path component of ``name_or_path``: the same tokenizer cached at different paths on
-    two machines must compare equal."""
-    name = str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+    """Last path component of ``name_or_path`` (or of the string given): the same tokenizer
+    cached at different paths on two machines must compare equal."""
+    if isinstance(tokenizer, str):
+        name = tokenizer
+    else:
+        name = str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
     return os.path.basename(os.path.normpath(name)) if name else name
 
 

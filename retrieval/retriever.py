@@ -40,7 +40,7 @@ from .cache import Ranked, RetrievalCache
 from .config import RetrievalConfig, RetrieverKind
 from .embeddings import Embedder, canonical_model_name
 from .errors import IndexMismatchError, IndexNotFoundError, RetrievalError, UnknownChunkError
-from .manifest import Manifest, read_ids
+from .manifest import Manifest, read_ids, tokenizer_name
 from .sparse import BM25Index, top_k_rows
 from .store import SQLITE_NAME, DocStore, RedisDocStore, SQLiteDocStore, StoredChunk
 
@@ -115,9 +115,7 @@ class Retriever:
             raise IndexMismatchError(
                 f"embedding dimension {embedder.dim} != index dimension {manifest.embedding_dim}")
         if expected_tokenizer is not None:
-            from .manifest import tokenizer_name
-
-            tok = tokenizer_name(type("T", (), {"name_or_path": expected_tokenizer})())
+            tok = tokenizer_name(expected_tokenizer)
             if tok != manifest.tokenizer:
                 raise IndexMismatchError(
                     f"index {index_dir} holds token ids of tokenizer {manifest.tokenizer!r}, not {tok!r}")
