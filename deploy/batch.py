@@ -240,7 +240,8 @@ def _results(report: list[Question], *, pipeline: dict[str, Any], stages_module:
     yield from ds.iter_rows()
 
 
-def run_batch(input_path: str | Path, output_path: str | Path, *, pipeline: dict[str, Any],
+def run_batch(input_path: str | Path, output_path: str | Path, *,
+              pipeline: dict[str, Any] | Callable[[], dict[str, Any]],
               concurrency: int = 1, stages_module: str = "pipeline.rag", max_tokens: int | None = None,
               cpus_per_actor: float | None = None, progress: bool = True, err=sys.stderr,
               init_ray: Callable[[], None] | None = None) -> BatchSummary:
@@ -263,6 +264,8 @@ def run_batch(input_path: str | Path, output_path: str | Path, *, pipeline: dict
         return summary
     if init_ray is not None:
         init_ray()
+    if callable(pipeline):  # resolved after init_ray, which may fill in the default index
+        pipeline = pipeline()
     cpus = os.cpu_count() or 1
     threads = max(1, cpus // concurrency)
     t0 = time.perf_counter()

@@ -91,6 +91,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _term)
     print(f"specrag serve: starting Ray and loading models ({config.model_name}) ...", file=sys.stderr, flush=True)
     try:
+        if not config.pipeline.index_dir and not args.address and config.stages_module == "pipeline.rag":
+            # Build the embedded default index here, with progress shown, before any replica
+            # needs it (replicas would otherwise build it inside their constructors).
+            from pipeline.rag import ensure_default_index
+
+            config.pipeline.index_dir = str(ensure_default_index(config.pipeline))
         local.init_ray(address=args.address, num_cpus=args.num_cpus)
         url = local.start_service(config, host=host, port=port)
         local.wait_healthy(url)
@@ -124,10 +130,14 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from .batch import run_batch
 
     def init() -> None:
+        if not config.pipeline.index_dir and not args.address and config.stages_module == "pipeline.rag":
+            from pipeline.rag import ensure_default_index  # built once here, not in every actor
+
+            config.pipeline.index_dir = str(ensure_default_index(config.pipeline))
         local.init_ray(address=args.address, num_cpus=args.num_cpus, log_to_driver=False)
 
     try:
-        summary = run_batch(args.questions, args.out, pipeline=config.pipeline.model_dump(mode="json"),
+        summary = run_batch(args.questions, args.out, pipeline=lambda: config.pipeline.model_dump(mode="json"),
                             concurrency=args.concurrency, stages_module=config.stages_module,
                             max_tokens=args.max_tokens, progress=not args.no_progress, init_ray=init)
     finally:

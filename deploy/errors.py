@@ -80,7 +80,7 @@ def _message(exc: BaseException) -> str:
         limits = []
         for attr in ("prompt_tokens", "context_tokens", "max_tokens"):
             value = getattr(exc, attr, None)
-            if value is not None and attr not in msg:
+            if value is not None and attr not in msg and str(value) not in msg:
                 limits.append(f"{attr}={value}")
         if limits:
             msg = f"{msg} ({', '.join(limits)})"

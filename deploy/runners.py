@@ -131,8 +131,9 @@ class RetrievalRunner:
             if callable(getattr(stage, "health", None)):
                 info = stage.health()
                 return dict(info) if isinstance(info, dict) else {"retrieval": "ok"}
-            stage.retrieve(["health check"], 1, self._health_retriever)
-            return {"retrieval": "ok"}
+            stage.retrieve(["health check"], 1, self._health_retriever)  # index, embedder and store answer
+            info = stage.info() if callable(getattr(stage, "info", None)) else {}
+            return {"retrieval": "ok", **(dict(info) if isinstance(info, dict) else {})}
 
         return await self._call(probe)
 

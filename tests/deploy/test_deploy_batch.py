@@ -35,7 +35,7 @@ def _questions(path):
 
 def _batch_cmd(qfile, out, index, *extra):
     return [str(BIN / "specrag"), "batch", str(qfile), "--out", str(out), "--index", str(index),
-            "--redis-url", REDIS_URL, "--max-tokens", "8", "--k", "1", "--num-cpus", "2", "--no-progress", *extra]
+            "--redis-url", REDIS_URL, "--max-tokens", "4", "--k", "1", "--num-cpus", "2", "--no-progress", *extra]
 
 
 @pytest.fixture(scope="module")
