@@ -89,6 +89,7 @@ class SQLiteDocStore:
                 """
             )
         self._lock = threading.Lock()
+        self._writable = not readonly
 
     # reads ---------------------------------------------------------------------------
     def get(self, ids: Sequence[str]) -> list[StoredChunk | None]:
@@ -174,6 +175,11 @@ class SQLiteDocStore:
 
     def close(self) -> None:
         with self._lock:
+            if self._writable:
+                # back to a single self-contained file: readers may open the index read-only
+                # (a read-only mount, another user) and WAL mode would need its -shm file
+                self._db.commit()
+                self._db.execute("PRAGMA journal_mode=DELETE")
             self._db.close()
 
 
