@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install clean-venv bench
+.PHONY: demo demo-generate test install clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,14 +23,21 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# the RAG endpoint on the embedded defaults (python-docs index built on first run); Ctrl-C stops it
 demo: $(STAMP)
+	$(BIN)/specrag serve
+
+# the speculative engine alone on a reference-grounded question
+demo-generate: $(STAMP)
 	$(BIN)/specrag generate --reference scripts/demo_reference.txt \
 	  --prompt "Using the reference, explain what functools.lru_cache does and what maxsize=None means." \
 	  --max-tokens 96
 
+# OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning, which matters when
+# the test's Ray workers, models and embedder share 2 cores
 test: $(STAMP)
 	scripts/ensure_redis.sh
-	$(BIN)/python -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q
 
 clean-venv:
 	rm -rf $(VENV)

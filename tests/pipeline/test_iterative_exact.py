@@ -1,0 +1,79 @@
+"""Iterative retrieval: speculative (RaLMSpec) output == baseline output, token for token, for
+flat, HNSW and BM25; rollbacks forced by a cache seeded with wrong chunks."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.api import AskRequest, RetrievalOptions
+from pipeline.config import PipelineConfig
+from pipeline.iterative import IterativeAnswer, IterativeOptions
+from pipeline.rag import GenerationStage, RetrievalStage
+
+QUESTIONS = [
+    "How do I pretty-print JSON with indentation?", "What does textwrap.dedent remove?",
+    "How do I merge several sorted inputs?", "What is a heap queue?", "How does functools.partial work?",
+    "What does lru_cache do?", "How do I chain iterables together?", "How can I group consecutive items?",
+    "What does bisect_left return?", "How do I insert into a sorted list?", "How do I parse a JSON string?",
+    "What does json.dumps sort_keys do?", "How do I wrap long text to a width?", "What does reduce do?",
+    "How do I get the n largest elements?", "How does itertools.product work?", "What is total_ordering?",
+    "How do I shorten text with a placeholder?", "What does cycle do?", "How do I decode JSON to objects?",
+    "What is singledispatch?",
+]
+BASELINE = IterativeOptions(speculative_retrieval=False, kv_reuse=False, token_speculation=False)
+MODES = {
+    "kv_reuse": IterativeOptions(speculative_retrieval=False, kv_reuse=True, token_speculation=False),
+    "speculative": IterativeOptions(),
+    "speculative_sync_s3": IterativeOptions(async_verification=False, speculation_stride=3),
+}
+
+
+def _stages(index_dir, models):
+    retrieval = RetrievalStage(PipelineConfig(index_dir=str(index_dir)))
+    return retrieval, GenerationStage(PipelineConfig(index_dir=str(index_dir)), retrieval=retrieval, models=models)
+
+
+def _answer(gen, retrieval, question, retriever, options, max_tokens=16):
+    req = AskRequest(question, max_tokens=max_tokens,
+                     retrieval=RetrievalOptions(k=1, retriever=retriever, iterative=True, stride=4, query_tokens=32))
+    return IterativeAnswer(gen, retrieval, req, options).run()
+
+
+@pytest.mark.parametrize("index_kind, retriever", [("flat", "dense"), ("hnsw", "dense"), ("flat", "bm25")])
+def test_speculative_iterative_equals_baseline(small_indexes, tiny_models, index_kind, retriever):
+    retrieval, gen = _stages(small_indexes[index_kind], tiny_models)
+    totals = {name: {"speculated": 0, "mismatched": 0} for name in MODES}
+    names = list(MODES)
+    for n, question in enumerate(QUESTIONS):
+        base = _answer(gen, retrieval, question, retriever, BASELINE)
+        assert base.stats["retrievals"]["speculated"] == 0
+        for name in (names[n % len(names)],):          # each mode on a third of the questions
+            opts = MODES[name]
+            res = _answer(gen, retrieval, question, retriever, opts)
+            assert res.token_ids == base.token_ids, (
+                f"{index_kind}/{retriever}/{name} question {n}: first difference at token "
+                f"{next(i for i, (a, b) in enumerate(zip(base.token_ids + [-1], res.token_ids + [-2])) if a != b)}")
+            for key in totals[name]:
+                totals[name][key] += res.stats["retrievals"][key]
+            if name == "kv_reuse":
+                assert res.stats["prefills"] <= base.stats["prefills"]
+    assert totals["speculative"]["speculated"] > 0
+
+
+def test_rollback_with_a_cache_seeded_with_wrong_chunks(small_indexes, tiny_models):
+    """The cache holds only chunks the retriever never returns first: every speculation is wrong,
+    every verification rolls back -- and the output still equals the baseline."""
+    retrieval, gen = _stages(small_indexes["flat"], tiny_models)
+    wrong_pool = retrieval.retrieve(["zzzz unrelated bytes and sockets"], 3, "dense")[0]
+    mismatches = 0
+    for question in QUESTIONS[:4]:
+        base = _answer(gen, retrieval, question, "dense", BASELINE, max_tokens=20)
+        truth_ids = {s.id for s in base.sources}
+        wrong = [s for s in wrong_pool if s.id not in truth_ids]
+        assert wrong
+        opts = IterativeOptions(seed_cache=wrong, seed_with_first_retrieval=False, prefetch=1,
+                                speculation_stride=2, async_verification=True)
+        res = _answer(gen, retrieval, question, "dense", opts, max_tokens=20)
+        assert res.token_ids == base.token_ids
+        mismatches += res.stats["retrievals"]["mismatched"]
+    assert mismatches >= 2, "the forced-mismatch runs never rolled back"
