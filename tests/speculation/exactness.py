@@ -19,14 +19,17 @@ class NearTieWarning(UserWarning):
 
 
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
-    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+    device = next(model.parameters()).device
+    out = model.generate(torch.tensor([prompt], device=device),
+                         attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=device),
                          max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
     return out[0, len(prompt):].tolist()
 
 
 def logit_gap(model, prefix: list[int]) -> float:
     with torch.inference_mode():
-        logits = model(input_ids=torch.tensor([prefix])).logits[0, -1].float()
+        device = next(model.parameters()).device
+        logits = model(input_ids=torch.tensor([prefix], device=device)).logits[0, -1].float()
     top2 = torch.topk(logits, 2).values
     return float(top2[0] - top2[1])
 
