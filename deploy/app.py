@@ -68,7 +68,8 @@ class Retriever:
     async def _batched(self, queries: list[tuple[str, int, str]]) -> list[Any]:
         return await self._runner.retrieve_batch(queries)
 
-    async def retrieve(self, question: str, k: int, retriever: str) -> list[Source]:
+    async def retrieve(self, question: str, k: int, retriever: str) -> tuple[list[Source], float]:
+        """(sources, seconds the stage took) for one query, batched with concurrent ones."""
         out = await self._batched((question, k, retriever))
         if isinstance(out, Exception):
             raise out
@@ -133,7 +134,7 @@ class HandleBackend:
         self._generator = generator
         self._stream_handle = generator.options(stream=True)
 
-    async def retrieve(self, question: str, k: int, retriever: str) -> list[Source]:
+    async def retrieve(self, question: str, k: int, retriever: str) -> tuple[list[Source], float]:
         return await self._retriever.retrieve.remote(question, k, retriever)
 
     async def generate(self, request: AskRequest, sources: list[Source] | None) -> AskResult:

@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _pipeline_flags(b)
     b.add_argument("--concurrency", type=int, default=1, help="pipeline actors (each loads the models)")
     b.add_argument("--max-tokens", type=int, help="per-answer token limit (default: the config's)")
-    b.add_argument("--k", type=int, help="sources per question")
+    b.add_argument("-k", "--k", dest="k", type=int, help="sources per question")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_batch)
 

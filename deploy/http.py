@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 class Backend(Protocol):
     """What the HTTP layer needs from the deployments below it."""
 
-    async def retrieve(self, question: str, k: int, retriever: str) -> list[Source]: ...
+    async def retrieve(self, question: str, k: int, retriever: str) -> tuple[list[Source], float]:
+        """The sources and the seconds the retrieval stage spent on them."""
+        ...
 
     async def generate(self, request: AskRequest, sources: list[Source] | None) -> AskResult:
         """``sources`` None: the generator retrieves itself (iterative mode)."""
@@ -145,7 +147,8 @@ def create_api(backend: Backend, settings: HttpSettings, metrics: ServiceMetrics
             sources: list[Source] | None = None
             seconds: dict[str, float] = {}
             if not ask.retrieval.iterative:
-                sources = await backend.retrieve(ask.question, ask.retrieval.k, ask.retrieval.retriever)
+                sources, seconds["retrieval"] = await backend.retrieve(ask.question, ask.retrieval.k,
+                                                                       ask.retrieval.retriever)
                 seconds["retrieve_endpoint"] = time.perf_counter() - t0
             model = body.model or settings.model_name
             if body.stream:

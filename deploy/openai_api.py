@@ -148,9 +148,8 @@ def response_metrics(result: AskResult, extra_seconds: dict[str, float] | None =
     stats = dict(result.stats or {})
     retrieval = stats.pop("retrievals", None) or stats.pop("retrieval", None) or {}
     seconds = dict(stats.pop("seconds", None) or {})
-    if extra_seconds:
-        for k, v in extra_seconds.items():
-            seconds.setdefault(k, v)
+    if extra_seconds:  # measured by the serving layer: retrieval in its own deployment, end to end
+        seconds.update({k: round(v, 4) for k, v in extra_seconds.items()})
     return {"speculation": _jsonable(stats), "retrieval": _jsonable(retrieval), "seconds": _jsonable(seconds)}
 
 

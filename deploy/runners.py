@@ -93,23 +93,27 @@ class RetrievalRunner:
         except Exception as exc:  # noqa: BLE001 - converted so it pickles across Ray
             raise to_service_error(exc) from None
 
-    async def retrieve_batch(self, queries: list[tuple[str, int, str]]) -> list[list[Source] | ServiceError]:
-        """One stage call per distinct (k, retriever) in the batch; per-query results or errors."""
-        results: list[list[Source] | ServiceError | None] = [None] * len(queries)
+    async def retrieve_batch(self, queries: list[tuple[str, int, str]]) -> list[tuple[list[Source], float] | ServiceError]:
+        """One stage call per distinct (k, retriever) in the batch; per query (sources, seconds
+        of that stage call) or the error. The seconds let the ingress report retrieval compute
+        apart from the time spent between deployments."""
+        results: list[tuple[list[Source], float] | ServiceError | None] = [None] * len(queries)
         groups: dict[tuple[int, str], list[int]] = defaultdict(list)
         for i, (_, k, retriever) in enumerate(queries):
             groups[(int(k), str(retriever))].append(i)
         for (k, retriever), idxs in groups.items():
             try:
+                t0 = time.perf_counter()
                 found = await self._run("retrieve", [queries[i][0] for i in idxs], k, retriever)
+                seconds = time.perf_counter() - t0
                 for i, sources in zip(idxs, found):
-                    results[i] = list(sources)
+                    results[i] = (list(sources), seconds)
             except ServiceError as err:
                 for i in idxs:
                     results[i] = err
         return results  # type: ignore[return-value]
 
-    async def retrieve(self, question: str, k: int, retriever: str) -> list[Source]:
+    async def retrieve(self, question: str, k: int, retriever: str) -> tuple[list[Source], float]:
         (out,) = await self.retrieve_batch([(question, k, retriever)])
         if isinstance(out, ServiceError):
             raise out
@@ -224,7 +228,7 @@ class LocalBackend:
         self.retrieval = RetrievalRunner(retrieval_stage)
         self.generation = GenerationRunner(generation_stage, concurrency)
 
-    async def retrieve(self, question: str, k: int, retriever: str) -> list[Source]:
+    async def retrieve(self, question: str, k: int, retriever: str) -> tuple[list[Source], float]:
         return await self.retrieval.retrieve(question, k, retriever)
 
     async def generate(self, request: AskRequest, sources: list[Source] | None) -> AskResult:

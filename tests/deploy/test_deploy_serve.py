@@ -65,7 +65,8 @@ def client(service):
 
 
 def _ask(client, question, **kw):
-    return client.chat.completions.create(model="smollm2-135m-instruct", max_tokens=MAX_TOKENS, temperature=0,
+    kw.setdefault("temperature", 0)
+    return client.chat.completions.create(model="smollm2-135m-instruct", max_tokens=MAX_TOKENS,
                                           messages=[{"role": "user", "content": question}], **kw)
 
 
@@ -83,6 +84,8 @@ def test_openai_client_non_streaming(client):
     extra = r.model_extra
     assert extra["sources"] and {"id", "title", "source", "score", "text"} <= set(extra["sources"][0])
     assert set(extra["metrics"]) == {"speculation", "retrieval", "seconds"}
+    seconds = extra["metrics"]["seconds"]
+    assert seconds["retrieval"] > 0 and seconds["total_endpoint"] >= seconds["total"]
 
 
 def test_streamed_text_equals_non_streamed(client):
@@ -123,6 +126,21 @@ def test_speculation_off_gives_the_same_text(client):
     on = _ask(client, q).choices[0].message.content
     off = _ask(client, q, extra_body={"speculation": {"enabled": False}}).choices[0].message.content
     assert on == off
+
+
+def test_sampling_params_are_honoured(client):
+    """seed makes sampling reproducible; a stop string cuts the greedy answer right before it."""
+    q = QUESTIONS[0]
+    a = _ask(client, q, temperature=0.9, top_p=0.95, seed=7).choices[0].message.content
+    b = _ask(client, q, temperature=0.9, top_p=0.95, seed=7).choices[0].message.content
+    assert a == b
+    greedy = _ask(client, q).choices[0].message.content
+    words = greedy.split()
+    assert len(words) >= 3, greedy
+    stop = words[2]
+    cut = _ask(client, q, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].message.content == greedy[:greedy.index(stop)]
 
 
 def test_error_statuses_over_raw_http(service):
