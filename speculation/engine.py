@@ -39,6 +39,11 @@ class EngineConfig:
     max_draft_tokens: int = 16
     max_ngram: int = 8
     prompt_lookup_max_ngram: int = 3
+    # Shortest suffix match the reference drafter drafts from. None: 1 on a GPU, where a forward over 16 tokens
+    # costs about one over 1; 3 on a CPU, where any multi-token forward costs ~1.8x a one-token
+    # one and 1-2 token matches were measured to yield only ~0.3 accepted tokens per step
+    # (benchmarks/bench_engine.py profile). Speed only: verification decides every token.
+    min_ngram: int | None = None
     draft_model_max_tokens: int = 6
 
 
@@ -158,6 +163,11 @@ class SpeculativeEngine:
         return ids
 
     # ---- drafters -------------------------------------------------------------------------
+    def _min_ngram(self) -> int:
+        if self.config.min_ngram is not None:
+            return max(1, self.config.min_ngram)
+        return 1 if self.device.type == "cuda" else 3
+
     def _make_drafter(self, request: GenerationRequest) -> Drafter | None:
         if not request.speculate:
             return None
@@ -165,8 +175,10 @@ class SpeculativeEngine:
         drafters: list[Drafter] = []
         for name in self.config.drafters:
             if name == "reference":
-                drafters.append(NgramDrafter("reference", max_draft, self.config.max_ngram))
+                drafters.append(NgramDrafter("reference", max_draft, self.config.max_ngram,
+                                             min(self._min_ngram(), self.config.max_ngram)))
             elif name == "prompt_lookup":
+                # kept like transformers' / vLLM's n-gram lookup (matches down to 1 token)
                 drafters.append(NgramDrafter("prompt_lookup", max_draft, self.config.prompt_lookup_max_ngram,
                                              use_references=False))
             elif name == "draft_model":

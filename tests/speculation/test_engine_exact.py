@@ -13,6 +13,7 @@ from tinymodels import TinyTokenizer, tiny_llama
 VOCAB = 96
 COMBOS = {
     "none": (),
+    "reference_min1": ("reference",),       # also with matches down to 1 token (the GPU default)
     "reference": ("reference",),
     "prompt_lookup": ("prompt_lookup",),
     "draft_model": ("draft_model",),
@@ -55,7 +56,8 @@ def _cases(target, n=56):
 @pytest.mark.parametrize("combo", list(COMBOS))
 def test_greedy_matches_hf_generate(models, combo):
     target, draft = models
-    engine = SpeculativeEngine(target, TinyTokenizer(VOCAB), draft, EngineConfig(drafters=COMBOS[combo]))
+    engine = SpeculativeEngine(target, TinyTokenizer(VOCAB), draft,
+                               EngineConfig(drafters=COMBOS[combo], min_ngram=1 if combo.endswith("min1") else None))
     accepted = 0
     for n, (prompt, refs, max_new, oracle) in enumerate(_cases(target)):
         expected = oracle[:max_new]      # generate() is deterministic: a shorter limit is a prefix
@@ -91,7 +93,8 @@ def test_cases_cover_eos_and_limit_inside_accepted_drafts(models):
 
 def test_kv_cache_is_rolled_back_not_refilled(models):
     target, _ = models
-    engine = SpeculativeEngine(target, TinyTokenizer(VOCAB), None, EngineConfig(drafters=("reference",)))
+    engine = SpeculativeEngine(target, TinyTokenizer(VOCAB), None,
+                               EngineConfig(drafters=("reference",), min_ngram=1))
     prompt = [1, 5, 6, 7, 8]
     wrong = [[9] * 30]          # a reference that never matches the model: every draft rejected
     result = engine.generate_one(GenerationRequest(prompt + [9], wrong, max_new_tokens=30))
