@@ -197,8 +197,8 @@ def main() -> int:
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--methods", help="comma-separated subset of methods to run (default: all)")
     ap.add_argument("--ungated", action="store_true",
-                    help="add specrag reference drafting without the match-length gate (min_expected_accepted=0; "
-                         "needs the experimental gate patch in speculation/)")
+                    help="also run reference drafting from suffix matches down to 1 token (LLMA's n = 1; "
+                         "the CPU default drafts only from matches of >= 3 tokens)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (default 1: on this shared 2-core machine, 2 OpenMP threads "
                          "under a load average of ~7 made one forward 4x slower than 1 thread)")
@@ -251,10 +251,9 @@ def main() -> int:
         "specrag_prompt_lookup": ("specrag, prompt-lookup drafter", lambda p, r: spec(engines["prompt_lookup"], p, r),
                                   counter, "hf_greedy"),
     }
-    if args.ungated:   # needs the (unmerged) match-length gate: EngineConfig.min_expected_accepted
-        engines["ungated"] = SpeculativeEngine(model, tok, None, EngineConfig(drafters=("reference",),
-                                                                              min_expected_accepted=0.0))
-        methods["specrag_reference_ungated"] = ("specrag, reference drafting, no match-length gate",
+    if args.ungated:   # LLMA's n = 1: draft from suffix matches down to 1 token (the GPU default)
+        engines["ungated"] = SpeculativeEngine(model, tok, None, EngineConfig(drafters=("reference",), min_ngram=1))
+        methods["specrag_reference_ungated"] = ("specrag, reference drafting, matches down to 1 token",
                                                 lambda p, r: spec(engines["ungated"], p, r), counter, "hf_greedy")
     if args.bf16:
         methods["hf_greedy_bf16"] = ("HF generate, greedy, bf16", lambda p, r: hf(bf16_model, p), bf16_counter,

@@ -269,8 +269,16 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def write_results(meta: dict[str, Any], runs: list[dict[str, Any]], final: bool) -> dict[str, Any]:
     summary = summarize(runs)
-    meta = dict(meta, finished=final, questions_done=len({r["q"] for r in runs}),
-                load_average_now=list(os.getloadavg()))
+    done = len({r["q"] for r in runs})
+    meta = dict(meta, finished=final, questions_done=done, load_average_now=list(os.getloadavg()))
+    dev = list(meta["spec_deviations"])
+    if done < 30:
+        dev.append(f"{done} questions, not >= 30")
+    if meta["config"]["max_tokens"] != 128:
+        dev.append(f"max {meta['config']['max_tokens']} new tokens, not 128")
+    if meta["corpus"]["chunks"] < 100_000:
+        dev.append(f"{meta['corpus']['chunks']} chunks, not >= 100k")
+    meta["spec_deviations"] = dev
     diffs = [{"question": r["question"], "retriever": r["retriever"], "mode": r["mode"],
               "first_differing_token": r["first_diff"]} for r in runs if not r["identical"]]
     data = {"meta": meta, "summary": summary, "differences": diffs, "runs": runs}
@@ -294,7 +302,10 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any], diffs: list[dict[str
         "retriever on the flat index.",
         f"Model {c['model']}, CPU, batch 1, greedy, stride {c['stride']}, query {c['query_tokens']} tokens, top-1 chunk, "
         f"max {c['max_tokens']} new tokens; {meta['questions_done']} questions, every mode on every question, "
-        "mode order rotated per question." + ("" if meta["finished"] else " **(run not finished: partial results)**"),
+        "mode order rotated per question." + ("" if meta["finished"] else " **(run not finished: partial results)**")
+        + (f" {meta['stopped_early']}." if meta.get("stopped_early") else ""),
+        "Deviations from the issue's benchmark spec: " + "; ".join(meta["spec_deviations"]) + "."
+        if meta["spec_deviations"] else "Config as the issue specifies.",
         "",
         "| retriever | mode | mean s/request | median s | retrieval / prefill / decode s | prefills | "
         "real retrievals (batches) | speculated / mismatched | speedup (means) | speedup (median paired) | identical |",
@@ -363,20 +374,26 @@ def run_benchmark(args: argparse.Namespace) -> None:
         "load_average_samples": [],
     }
 
-    def one(question: str, retriever: str, mode: str) -> Any:
+    def one(question: str, retriever: str, mode: str, max_tokens: int = args.max_tokens) -> Any:
         kind, metric = RETRIEVERS[retriever]
-        req = AskRequest(question, max_tokens=args.max_tokens,
+        req = AskRequest(question, max_tokens=max_tokens,
                          retrieval=RetrievalOptions(k=1, retriever=metric, iterative=True, stride=4, query_tokens=32))
         return IterativeAnswer(gen, stages[kind], req, mode_options(mode)).run()
 
     # warm-up (model, embedder, BM25 load, first-call allocations), not recorded
     for retriever in retrievers:
         for mode in ("baseline", "all"):
-            one("How do I warm up?", retriever, mode)
+            one("How do I warm up?", retriever, mode, max_tokens=12)
 
     runs: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     for qi, question in enumerate(questions):
+        elapsed = time.perf_counter() - t_start
+        if args.time_budget_s and qi and elapsed + elapsed / qi > args.time_budget_s:
+            meta["stopped_early"] = (f"time budget of {args.time_budget_s}s: stopped after {qi} of "
+                                     f"{len(questions)} questions")
+            print(meta["stopped_early"], flush=True)
+            break
         meta["load_average_samples"].append(round(os.getloadavg()[0], 2))
         for retriever in retrievers:
             # baseline first (the reference), the others rotated so each takes every slot in turn
@@ -428,6 +445,8 @@ def main() -> None:
     ru.add_argument("--model", default="smollm2-135m-instruct")
     ru.add_argument("--retrievers", default="flat,hnsw,bm25")
     ru.add_argument("--modes", default=",".join(MODES))
+    ru.add_argument("--time-budget-s", type=float, default=0,
+                    help="start no new question when it would end past this many seconds (0: no limit)")
     ru.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ru.add_argument("--deviation", action="append", help="a deviation from the issue's spec, recorded in the results")
     args = ap.parse_args()
