@@ -21,6 +21,7 @@ every committed stride was generated with the chunk the real retriever returns f
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ class _Stride:
     state: Any               # engine SequenceState that generated it
     gen_start: int           # len(state.generated) when the stride began
     gen_end: int = 0
+    vec: Any = None          # the query's embedding, computed once for speculation and verification
 
 
 @dataclass
@@ -58,6 +60,8 @@ class IterativeOptions:
     speculation_stride: int | str = "auto"
     async_verification: bool = True
     prefetch: int = 20
+    # token speculation drafts from the cached chunks too (most recent first, up to this many tokens)
+    reference_tokens: int = 4096
     # tests force rollbacks by seeding the cache with wrong chunks
     seed_cache: list[Source] | None = None
     seed_with_first_retrieval: bool = True
@@ -91,6 +95,10 @@ class IterativeAnswer:
         self.states: dict[int, Any] = {}       # every engine state used, for the stats
         self.counts = {"real": 0, "speculated": 0, "verified": 0, "mismatched": 0, "batches": 0}
         self.seconds = {"retrieval": 0.0}
+        self._lock = threading.Lock()          # counts/seconds are updated from the verification thread too
+        # embed each query once and reuse the vector for local scoring and verification; only for a
+        # retrieval stage in this process (a remote one embeds where the model lives)
+        self._vectors = callable(getattr(type(retrieval), "embed_queries", None))
         fixed = None if self.opt.speculation_stride == "auto" else int(self.opt.speculation_stride)
         self.scheduler = StrideScheduler(fixed=fixed, asynchronous=self.opt.async_verification)
         self.cache: dict[str, Source] = {}
@@ -101,25 +109,58 @@ class IterativeAnswer:
         ids = (self.question_ids + self.answer[:answer_len])[-self.opt.query_tokens:]
         return self.tok.decode(ids, skip_special_tokens=True)
 
-    def _real(self, queries: list[str], k: int) -> list[list[Source]]:
+    def _real(self, queries: list[str], k: int, vecs: list[Any] | None = None) -> list[list[Source]]:
         t0 = time.perf_counter()
-        hits = self.retrieval.retrieve(queries, k, self.request.retrieval.retriever)
-        self.seconds["retrieval"] += time.perf_counter() - t0
-        self.counts["real"] += len(queries)
-        self.counts["batches"] += 1
+        retriever = self.request.retrieval.retriever
+        if vecs is not None and all(v is not None for v in vecs):
+            import numpy as np
+
+            hits = self.retrieval.retrieve(queries, k, retriever, query_vecs=np.stack(vecs))
+        else:
+            hits = self.retrieval.retrieve(queries, k, retriever)
+        with self._lock:
+            self.seconds["retrieval"] += time.perf_counter() - t0
+            self.counts["real"] += len(queries)
+            self.counts["batches"] += 1
         return hits
 
-    def _speculate(self, query: str) -> Source:
-        """The best chunk in the local cache by the retriever's own metric."""
+    def _speculate(self, query: str) -> tuple[Source, Any]:
+        """The best chunk in the local cache by the retriever's own metric, and the query's
+        embedding (None for bm25) for the verification to reuse."""
         t0 = time.perf_counter()
         ids = list(self.cache)
         if not ids:
-            return NO_DOC
-        scores = self.retrieval.score_local(query, ids, self.request.retrieval.retriever)
+            return NO_DOC, None
+        retriever = self.request.retrieval.retriever
+        vec = self.retrieval.embed_queries([query], retriever) if self._vectors else None
+        vec = None if vec is None else vec[0]
+        if vec is not None:
+            scores = self.retrieval.score_local(query, ids, retriever, query_vec=vec)
+        else:
+            scores = self.retrieval.score_local(query, ids, retriever)
         best = max(range(len(ids)), key=lambda i: (scores[i], -i))
-        self.seconds["retrieval"] += time.perf_counter() - t0
-        self.counts["speculated"] += 1
-        return self.cache[ids[best]]
+        with self._lock:
+            self.seconds["retrieval"] += time.perf_counter() - t0
+            self.counts["speculated"] += 1
+        return self.cache[ids[best]], vec
+
+    def _references(self, doc: Source) -> list[list[int]]:
+        """Token ids of the cached chunks other than ``doc`` (which is in the prompt), most
+        recently cached first, up to ``reference_tokens`` tokens: drafting material for token
+        speculation."""
+        if not self.opt.token_speculation or self.opt.reference_tokens <= 0:
+            return []
+        refs: list[list[int]] = []
+        total = 0
+        for source in reversed(list(self.cache.values())):
+            if source.id == doc.id or not source.id:
+                continue
+            ids = self.stage.reference_ids(source)
+            if total + len(ids) > self.opt.reference_tokens:
+                break
+            refs.append(ids)
+            total += len(ids)
+        return refs
 
     def _use(self, doc: Source) -> None:
         if doc.id:
@@ -142,7 +183,7 @@ class IterativeAnswer:
             gen_start = prev.gen_end
         else:
             prompt = iterative_prompt(self.tok, self.request.question, doc) + self.answer
-            req = self.stage.engine_request(self.request, prompt, [], budget, stop=[])
+            req = self.stage.engine_request(self.request, prompt, self._references(doc), budget, stop=[])
             req.speculate = self.opt.token_speculation
             (state,) = self.engine.begin([req])
             state.pause_at = self.opt.stride
@@ -205,15 +246,16 @@ class IterativeAnswer:
                 verification: Future | None = None
                 t_verify = time.perf_counter()
                 queries = [p.query for p in pending]
+                vecs = [p.vec for p in pending]
                 if pool is not None:
-                    verification = pool.submit(self._real, queries, max(1, self.opt.prefetch))
+                    verification = pool.submit(self._real, queries, max(1, self.opt.prefetch), vecs)
                     extra = None
                     if not self.finished:   # overlap one more speculative stride with the verification
                         extra = self._speculative_stride(pending[-1])
                     truth = verification.result()
                 else:
                     extra = None
-                    truth = self._real(queries, max(1, self.opt.prefetch))
+                    truth = self._real(queries, max(1, self.opt.prefetch), vecs)
                 verify_seconds = time.perf_counter() - t_verify
                 for hits in truth:
                     self._add_to_cache(hits)
@@ -240,7 +282,7 @@ class IterativeAnswer:
                     self.engine.truncate(base.state, base.gen_end)
                 true_doc = _top1(truth[m])
                 redo = self._run_stride(true_doc, base)
-                redo.query = bad.query
+                redo.query, redo.vec = bad.query, bad.vec
                 self._use(true_doc)
                 anchor, pending = redo, []
                 if self.finished:
@@ -252,9 +294,9 @@ class IterativeAnswer:
     def _speculative_stride(self, prev: _Stride) -> _Stride:
         t0 = time.perf_counter()
         query = self._query(len(self.answer))
-        doc = self._speculate(query)
+        doc, vec = self._speculate(query)
         stride = self._run_stride(doc, prev)
-        stride.query = query
+        stride.query, stride.vec = query, vec
         self.scheduler.observe_step(time.perf_counter() - t0)
         return stride
 

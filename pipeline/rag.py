@@ -61,12 +61,21 @@ class RetrievalStage:
                                        embedding_model=config.embedding_model)
         self.retriever = retriever
 
-    def retrieve(self, queries: list[str], k: int, retriever: str = "dense") -> list[list[Source]]:
-        return [[to_source(h) for h in hits] for hits in self.retriever.retrieve(list(queries), k, retriever)]
+    def retrieve(self, queries: list[str], k: int, retriever: str = "dense",
+                 query_vecs: Any = None) -> list[list[Source]]:
+        """Top-``k`` per query; ``query_vecs`` (from :meth:`embed_queries`) skips the embedding."""
+        hits = self.retriever.retrieve(list(queries), k, retriever, query_vecs=query_vecs)
+        return [[to_source(h) for h in row] for row in hits]
 
-    def score_local(self, query: str, chunk_ids: list[str], retriever: str = "dense") -> list[float]:
+    def embed_queries(self, queries: list[str], retriever: str = "dense") -> Any:
+        """Query embeddings for ``retrieve(query_vecs=)`` / ``score_local(query_vec=)``; None for
+        ``bm25``, which embeds nothing."""
+        return None if retriever == "bm25" else self.retriever.embed_queries(list(queries))
+
+    def score_local(self, query: str, chunk_ids: list[str], retriever: str = "dense",
+                    query_vec: Any = None) -> list[float]:
         """Scores of candidate chunks with the index's own metric (RaLMSpec's local cache)."""
-        return self.retriever.score_local(query, list(chunk_ids), retriever)
+        return self.retriever.score_local(query, list(chunk_ids), retriever, query_vec=query_vec)
 
     def info(self) -> dict[str, Any]:
         m = self.retriever.manifest

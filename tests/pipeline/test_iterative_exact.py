@@ -77,3 +77,50 @@ def test_rollback_with_a_cache_seeded_with_wrong_chunks(small_indexes, tiny_mode
         assert res.token_ids == base.token_ids
         mismatches += res.stats["retrievals"]["mismatched"]
     assert mismatches >= 2, "the forced-mismatch runs never rolled back"
+
+
+def test_query_embedded_once_and_cached_chunks_drafted_from(small_indexes, tiny_models, monkeypatch):
+    """RaLMSpec's verification reuses the embedding computed for the speculation (one model call
+    per query), and token speculation gets the cached chunks -- all but the one already in the
+    prompt -- as drafting references."""
+    retrieval, gen = _stages(small_indexes["flat"], tiny_models)
+    embedder = retrieval.retriever.embedder
+    encoded: list[int] = []
+    encode = embedder.encode
+
+    def counting_encode(texts, *args, **kwargs):
+        encoded.append(len(texts))
+        return encode(texts, *args, **kwargs)
+
+    monkeypatch.setattr(embedder, "encode", counting_encode)
+    prefills: list[tuple[list[int], list[list[int]]]] = []
+    engine_request = gen.engine_request
+
+    def spy(request, prompt_ids, references, *args, **kwargs):
+        prefills.append((prompt_ids, references))
+        return engine_request(request, prompt_ids, references, *args, **kwargs)
+
+    monkeypatch.setattr(gen, "engine_request", spy)
+    question = QUESTIONS[0]
+    base = _answer(gen, retrieval, question, "dense", BASELINE, max_tokens=24)
+    assert sum(encoded) == base.stats["retrievals"]["real"]        # the baseline: one per stride
+    assert all(refs == [] for _, refs in prefills)                   # and no token speculation
+    encoded.clear()
+    prefills.clear()
+    res = _answer(gen, retrieval, question, "dense",
+                  IterativeOptions(async_verification=False, speculation_stride=2), max_tokens=24)
+    assert res.token_ids == base.token_ids
+    r = res.stats["retrievals"]
+    assert r["speculated"] >= 2 and r["verified"] >= 1
+    assert sum(encoded) == 1 + r["speculated"], (encoded, r)        # first real retrieval + one per speculation
+    assert prefills and all(refs for _, refs in prefills)
+    chunks = {tuple(h.token_ids) for h in retrieval.retriever.get_chunks(list(retrieval.retriever.ids))}
+    for prompt_ids, refs in prefills:
+        assert all(tuple(ref) in chunks for ref in refs)                # whole chunks of the index
+        # the chunk in the prompt is not repeated as a reference
+        assert not any(len(ref) > 8 and _contains(prompt_ids, ref) for ref in refs)
+
+
+def _contains(seq: list[int], sub: list[int]) -> bool:
+    n = len(sub)
+    return any(seq[i:i + n] == sub for i in range(len(seq) - n + 1))
