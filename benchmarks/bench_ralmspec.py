@@ -181,46 +181,64 @@ def _share_docs() -> Iterator[dict[str, str]]:
                        "url": str(path), "text": text}
 
 
-def export_corpus(out: Path, max_chars: int | None) -> dict[str, Any]:
-    """Write local documentation as JSONL; ~900 characters make one 256-token chunk (224 new
-    tokens per chunk with the 32-token overlap), which is what the chunk estimate uses."""
+def export_corpus(out: Path, max_chars: int | None, sources: list[str] | None = None,
+                  seed: int | None = None) -> dict[str, Any]:
+    """Write local documentation as JSONL.
+
+    ``sources`` picks ``site-packages`` and/or ``share``; with ``seed`` the records are shuffled
+    (deterministically) before ``max_chars`` cuts them, so a capped corpus samples every package
+    instead of only the alphabetically first ones. Chunk estimate: ~3.5 characters per generator
+    token, so ~900 characters per 256-token chunk (224 new tokens with the 32-token overlap) and
+    ~390 per 128-token chunk with a 16-token overlap."""
+    import random
     import site as site_mod
 
+    sources = sources or ["site-packages", "share"]
     sites = [Path(p) for p in site_mod.getsitepackages() if Path(p).is_dir()]
     t = time.perf_counter()
     counts: dict[str, int] = {}
     chars = 0
     out.parent.mkdir(parents=True, exist_ok=True)
+    readers = {"site-packages": lambda: (r for s in sites for r in _py_docs(s)), "share": _share_docs}
+    records: Iterator[tuple[str, dict[str, str]]] = ((k, r) for k in sources for r in readers[k]())
+    if seed is not None:
+        pool = list(records)
+        random.Random(seed).shuffle(pool)
+        records = iter(pool)
     with out.open("w", encoding="utf-8") as f:
-        sources = [("site-packages", _py_docs(s)) for s in sites] + [("share", _share_docs())]
-        for kind, records in sources:
-            for rec in records:
-                if max_chars is not None and chars >= max_chars:
-                    break
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                counts[kind] = counts.get(kind, 0) + 1
-                chars += len(rec["text"])
-    info = {"path": str(out), "records": counts, "chars": chars, "estimated_chunks": chars // 900,
+        for kind, rec in records:
+            if max_chars is not None and chars >= max_chars:
+                break
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            counts[kind] = counts.get(kind, 0) + 1
+            chars += len(rec["text"])
+    info = {"path": str(out), "records": counts, "chars": chars,
+            "estimated_chunks": {"256/32": chars // 900, "128/16": chars // 390},
             "seconds": round(time.perf_counter() - t, 1)}
     print(json.dumps(info))
     return info
 
 
 # ---- indexes ------------------------------------------------------------------------------------
-def build_indexes(inputs: list[str], index_dir: Path, tokenizer: Any) -> dict[str, Any]:
+def build_indexes(inputs: list[str], index_dir: Path, tokenizer: Any, chunk_tokens: int = 128,
+                  chunk_overlap: int = 16) -> dict[str, Any]:
     """``index_dir/flat`` (ingest; incremental, so an existing one is reused) and ``index_dir/hnsw``
-    (a copy of the flat one re-indexed: same chunks, same embeddings, only the FAISS index built)."""
+    (a copy of the flat one re-indexed: same chunks, same embeddings, only the FAISS index built).
+
+    128-token chunks by default: In-Context RALM and RaLMSpec retrieve 100-word Wikipedia
+    passages (DPR's split), which is about 128 tokens."""
     from retrieval import IngestConfig, ingest
 
     flat, hnsw = index_dir / "flat", index_dir / "hnsw"
     t = time.perf_counter()
-    rep = ingest(inputs, flat, tokenizer, IngestConfig(chunk_tokens=256, index_type="flat"))
+    sizes = dict(chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap)
+    rep = ingest(inputs, flat, tokenizer, IngestConfig(index_type="flat", **sizes))
     out = {"flat": {"chunks": rep.index_chunks, "new_chunks": rep.new_chunks, "seconds": round(time.perf_counter() - t, 1)}}
     if hnsw.exists():
         shutil.rmtree(hnsw)
     shutil.copytree(flat, hnsw)
     t = time.perf_counter()
-    rep = ingest(inputs, hnsw, tokenizer, IngestConfig(chunk_tokens=256, index_type="hnsw", show_progress=False))
+    rep = ingest(inputs, hnsw, tokenizer, IngestConfig(index_type="hnsw", show_progress=False, **sizes))
     out["hnsw"] = {"chunks": rep.index_chunks, "new_chunks": rep.new_chunks, "seconds": round(time.perf_counter() - t, 1)}
     return out
 
@@ -263,17 +281,19 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "speedup_of_means": round(_mean(btotal) / _mean(total), 3),
                 "speedup_median_paired": round(statistics.median(ratios), 3),
                 "identical": sum(r["identical"] for r in rs),
+                "accepted_per_forward_mean": round(_mean([r["mean_accepted_per_forward"] or 1.0 for r in rs]), 3),
             }
     return out
 
 
 def write_results(meta: dict[str, Any], runs: list[dict[str, Any]], final: bool) -> dict[str, Any]:
     summary = summarize(runs)
-    done = len({r["q"] for r in runs})
+    per_retriever = [len({r["q"] for r in runs if r["retriever"] == ret}) for ret in meta["config"]["retrievers"]]
+    done = min(per_retriever) if per_retriever else 0
     meta = dict(meta, finished=final, questions_done=done, load_average_now=list(os.getloadavg()))
     dev = list(meta["spec_deviations"])
     if done < 30:
-        dev.append(f"{done} questions, not >= 30")
+        dev.append(f"{done} questions (fewest of any retriever), not >= 30")
     if meta["config"]["max_tokens"] != 128:
         dev.append(f"max {meta['config']['max_tokens']} new tokens, not 128")
     if meta["corpus"]["chunks"] < 100_000:
@@ -297,19 +317,21 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any], diffs: list[dict[str
         f"Machine: {meta['machine']}; torch threads {meta['torch_threads']}; OMP_WAIT_POLICY={meta['omp_wait_policy']}; "
         f"load average (1 min) during the run: min {min(la):.1f} / median {statistics.median(la):.1f} / max {max(la):.1f} "
         f"(other jobs share the cores)." if la else f"Machine: {meta['machine']}.",
-        f"Corpus: {meta['corpus']['description']} -- {meta['corpus']['chunks']} chunks of <=256 generator tokens "
+        f"Corpus: {meta['corpus']['description']} -- {meta['corpus']['chunks']} chunks of <={c.get('chunk_tokens', 256)} "
+        "generator tokens "
         f"(all-MiniLM-L6-v2 embeddings); hnsw = the same chunks and vectors in FAISS HNSW (M=32); bm25 = the bm25 "
         "retriever on the flat index.",
         f"Model {c['model']}, CPU, batch 1, greedy, stride {c['stride']}, query {c['query_tokens']} tokens, top-1 chunk, "
         f"max {c['max_tokens']} new tokens; {meta['questions_done']} questions, every mode on every question, "
-        "mode order rotated per question." + ("" if meta["finished"] else " **(run not finished: partial results)**")
+        f"mode order rotated per question; order {c.get('order', 'question')}-major." + ("" if meta["finished"] else " **(run not finished: partial results)**")
         + (f" {meta['stopped_early']}." if meta.get("stopped_early") else ""),
         "Deviations from the issue's benchmark spec: " + "; ".join(meta["spec_deviations"]) + "."
         if meta["spec_deviations"] else "Config as the issue specifies.",
         "",
         "| retriever | mode | mean s/request | median s | retrieval / prefill / decode s | prefills | "
-        "real retrievals (batches) | speculated / mismatched | speedup (means) | speedup (median paired) | identical |",
-        "|---|---|---:|---:|---|---:|---|---|---:|---:|---:|",
+        "real retrievals (batches) | speculated / mismatched | tokens / forward | speedup (means) | "
+        "speedup (median paired) | identical |",
+        "|---|---|---:|---:|---|---:|---|---|---:|---:|---:|---:|",
     ]
     for ret, modes in summary.items():
         for mode, s in modes.items():
@@ -318,6 +340,7 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any], diffs: list[dict[str
                 f"| {ret} | {MODE_LABELS[mode]} | {s['mean_s']:.2f} | {s['median_s']:.2f} | "
                 f"{sp['retrieval']:.2f} / {sp['prefill']:.2f} / {sp['decode']:.2f} | {s['prefills_mean']:.1f} | "
                 f"{rt['real']:.1f} ({rt['batches']:.1f}) | {rt['speculated']:.1f} / {rt['mismatched']:.1f} | "
+                f"{s.get('accepted_per_forward_mean', 1.0):.2f} | "
                 f"{s['speedup_of_means']:.2f}x | {s['speedup_median_paired']:.2f}x | {s['identical']}/{s['n']} |")
     lines += [
         "",
@@ -351,7 +374,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
     index_dir = Path(args.index_dir)
     corpus_build = None
     if args.corpus:
-        corpus_build = build_indexes(args.corpus, index_dir, models.tokenizer)
+        corpus_build = build_indexes(args.corpus, index_dir, models.tokenizer, args.chunk_tokens, args.chunk_overlap)
     stages = {kind: RetrievalStage(PipelineConfig(index_dir=str(index_dir / kind))) for kind in ("flat", "hnsw")}
     gen = GenerationStage(PipelineConfig(index_dir=str(index_dir / "flat"), model=args.model, device="cpu"),
                           retrieval=stages["flat"], models=models)
@@ -367,7 +390,8 @@ def run_benchmark(args: argparse.Namespace) -> None:
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "config": {"model": args.model, "device": "cpu", "batch": 1, "stride": 4, "query_tokens": 32, "k": 1,
                    "max_tokens": args.max_tokens, "questions": len(questions), "retrievers": retrievers,
-                   "modes": modes, "prefetch": 20, "speculation_stride": "auto (OS3)"},
+                   "modes": modes, "prefetch": 20, "speculation_stride": "auto (OS3)", "order": args.order,
+                   "chunk_tokens": args.chunk_tokens, "chunk_overlap": args.chunk_overlap},
         "spec_deviations": args.deviation or [],
         "corpus": {"description": args.corpus_description, "chunks": chunks,
                    "index_dirs": {k: str(index_dir / k) for k in stages}, "build": corpus_build},
@@ -387,15 +411,26 @@ def run_benchmark(args: argparse.Namespace) -> None:
 
     runs: list[dict[str, Any]] = []
     t_start = time.perf_counter()
-    for qi, question in enumerate(questions):
-        elapsed = time.perf_counter() - t_start
-        if args.time_budget_s and qi and elapsed + elapsed / qi > args.time_budget_s:
-            meta["stopped_early"] = (f"time budget of {args.time_budget_s}s: stopped after {qi} of "
-                                     f"{len(questions)} questions")
-            print(meta["stopped_early"], flush=True)
-            break
+    if args.order == "question":
+        # every retriever on question 1, then question 2, ...: drift in machine load hits all alike
+        plan = [(qi, [r for r in retrievers]) for qi in range(len(questions))]
+    else:
+        # all questions on one retriever, then the next: with a time budget each retriever gets an
+        # equal share, so a run cut short still has every retriever on its first questions
+        plan = [(qi, [r]) for r in retrievers for qi in range(len(questions))]
+    share = args.time_budget_s / (1 if args.order == "question" else len(retrievers))
+    t_group: dict[str, float] = {}
+    skipped: dict[str, int] = {}
+    for qi, group in plan:
+        question = questions[qi]
+        key = "all" if args.order == "question" else group[0]
+        t_group.setdefault(key, time.perf_counter())
+        elapsed = time.perf_counter() - t_group[key]
+        if args.time_budget_s and qi and elapsed + elapsed / qi > share:
+            skipped[key] = skipped.get(key, 0) + 1
+            continue
         meta["load_average_samples"].append(round(os.getloadavg()[0], 2))
-        for retriever in retrievers:
+        for retriever in group:
             # baseline first (the reference), the others rotated so each takes every slot in turn
             rest = modes[1:]
             shift = qi % len(rest) if rest else 0
@@ -420,8 +455,15 @@ def run_benchmark(args: argparse.Namespace) -> None:
             line = ", ".join(f"{r['mode']} {r['seconds']['total']:.2f}s" for r in runs if r["q"] == qi
                              and r["retriever"] == retriever)
             print(f"q{qi} {retriever}: {line}", flush=True)
+        if skipped:
+            meta["stopped_early"] = "time budget of {}s: {}".format(
+                args.time_budget_s, ", ".join(f"{k} skipped its last {v} questions" for k, v in skipped.items()))
         meta["elapsed_s"] = round(time.perf_counter() - t_start, 1)
         write_results(meta, runs, final=False)
+    if skipped:
+        meta["stopped_early"] = "time budget of {}s: {}".format(
+            args.time_budget_s, ", ".join(f"{k} skipped its last {v} questions" for k, v in skipped.items()))
+        print(meta["stopped_early"], flush=True)
     meta["elapsed_s"] = round(time.perf_counter() - t_start, 1)
     data = write_results(meta, runs, final=True)
     print((RESULTS / "ralmspec.md").read_text())
@@ -434,11 +476,18 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     ex = sub.add_parser("export-corpus", help="local documentation as JSONL")
     ex.add_argument("out", type=Path)
-    ex.add_argument("--max-chars", type=int, default=None, help="stop after this many characters (~900 per chunk)")
+    ex.add_argument("--max-chars", type=int, default=None,
+                    help="stop after this many characters (~390 per 128-token chunk, ~900 per 256-token chunk)")
+    ex.add_argument("--sources", default="site-packages,share", help="site-packages and/or share")
+    ex.add_argument("--seed", type=int, default=None, help="shuffle the records with this seed before --max-chars")
+    bu = sub.add_parser("build", help="build index-dir/flat and index-dir/hnsw only")
     ru = sub.add_parser("run", help="the benchmark")
-    ru.add_argument("--index-dir", required=True, help="holds flat/ and hnsw/ (built with --corpus)")
-    ru.add_argument("--corpus", action="append", default=[],
-                    help="ingest these inputs first (python-docs, JSONL, folders); repeatable")
+    for p in (bu, ru):
+        p.add_argument("--index-dir", required=True, help="holds flat/ and hnsw/ (built with --corpus)")
+        p.add_argument("--corpus", action="append", default=[],
+                       help="ingest these inputs first (python-docs, JSONL, folders); repeatable")
+        p.add_argument("--chunk-tokens", type=int, default=128)
+        p.add_argument("--chunk-overlap", type=int, default=16)
     ru.add_argument("--corpus-description", default="python-docs")
     ru.add_argument("--questions", type=int, default=30)
     ru.add_argument("--max-tokens", type=int, default=128)
@@ -448,10 +497,17 @@ def main() -> None:
     ru.add_argument("--time-budget-s", type=float, default=0,
                     help="start no new question when it would end past this many seconds (0: no limit)")
     ru.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ru.add_argument("--order", choices=["question", "retriever"], default="question",
+                    help="question-major (interleaved, default) or retriever-major (each retriever's questions in a row)")
     ru.add_argument("--deviation", action="append", help="a deviation from the issue's spec, recorded in the results")
     args = ap.parse_args()
     if args.cmd == "export-corpus":
-        export_corpus(args.out, args.max_chars)
+        export_corpus(args.out, args.max_chars, [x for x in args.sources.split(",") if x], args.seed)
+    elif args.cmd == "build":
+        from speculation.models import load_tokenizer
+
+        print(json.dumps(build_indexes(args.corpus, Path(args.index_dir), load_tokenizer("smollm2-135m-instruct"),
+                                       args.chunk_tokens, args.chunk_overlap)))
     else:
         run_benchmark(args)
 
