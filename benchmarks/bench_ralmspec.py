@@ -290,6 +290,7 @@ def write_results(meta: dict[str, Any], runs: list[dict[str, Any]], final: bool)
     summary = summarize(runs)
     per_retriever = [len({r["q"] for r in runs if r["retriever"] == ret}) for ret in meta["config"]["retrievers"]]
     done = min(per_retriever) if per_retriever else 0
+    meta["questions_per_retriever"] = dict(zip(meta["config"]["retrievers"], per_retriever))
     meta = dict(meta, finished=final, questions_done=done, load_average_now=list(os.getloadavg()))
     dev = list(meta["spec_deviations"])
     if done < 30:
@@ -322,9 +323,13 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any], diffs: list[dict[str
         f"(all-MiniLM-L6-v2 embeddings); hnsw = the same chunks and vectors in FAISS HNSW (M=32); bm25 = the bm25 "
         "retriever on the flat index.",
         f"Model {c['model']}, CPU, batch 1, greedy, stride {c['stride']}, query {c['query_tokens']} tokens, top-1 chunk, "
-        f"max {c['max_tokens']} new tokens; {meta['questions_done']} questions, every mode on every question, "
+        f"max {c['max_tokens']} new tokens; questions per retriever: "
+        + ", ".join(f"{k} {v}" for k, v in meta.get("questions_per_retriever", {}).items()) + "; every mode on every question, "
         f"mode order rotated per question; order {c.get('order', 'question')}-major." + ("" if meta["finished"] else " **(run not finished: partial results)**")
-        + (f" {meta['stopped_early']}." if meta.get("stopped_early") else ""),
+        + (f" {meta['stopped_early']}." if meta.get("stopped_early") else "")
+        + (f" Earlier run: {meta['earlier_stopped_early']}." if meta.get("earlier_stopped_early") else "")
+        + (f" Results of {', '.join(meta['appended_to']['retrievers'])} come from an earlier run of the same "
+           "script on the same index (see the command)." if meta.get("appended_to") else ""),
         "Deviations from the issue's benchmark spec: " + "; ".join(meta["spec_deviations"]) + "."
         if meta["spec_deviations"] else "Config as the issue specifies.",
         "",
@@ -410,6 +415,17 @@ def run_benchmark(args: argparse.Namespace) -> None:
             one("How do I warm up?", retriever, mode, max_tokens=12)
 
     runs: list[dict[str, Any]] = []
+    if args.append and (RESULTS / "ralmspec.json").exists():
+        # keep an earlier run's retrievers (e.g. flat run alone first), replace the ones run now
+        old = json.loads((RESULTS / "ralmspec.json").read_text())
+        runs = [r for r in old["runs"] if r["retriever"] not in retrievers]
+        kept = sorted({r["retriever"] for r in runs})
+        meta["command"] = old["meta"]["command"] + " && " + meta["command"]
+        meta["load_average_samples"] = old["meta"].get("load_average_samples", []) + meta["load_average_samples"]
+        meta["config"]["retrievers"] = kept + retrievers
+        meta["appended_to"] = {"retrievers": kept, "elapsed_s": old["meta"].get("elapsed_s")}
+        if old["meta"].get("stopped_early"):
+            meta["earlier_stopped_early"] = old["meta"]["stopped_early"]
     t_start = time.perf_counter()
     if args.order == "question":
         # every retriever on question 1, then question 2, ...: drift in machine load hits all alike
@@ -497,6 +513,8 @@ def main() -> None:
     ru.add_argument("--time-budget-s", type=float, default=0,
                     help="start no new question when it would end past this many seconds (0: no limit)")
     ru.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ru.add_argument("--append", action="store_true",
+                    help="merge into the existing results: keep its runs of the retrievers not run now")
     ru.add_argument("--order", choices=["question", "retriever"], default="question",
                     help="question-major (interleaved, default) or retriever-major (each retriever's questions in a row)")
     ru.add_argument("--deviation", action="append", help="a deviation from the issue's spec, recorded in the results")
