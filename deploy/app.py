@@ -28,21 +28,41 @@ log = logging.getLogger(__name__)
 
 class RemoteRetrieval:
     """What GenerationStage sees as its ``retrieval``: every call forwarded to the Retriever
-    deployment. Called from the Generator's worker thread, so blocking on ``.result()`` is fine."""
+    deployment. Called from the Generator's worker thread, which blocks until the answer is
+    there. The handle call itself is made on the replica's event loop (``attach``): with Serve's
+    router on that loop (deploy/local.py's latency settings) a handle cannot be used from a
+    thread without a running loop."""
 
     def __init__(self, handle: DeploymentHandle):
         self._handle = handle
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def _wait(self, method: str, *args: Any) -> Any:
+        loop = self._loop
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if loop is None or on_loop or not loop.is_running():
+            return getattr(self._handle, method).remote(*args).result()
+
+        async def call() -> Any:
+            return await getattr(self._handle, method).remote(*args)
+
+        return asyncio.run_coroutine_threadsafe(call(), loop).result()
 
     def retrieve(self, questions: list[str], k: int, retriever: str = "dense") -> list[list[Source]]:
-        return self._handle.retrieve_many.remote(list(questions), k, retriever).result()
+        return self._wait("retrieve_many", list(questions), k, retriever)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
-        handle = self._handle
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            return handle.call.remote(name, args, kwargs).result()
+            return self._wait("call", name, args, kwargs)
 
         return forward
 
@@ -64,7 +84,7 @@ class Retriever:
         self._batched.set_max_batch_size(self._config.retrieval_batch_size)
         self._batched.set_batch_wait_timeout_s(self._config.retrieval_batch_wait_s)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _batched(self, queries: list[tuple[str, int, str]]) -> list[Any]:
         return await self._runner.retrieve_batch(queries)
 
@@ -106,13 +126,16 @@ class Generator:
 
             torch.set_num_threads(self._config.torch_threads)
         stages = load_stages(self._config.stages_module)
-        stage = stages.GenerationStage(self._config.pipeline, retrieval=RemoteRetrieval(retriever))
+        self._retrieval = RemoteRetrieval(retriever)
+        stage = stages.GenerationStage(self._config.pipeline, retrieval=self._retrieval)
         self._runner = GenerationRunner(stage)
 
     async def generate(self, request: AskRequest, sources: list[Source] | None) -> AskResult:
+        self._retrieval.attach(asyncio.get_running_loop())
         return await self._runner.generate(request, sources)
 
     async def stream(self, request: AskRequest, sources: list[Source] | None) -> AsyncIterator[Any]:
+        self._retrieval.attach(asyncio.get_running_loop())
         async for item in self._runner.stream(request, sources):
             yield item
 

@@ -15,17 +15,34 @@ log = logging.getLogger(__name__)
 APP_NAME = "specrag"
 MB = 1024 * 1024
 
+# Ray Serve's latency settings (its "throughput optimized" mode, minus direct ingress): handle
+# calls between deployments over gRPC instead of Ray actor calls, and user code and router on
+# the replica's own event loop instead of extra threads. Each Ingress -> Retriever / Generator
+# hop then costs ~5 ms instead of ~7-11 ms on a 2-core machine (benchmarks/results/serve.md).
+# Read by every Ray process at import, so they go into the job's runtime_env, which the Serve
+# controller, the proxy and the replicas inherit; an explicit value in the environment wins.
+SERVE_LATENCY_ENV = {
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+}
+
 
 def init_ray(*, address: str | None = None, num_cpus: int | None = None, object_store_mb: int = 256,
              log_to_driver: bool = True, runtime_env: dict[str, Any] | None = None) -> None:
     """Connect to ``address`` (a running cluster: "auto", "ray://host:10001") or start a small
-    local Ray in this process: no dashboard, a modest object store (answers are tiny)."""
+    local Ray in this process: no dashboard, a modest object store (answers are tiny), workers
+    at normal priority (Ray starts them at nice 15, so on a shared machine every replica, the
+    model's forward passes included, yields to any other process), Serve's latency settings."""
     import ray
 
     if ray.is_initialized():
         return
     env = dict(runtime_env or {})
-    env_vars = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # Only for Ray's processes (controller, proxy, replicas), not this driver: a handle whose
+    # router runs on the current loop cannot be used from plain synchronous driver code.
+    env_vars = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                **{key: os.environ.get(key, value) for key, value in SERVE_LATENCY_ENV.items()}}
     for key in ("SPECRAG_CACHE_DIR", "SPECRAG_API_KEY"):
         if os.environ.get(key):
             env_vars[key] = os.environ[key]
@@ -39,6 +56,7 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None, object_
         object_store_memory=object_store_mb * MB,
         log_to_driver=log_to_driver,
         runtime_env=env,
+        _system_config={"worker_niceness": int(os.environ.get("RAY_worker_niceness", "0"))},
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, is_dataclass, replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -140,7 +140,9 @@ def _jsonable(obj: Any) -> Any:
 
 
 def public_sources(sources: list[Source]) -> list[dict[str, Any]]:
-    return [_jsonable(s.public()) for s in sources]
+    # Drop the token ids (hundreds per source) before ``public()``: its ``asdict`` deep-copies
+    # every list, which cost ~1 ms per response for ids that are then thrown away.
+    return [_jsonable(replace(s, token_ids=None).public() if s.token_ids else s.public()) for s in sources]
 
 
 def response_metrics(result: AskResult, extra_seconds: dict[str, float] | None = None) -> dict[str, Any]:

@@ -174,15 +174,26 @@ class GenerationRunner:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         cancelled = threading.Event()
+        started: list[float] = []
+        first_text: list[float] = []
 
         def on_text(delta: str) -> None:
             if cancelled.is_set():
                 raise _Cancelled()
+            if not first_text:
+                first_text.append(time.perf_counter())
             loop.call_soon_threadsafe(queue.put_nowait, ("text", delta))
 
         def work() -> None:
+            started.append(time.perf_counter())
             try:
                 result = self._call(request, sources, on_text)
+                if first_text and isinstance(getattr(result, "stats", None), dict):
+                    # the stage's own time to its first text, so the serving layer's share of
+                    # the client's time to first token can be told apart per request
+                    seconds = result.stats.setdefault("seconds", {})
+                    if isinstance(seconds, dict):
+                        seconds["first_text"] = round(first_text[0] - started[0], 4)
             except _Cancelled:
                 loop.call_soon_threadsafe(queue.put_nowait, ("cancelled", None))
             except ServiceError as err:

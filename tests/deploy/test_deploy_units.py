@@ -168,3 +168,36 @@ def test_lazy_stage_fails_loudly_on_config_errors():
 
     with pytest.raises(ValueError):
         LazyStage(factory)
+
+
+def test_stream_result_reports_the_stages_own_time_to_first_text():
+    # the serving benchmark subtracts it from the client's time to first token, per request
+    import asyncio
+
+    import fake_stages
+    from deploy.runners import GenerationRunner
+    from pipeline.api import AskRequest, AskResult
+
+    runner = GenerationRunner(fake_stages.GenerationStage(None))
+    src = fake_stages.RetrievalStage(None).retrieve(["lru_cache"], 2)[0]
+
+    async def run():
+        return [x async for x in runner.stream(AskRequest(question="SLOW lru_cache", max_tokens=3), src)]
+
+    items = asyncio.run(run())
+    result = items[-1]
+    assert isinstance(result, AskResult) and [x for x in items[:-1]] and result.answer == "".join(items[:-1])
+    first = result.stats["seconds"]["first_text"]
+    assert 0 <= first < 0.05 + 0.01  # the first text comes before the first 50 ms sleep
+    assert result.stats["seconds"]["generate"] == 0.001  # the stage's own numbers kept
+    runner.close()
+
+
+def test_public_sources_leave_out_token_ids_without_touching_the_source():
+    from deploy.openai_api import public_sources
+    from pipeline.api import Source
+
+    src = Source(id="a", title="t", source="s.rst", score=0.5, text="x", token_ids=[1, 2, 3])
+    assert public_sources([src]) == [{"id": "a", "title": "t", "source": "s.rst", "score": 0.5, "text": "x"}]
+    assert src.token_ids == [1, 2, 3]
+    assert public_sources([Source(id="b", title="t", source="s", score=1.0, text="y")])[0]["id"] == "b"
