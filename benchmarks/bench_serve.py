@@ -3,16 +3,20 @@ throughput on Ray Data, and the memory of the whole local service.
 
     .venv/bin/python benchmarks/bench_serve.py            # writes benchmarks/results/serve.{json,md}
 
-1. Endpoint overhead: the same greedy requests (a) in-process through ``RAGPipeline.answer``
-   and (b) through HTTP streaming and non-streaming on a local Ray Serve; time to first token
-   and total latency side by side, overhead = served - in-process at p50 (target <= 15 ms).
+1. Endpoint overhead: the same greedy requests in-process through ``RAGPipeline.answer`` and
+   through HTTP streaming and non-streaming on a local Ray Serve, interleaved per question.
+   The overhead (target <= 15 ms at p50) is paired per request: client-observed time minus the
+   time the Retriever and Generator replicas report for that request's pipeline work (for time
+   to first token: retrieval + the Generator's time to its first text); a per-hop breakdown
+   from the Ingress's timestamps; in-process vs served columns side by side as a cross-check.
 2. Batch throughput (questions/s, tokens/s) of ``specrag batch``'s Ray Data path at
-   concurrency 1 and 2; start-up (Ray, actors, model loading) reported apart.
+   concurrency 1 and 2; start-up (Ray, actors, model loading) reported apart (--skip-batch
+   keeps the previous numbers).
 3. Memory: proportional set size (PSS, shared pages split fairly) of every Ray process of the
    running service, summed (target < 4 GB); RSS sum as well (an over-count).
 
-Phases run one after the other (the in-process pipeline is freed before Ray starts) so they do
-not compete for the CPU. Not a timed test.
+The in-process pipeline sits in the driver beside the running service; only one of them
+computes at any moment. Not a timed test.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import gc
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -69,46 +74,32 @@ def build_index(index_dir: Path, corpus: str) -> None:
                    check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
-def bench_in_process(index_dir: Path, questions: list[str], max_tokens: int) -> tuple[dict, list[str]]:
+def _inprocess_request(pipe, q: str, max_tokens: int) -> tuple[float, float, str, dict]:
     from pipeline.api import AskRequest
-    from pipeline.config import PipelineConfig
-    from pipeline.rag import RAGPipeline
 
+    first: list[float] = []
     t0 = time.perf_counter()
-    pipe = RAGPipeline(PipelineConfig(index_dir=str(index_dir), max_tokens=max_tokens))
-    load_s = time.perf_counter() - t0
-    pipe.answer(AskRequest(question="warm-up question about json", max_tokens=8))
-    ttft, total, answers, tokens, retr = [], [], [], 0, []
-    for q in questions:
-        first: list[float] = []
-        t0 = time.perf_counter()
 
-        def on_text(_delta: str, _t0: float = t0, _first: list[float] = first) -> None:
-            if not _first:
-                _first.append(time.perf_counter() - _t0)
+    def on_text(_delta: str) -> None:
+        if not first:
+            first.append(time.perf_counter() - t0)
 
-        res = pipe.answer(AskRequest(question=q, max_tokens=max_tokens), on_text=on_text)
-        total.append(time.perf_counter() - t0)
-        ttft.append(first[0] if first else total[-1])
-        answers.append(res.answer)
-        tokens += res.completion_tokens
-        retr.append(float((res.stats.get("seconds") or {}).get("retrieval", 0.0)))
-    del pipe
-    gc.collect()
-    return {"load_s": round(load_s, 2), "ttft": summarize(ttft), "total": summarize(total),
-            "completion_tokens": tokens, "retrieval": summarize(retr), "_ttft": ttft, "_total": total,
-            "_retrieval": retr}, answers
+    res = pipe.answer(AskRequest(question=q, max_tokens=max_tokens), on_text=on_text)
+    total = time.perf_counter() - t0
+    return (first[0] if first else total), total, res.answer, dict(res.stats.get("seconds") or {})
 
 
-def _stream_request(url: str, q: str, max_tokens: int) -> tuple[float, float, str]:
-    import httpx
+def _body(q: str, max_tokens: int, stream: bool) -> dict:
+    return {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": q}],
+            "max_tokens": max_tokens, "temperature": 0, "stream": stream}
 
-    body = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": q}],
-            "max_tokens": max_tokens, "temperature": 0, "stream": True}
+
+def _stream_request(client, url: str, q: str, max_tokens: int) -> tuple[float, float, str, dict]:
     t0 = time.perf_counter()
     first = None
-    text = []
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as r:
+    text, seconds = [], {}
+    with client.stream("POST", url + "/v1/chat/completions", json=_body(q, max_tokens, True)) as r:
+        r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -117,8 +108,19 @@ def _stream_request(url: str, q: str, max_tokens: int) -> tuple[float, float, st
                 if first is None:
                     first = time.perf_counter() - t0
                 text.append(chunk["choices"][0]["delta"]["content"])
+            if "metrics" in chunk:
+                seconds = chunk["metrics"]["seconds"]
     total = time.perf_counter() - t0
-    return (first if first is not None else total), total, "".join(text)
+    return (first if first is not None else total), total, "".join(text), seconds
+
+
+def _plain_request(client, url: str, q: str, max_tokens: int) -> tuple[float, str, dict]:
+    t0 = time.perf_counter()
+    r = client.post(url + "/v1/chat/completions", json=_body(q, max_tokens, False))
+    total = time.perf_counter() - t0
+    r.raise_for_status()
+    body = r.json()
+    return total, body["choices"][0]["message"]["content"], body["metrics"]["seconds"]
 
 
 def ray_memory() -> dict[str, float]:
@@ -144,15 +146,27 @@ def ray_memory() -> dict[str, float]:
             "driver_pss_mb": round(driver.pss / 2**20, 1), "top_by_name_pss_mb": top}
 
 
-def bench_served(index_dir: Path, questions: list[str], max_tokens: int, torch_threads: int) -> tuple[dict, list[str]]:
+def bench_endpoint(index_dir: Path, questions: list[str], max_tokens: int) -> dict:
+    """The same requests in-process and over HTTP (streaming and not), interleaved per question
+    so drifting machine load hits all three alike. The in-process pipeline lives in this
+    driver next to the running service; one of them computes at a time."""
     import httpx
+    import torch
 
     from deploy import local
     from deploy.config import ServeConfig
+    from pipeline.api import AskRequest
+    from pipeline.config import PipelineConfig
+    from pipeline.rag import RAGPipeline
 
+    threads = torch.get_num_threads()
+    t0 = time.perf_counter()
+    pipe = RAGPipeline(PipelineConfig(index_dir=str(index_dir), max_tokens=max_tokens))
+    load_s = time.perf_counter() - t0
+    pipe.answer(AskRequest(question="warm-up question about json", max_tokens=8))
     cfg = ServeConfig.model_validate({
         "pipeline": {"index_dir": str(index_dir), "max_tokens": max_tokens},
-        "torch_threads": torch_threads,
+        "torch_threads": threads,  # same intra-op threads as in-process (Ray would give 1 for 0.5 CPU)
         "generator": {"num_cpus": 0.5}, "retriever": {"num_cpus": 0.25}, "ingress": {"num_cpus": 0.1},
     })
     t0 = time.perf_counter()
@@ -160,30 +174,77 @@ def bench_served(index_dir: Path, questions: list[str], max_tokens: int, torch_t
     url = local.start_service(cfg, port=8765)
     local.wait_healthy(url)
     start_s = time.perf_counter() - t0
-    _stream_request(url, "warm-up question about json", 8)
-    ttft, total, answers = [], [], []
+    client = httpx.Client(timeout=300)  # one keep-alive connection, like an OpenAI client
+    for _ in range(2):
+        _stream_request(client, url, "warm-up question about json", 8)
+        _plain_request(client, url, "warm-up question about json", 8)
+    rows = []
     for q in questions:
-        a, b, text = _stream_request(url, q, max_tokens)
-        ttft.append(a)
-        total.append(b)
-        answers.append(text)
-    plain, inside = [], []
-    for q in questions:
+        ip_ttft, ip_total, ip_text, ip_sec = _inprocess_request(pipe, q, max_tokens)
+        st_ttft, st_total, st_text, st_sec = _stream_request(client, url, q, max_tokens)
+        pl_total, pl_text, pl_sec = _plain_request(client, url, q, max_tokens)
+        rows.append({"question": q, "ip_ttft": ip_ttft, "ip_total": ip_total, "ip_seconds": ip_sec,
+                     "st_ttft": st_ttft, "st_total": st_total, "st_seconds": st_sec,
+                     "pl_total": pl_total, "pl_seconds": pl_sec,
+                     "same_answer": ip_text == st_text == pl_text})
+    models = []
+    for _ in range(20):
         t1 = time.perf_counter()
-        r = httpx.post(url + "/v1/chat/completions", timeout=300, json={
-            "model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": q}],
-            "max_tokens": max_tokens, "temperature": 0})
-        plain.append(time.perf_counter() - t1)
-        r.raise_for_status()
-        # time spent inside the pipeline stages for this very request: the Generator's
-        # GenerationStage.generate plus the Retriever's RetrievalStage.retrieve
-        sec = r.json()["metrics"]["seconds"]
-        inside.append(float(sec["total"]) + float(sec.get("retrieval", 0.0)))
+        client.get(url + "/v1/models").raise_for_status()
+        models.append(time.perf_counter() - t1)
     mem = ray_memory()
+    client.close()
     local.shutdown()
-    return {"start_s": round(start_s, 2), "stream_ttft": summarize(ttft), "stream_total": summarize(total),
-            "nonstream_total": summarize(plain), "memory": mem, "_ttft": ttft, "_total": total,
-            "_plain": plain, "_inside": inside}, answers
+    del pipe
+    gc.collect()
+    return {"load_s": round(load_s, 2), "start_s": round(start_s, 2), "torch_threads": threads,
+            "memory": mem, "rows": rows, "get_models": summarize(models)}
+
+
+def endpoint_summary(d: dict) -> dict:
+    """Side by side, and the serving overhead paired per request: what the client saw minus the
+    time the pipeline stages report for that very request (retrieval in the Retriever replica,
+    generation in the Generator replica) -- the in-process pipeline's work, measured where it
+    ran, so neither machine load nor run-to-run variation of the model's speed enters."""
+    rows = d["rows"]
+
+    def col(f):
+        return [f(r) for r in rows]
+
+    stage = lambda s: float(s["total"]) + float(s.get("retrieval", 0.0))  # noqa: E731
+    out = {
+        "in_process": {"ttft": summarize(col(lambda r: r["ip_ttft"])), "total": summarize(col(lambda r: r["ip_total"])),
+                       "retrieval": summarize(col(lambda r: float(r["ip_seconds"].get("retrieval", 0.0)))),
+                       "generation": summarize(col(lambda r: float(r["ip_seconds"]["total"]) - float(r["ip_seconds"].get("retrieval", 0.0))))},
+        "http_stream": {"ttft": summarize(col(lambda r: r["st_ttft"])), "total": summarize(col(lambda r: r["st_total"]))},
+        "http_plain": {"total": summarize(col(lambda r: r["pl_total"])),
+                       "retrieval": summarize(col(lambda r: float(r["pl_seconds"]["retrieval"]))),
+                       "generation": summarize(col(lambda r: float(r["pl_seconds"]["total"])))},
+        "paired_overhead": {
+            "ttft_stream": summarize(col(lambda r: r["st_ttft"] - float(r["st_seconds"]["retrieval"])
+                                         - float(r["st_seconds"]["first_text"]))),
+            "total_stream": summarize(col(lambda r: r["st_total"] - stage(r["st_seconds"]))),
+            "total_plain": summarize(col(lambda r: r["pl_total"] - stage(r["pl_seconds"]))),
+        },
+        # where the non-streaming overhead goes, per hop (medians)
+        "hops_plain": {
+            "client_to_ingress_and_back": summarize(col(lambda r: r["pl_total"] - float(r["pl_seconds"]["total_endpoint"]))),
+            "ingress_to_retriever_and_back": summarize(col(lambda r: float(r["pl_seconds"]["retrieve_endpoint"]) - float(r["pl_seconds"]["retrieval"]))),
+            "ingress_to_generator_and_back": summarize(col(lambda r: float(r["pl_seconds"]["total_endpoint"]) - float(r["pl_seconds"]["retrieve_endpoint"]) - float(r["pl_seconds"]["total"]))),
+        },
+        # direct differences, same question, served - in-process: carry the model's own
+        # run-to-run variation (seconds of generation on a shared CPU), so only a cross-check
+        "direct_difference": {
+            "ttft_stream": summarize(col(lambda r: r["st_ttft"] - r["ip_ttft"])),
+            "total_stream": summarize(col(lambda r: r["st_total"] - r["ip_total"])),
+            "total_plain": summarize(col(lambda r: r["pl_total"] - r["ip_total"])),
+        },
+        "get_models": d["get_models"],
+        "answers_identical": all(r["same_answer"] for r in rows),
+    }
+    out["meets_target"] = out["paired_overhead"]["total_plain"]["p50_ms"] <= 15.0 and \
+        out["paired_overhead"]["ttft_stream"]["p50_ms"] <= 15.0
+    return out
 
 
 def bench_batch(index_dir: Path, n: int, max_tokens: int, concurrency: int) -> dict:
@@ -210,33 +271,64 @@ def bench_batch(index_dir: Path, n: int, max_tokens: int, concurrency: int) -> d
 
 
 def markdown(res: dict) -> str:
-    ip, sv = res["in_process"], res["served"]
+    e = res["endpoint"]
+    ip, st, pl, po, hops, dd = (e["in_process"], e["http_stream"], e["http_plain"], e["paired_overhead"],
+                                e["hops_plain"], e["direct_difference"])
+
+    def ms(d: dict, q: str = "p50_ms") -> str:
+        return f"{d[q]} ms"
+
     lines = [
         "# Serving benchmark (Ray Serve + HTTP vs in-process)", "",
         f"Machine: {res['machine']}. Model {res['model']}, greedy, max_tokens={res['max_tokens']}, "
-        f"{res['requests']} sequential requests (one warm-up not counted), index `{res['corpus']}`.", "",
+        f"{res['requests']} questions, each asked in-process, over HTTP streaming and over HTTP non-streaming "
+        f"in turn (interleaved, two warm-ups not counted), index `{res['corpus']}`. Torch threads: "
+        f"{res['endpoint_raw']['torch_threads']} in-process and in the Generator replica.", "",
+        f"Command: `{res['command']}`", "",
+        f"Load average (1, 5, 15 min) at start {res['load_average_at_start']}, at end "
+        f"{res['load_average_at_end']}. {res.get('load_note', '')}", "",
         "## Endpoint overhead", "",
-        "| | in-process | HTTP streaming | HTTP non-streaming | overhead (p50) |",
-        "|---|---|---|---|---|",
-        f"| time to first token p50 | {ip['ttft']['p50_ms']} ms | {sv['stream_ttft']['p50_ms']} ms | – | "
-        f"{res['overhead']['ttft_p50_ms']} ms |",
-        f"| time to first token p90 | {ip['ttft']['p90_ms']} ms | {sv['stream_ttft']['p90_ms']} ms | – | |",
-        f"| total latency p50 | {ip['total']['p50_ms']} ms | {sv['stream_total']['p50_ms']} ms | "
-        f"{sv['nonstream_total']['p50_ms']} ms | {res['overhead']['total_p50_ms']} ms (stream), "
-        f"{res['overhead']['nonstream_total_p50_ms']} ms (non-stream) |",
-        f"| total latency p90 | {ip['total']['p90_ms']} ms | {sv['stream_total']['p90_ms']} ms | "
-        f"{sv['nonstream_total']['p90_ms']} ms | |",
+        "**Serving overhead, paired per request**: what the client saw minus the time the pipeline stages "
+        "report for that very request (retrieval inside the Retriever replica + generation inside the "
+        "Generator replica; for time to first token, the Generator's own time to its first text). That is "
+        "the in-process pipeline's work measured where it ran, so the difference is what Ray Serve, the "
+        "deployment hops and HTTP add, free of the model's run-to-run variation.", "",
+        "| paired overhead | p50 | p90 | mean |", "|---|---|---|---|",
+        f"| time to first token (streaming) | {ms(po['ttft_stream'])} | {ms(po['ttft_stream'], 'p90_ms')} | {ms(po['ttft_stream'], 'mean_ms')} |",
+        f"| total latency, streaming | {ms(po['total_stream'])} | {ms(po['total_stream'], 'p90_ms')} | {ms(po['total_stream'], 'mean_ms')} |",
+        f"| total latency, non-streaming | {ms(po['total_plain'])} | {ms(po['total_plain'], 'p90_ms')} | {ms(po['total_plain'], 'mean_ms')} |",
         "",
-        f"**Serving overhead, paired per request** (client-observed total − time the Retriever and "
-        f"Generator stages report for that same request): p50 {res['overhead']['serving_overhead_paired_p50_ms']} ms, "
-        f"p90 {res['overhead']['serving_overhead_paired_p90_ms']} ms. Target ≤ 15 ms at p50 — "
-        f"**{'met' if res['overhead']['meets_target'] else 'not met'}**. The side-by-side columns above are "
-        f"separate runs and carry the machine's run-to-run noise (paired median of the streamed-total "
-        f"differences: {res['overhead']['paired_total_median_ms']} ms). "
-        f"Streamed answers identical to in-process: **{res['answers_identical']}**.",
-        f"Service start (Ray + 3 deployments + models): {sv['start_s']} s; in-process pipeline load: {ip['load_s']} s.",
+        f"Target ≤ 15 ms at p50 — **{'met' if e['meets_target'] else 'not met'}**.", "",
+        "Where the non-streaming overhead goes (p50 per hop, from the timestamps the Ingress reports):", "",
+        "| hop | p50 | p90 |", "|---|---|---|",
+        f"| client → HTTP proxy → Ingress (request body, FastAPI, response) and back | {ms(hops['client_to_ingress_and_back'])} | {ms(hops['client_to_ingress_and_back'], 'p90_ms')} |",
+        f"| Ingress → Retriever replica and back (beyond its retrieval) | {ms(hops['ingress_to_retriever_and_back'])} | {ms(hops['ingress_to_retriever_and_back'], 'p90_ms')} |",
+        f"| Ingress → Generator replica and back (beyond its generation) | {ms(hops['ingress_to_generator_and_back'])} | {ms(hops['ingress_to_generator_and_back'], 'p90_ms')} |",
+        f"| for scale: `GET /v1/models` (proxy + Ingress only, no body, no deployment call) | {ms(e['get_models'])} | {ms(e['get_models'], 'p90_ms')} |",
+        "",
+        "Side by side (same questions; the served columns' stage times are what the replicas report):", "",
+        "| | in-process | HTTP streaming | HTTP non-streaming |", "|---|---|---|---|",
+        f"| time to first token p50 | {ms(ip['ttft'])} | {ms(st['ttft'])} | – |",
+        f"| time to first token p90 | {ms(ip['ttft'], 'p90_ms')} | {ms(st['ttft'], 'p90_ms')} | – |",
+        f"| total latency p50 | {ms(ip['total'])} | {ms(st['total'])} | {ms(pl['total'])} |",
+        f"| total latency p90 | {ms(ip['total'], 'p90_ms')} | {ms(st['total'], 'p90_ms')} | {ms(pl['total'], 'p90_ms')} |",
+        f"| retrieval stage p50 | {ms(ip['retrieval'])} | – | {ms(pl['retrieval'])} |",
+        f"| generation stage p50 | {ms(ip['generation'])} | – | {ms(pl['generation'])} |",
+        "",
+        f"Direct differences, served − in-process on the same question (p50): time to first token "
+        f"{ms(dd['ttft_stream'])}, total {ms(dd['total_stream'])} streaming, {ms(dd['total_plain'])} "
+        f"non-streaming. These carry the model's own run-to-run variation on a shared 2-core CPU "
+        f"(p90 − p50 of the in-process total alone: {round(ip['total']['p90_ms'] - ip['total']['p50_ms'], 2)} ms), "
+        f"so they cross-check the sign and size, not the milliseconds.", "",
+        f"Answers identical in-process, streamed and non-streamed: **{e['answers_identical']}**.",
+        f"Service start (Ray + 3 deployments + models): {res['endpoint_raw']['start_s']} s; in-process pipeline load: "
+        f"{res['endpoint_raw']['load_s']} s.",
         "",
         "## Batch throughput (`specrag batch`, Ray Data actor pool)", "",
+    ]
+    if res.get("batch_note"):
+        lines += [res["batch_note"], ""]
+    lines += [
         "| concurrency | questions | answered | steady questions/s | steady tokens/s | overall questions/s | start-up s | mean accepted tokens/forward |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -244,19 +336,15 @@ def markdown(res: dict) -> str:
         lines.append(f"| {c} | {res['batch_questions']} | {b['answered']} | {b['steady_questions_per_s']} | "
                      f"{b['steady_tokens_per_s']} | {b['questions_per_s']} | {b['startup_seconds']} | "
                      f"{b['mean_accepted_tokens_per_forward']} |")
-    m = sv["memory"]
+    m = res["endpoint_raw"]["memory"]
     lines += [
         "", "## Memory of the local service", "",
         f"All {m['processes']} Ray processes (GCS, raylet, Serve controller and proxy, 3 replicas, idle workers) "
         f"together: **{m['pss_mb']} MB PSS** ({m['rss_mb']} MB RSS summed, which double-counts shared pages); "
         f"target < 4096 MB — **{'met' if m['pss_mb'] < 4096 else 'not met'}**. "
-        f"The driver itself: {m['driver_pss_mb']} MB.", "",
+        f"The driver itself (which also holds the in-process pipeline here): {m['driver_pss_mb']} MB.", "",
         "Largest by process name (PSS, MB): " + ", ".join(f"{k} {v}" for k, v in m["top_by_name_pss_mb"].items()),
-        "", f"Load average (1, 5, 15 min) at start {res['load_average_at_start']}, at end "
-        f"{res['load_average_at_end']}: other work on the machine inflates every number here.",
-        "", "Notes: on this CPU-only machine every phase shares 2 cores; the overhead is Ray Serve's proxy "
-        "-> ingress -> retriever -> generator hops plus SSE framing, measured against the same pipeline "
-        "called in-process.", "",
+        "",
     ]
     return "\n".join(lines)
 
@@ -265,9 +353,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", default="python-docs:functools,json,textwrap,pathlib")
     ap.add_argument("--index", type=Path, help="index dir (default: built under the cache)")
-    ap.add_argument("--requests", type=int, default=10)
+    ap.add_argument("--requests", type=int, default=20)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--batch-questions", type=int, default=16)
+    ap.add_argument("--skip-batch", action="store_true",
+                    help="measure endpoint overhead and memory only; keep the batch numbers of the previous results")
+    ap.add_argument("--load-note", default="", help="a sentence on what else ran on the machine")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -282,38 +373,32 @@ def main() -> int:
     threads = torch.get_num_threads()
     load_start = [round(x, 2) for x in os.getloadavg()]
 
-    print("in-process ...", file=sys.stderr, flush=True)
-    ip, ip_answers = bench_in_process(index_dir, questions, args.max_tokens)
-    print("served ...", file=sys.stderr, flush=True)
-    sv, sv_answers = bench_served(index_dir, questions, args.max_tokens, threads)
-    paired = [b - a for a, b in zip(ip["_total"], sv["_total"])]
-    overhead = {
-        "ttft_p50_ms": round(sv["stream_ttft"]["p50_ms"] - ip["ttft"]["p50_ms"], 2),
-        "total_p50_ms": round(sv["stream_total"]["p50_ms"] - ip["total"]["p50_ms"], 2),
-        "nonstream_total_p50_ms": round(sv["nonstream_total"]["p50_ms"] - ip["total"]["p50_ms"], 2),
-        "paired_total_median_ms": round(statistics.median(paired) * 1000, 2),
-    }
-    # Paired and robust to machine load: per request, client-observed total minus the time spent
-    # inside the pipeline stages for that very request (Retriever + Generator, as they report it).
-    per_request = [p - g for p, g in zip(sv["_plain"], sv["_inside"])]
-    overhead["serving_overhead_paired_p50_ms"] = round(statistics.median(per_request) * 1000, 2)
-    overhead["serving_overhead_paired_p90_ms"] = round(pct(per_request, 0.9) * 1000, 2)
-    overhead["meets_target"] = overhead["serving_overhead_paired_p50_ms"] <= 15.0
-    batch = {}
-    for c in (1, 2):
-        print(f"batch, concurrency {c} ...", file=sys.stderr, flush=True)
-        batch[str(c)] = bench_batch(index_dir, args.batch_questions, args.max_tokens, c)
-    for d in (ip, sv):
-        for k in [k for k in d if k.startswith("_")]:
-            d.pop(k)
+    print("endpoint: in-process and HTTP, interleaved ...", file=sys.stderr, flush=True)
+    raw = bench_endpoint(index_dir, questions, args.max_tokens)
+    endpoint = endpoint_summary(raw)
+    previous = args.out / "serve.json"
+    batch, batch_note = {}, ""
+    if args.skip_batch:
+        if previous.exists():
+            old = json.loads(previous.read_text())
+            batch = old.get("batch", {})
+            batch_note = old.get("batch_note") or (
+                f"Not re-measured in this run (--skip-batch): numbers from the previous run "
+                f"(load average then {old.get('load_average_at_start')}).")
+    else:
+        for c in (1, 2):
+            print(f"batch, concurrency {c} ...", file=sys.stderr, flush=True)
+            batch[str(c)] = bench_batch(index_dir, args.batch_questions, args.max_tokens, c)
     res = {
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "load_average_at_start": load_start,
+        "load_note": args.load_note,
+        "command": "python benchmarks/bench_serve.py " + shlex.join(sys.argv[1:]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {threads}",
         "model": "smollm2-135m-instruct", "corpus": args.corpus, "requests": len(questions),
-        "max_tokens": args.max_tokens, "batch_questions": args.batch_questions,
-        "in_process": ip, "served": sv, "overhead": overhead,
-        "answers_identical": ip_answers == sv_answers, "batch": batch,
+        "max_tokens": args.max_tokens, "batch_questions": args.batch_questions if not args.skip_batch else
+        (json.loads(previous.read_text()).get("batch_questions") if previous.exists() else 0),
+        "endpoint": endpoint, "endpoint_raw": raw, "batch": batch, "batch_note": batch_note,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve.json").write_text(json.dumps(res, indent=2) + "\n")
