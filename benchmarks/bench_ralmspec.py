@@ -328,8 +328,9 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any], diffs: list[dict[str
         f"mode order rotated per question; order {c.get('order', 'question')}-major." + ("" if meta["finished"] else " **(run not finished: partial results)**")
         + (f" {meta['stopped_early']}." if meta.get("stopped_early") else "")
         + (f" Earlier run: {meta['earlier_stopped_early']}." if meta.get("earlier_stopped_early") else "")
-        + (f" Results of {', '.join(meta['appended_to']['retrievers'])} come from an earlier run of the same "
-           "script on the same index (see the command)." if meta.get("appended_to") else ""),
+        + (" Questions measured by earlier runs of the same script on the same corpus (see the command), "
+           "merged in: " + ", ".join(f"{k} {v}" for k, v in meta["appended_to"]["questions_from_earlier_runs"].items())
+           + "." if meta.get("appended_to", {}).get("questions_from_earlier_runs") else ""),
         "Deviations from the issue's benchmark spec: " + "; ".join(meta["spec_deviations"]) + "."
         if meta["spec_deviations"] else "Config as the issue specifies.",
         "",
@@ -415,15 +416,24 @@ def run_benchmark(args: argparse.Namespace) -> None:
             one("How do I warm up?", retriever, mode, max_tokens=12)
 
     runs: list[dict[str, Any]] = []
+    done_pairs: set[tuple[str, int]] = set()
     if args.append and (RESULTS / "ralmspec.json").exists():
-        # keep an earlier run's retrievers (e.g. flat run alone first), replace the ones run now
+        # keep an earlier run's retrievers (e.g. flat run alone first), replace the ones run now --
+        # except, with --resume, the (retriever, question) pairs it already measured in every mode
         old = json.loads((RESULTS / "ralmspec.json").read_text())
-        runs = [r for r in old["runs"] if r["retriever"] not in retrievers]
+        if args.resume:
+            have: dict[tuple[str, int], set[str]] = {}
+            for r in old["runs"]:
+                have.setdefault((r["retriever"], r["q"]), set()).add(r["mode"])
+            done_pairs = {k for k, v in have.items() if k[0] in retrievers and set(modes) <= v}
+        runs = [r for r in old["runs"] if r["retriever"] not in retrievers or (r["retriever"], r["q"]) in done_pairs]
         kept = sorted({r["retriever"] for r in runs})
         meta["command"] = old["meta"]["command"] + " && " + meta["command"]
         meta["load_average_samples"] = old["meta"].get("load_average_samples", []) + meta["load_average_samples"]
-        meta["config"]["retrievers"] = kept + retrievers
-        meta["appended_to"] = {"retrievers": kept, "elapsed_s": old["meta"].get("elapsed_s")}
+        meta["config"]["retrievers"] = [r for r in RETRIEVERS if r in kept or r in retrievers]
+        meta["appended_to"] = dict(old["meta"].get("appended_to") or {}, elapsed_s=old["meta"].get("elapsed_s"))
+        earlier = {r["retriever"]: len({x["q"] for x in runs if x["retriever"] == r["retriever"]}) for r in runs}
+        meta["appended_to"]["questions_from_earlier_runs"] = earlier
         if old["meta"].get("stopped_early"):
             meta["earlier_stopped_early"] = old["meta"]["stopped_early"]
     t_start = time.perf_counter()
@@ -436,15 +446,20 @@ def run_benchmark(args: argparse.Namespace) -> None:
         plan = [(qi, [r]) for r in retrievers for qi in range(len(questions))]
     share = args.time_budget_s / (1 if args.order == "question" else len(retrievers))
     t_group: dict[str, float] = {}
+    n_group: dict[str, int] = {}
     skipped: dict[str, int] = {}
     for qi, group in plan:
         question = questions[qi]
+        group = [r for r in group if (r, qi) not in done_pairs]
+        if not group:
+            continue
         key = "all" if args.order == "question" else group[0]
         t_group.setdefault(key, time.perf_counter())
-        elapsed = time.perf_counter() - t_group[key]
-        if args.time_budget_s and qi and elapsed + elapsed / qi > share:
+        elapsed, n = time.perf_counter() - t_group[key], n_group.get(key, 0)
+        if args.time_budget_s and n and elapsed + elapsed / n > share:
             skipped[key] = skipped.get(key, 0) + 1
             continue
+        n_group[key] = n + 1
         meta["load_average_samples"].append(round(os.getloadavg()[0], 2))
         for retriever in group:
             # baseline first (the reference), the others rotated so each takes every slot in turn
@@ -515,6 +530,9 @@ def main() -> None:
     ru.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ru.add_argument("--append", action="store_true",
                     help="merge into the existing results: keep its runs of the retrievers not run now")
+    ru.add_argument("--resume", action="store_true",
+                    help="with --append: keep the (retriever, question) pairs already measured in every mode "
+                         "and run only the rest")
     ru.add_argument("--order", choices=["question", "retriever"], default="question",
                     help="question-major (interleaved, default) or retriever-major (each retriever's questions in a row)")
     ru.add_argument("--deviation", action="append", help="a deviation from the issue's spec, recorded in the results")
