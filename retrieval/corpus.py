@@ -385,6 +385,22 @@ def module_documents(modname: str, module: object, seen: set[tuple[str, str]] | 
     return [d for d in docs + classes if len(d.text.split()) > 3]
 
 
+def _import_submodules(name: str, package: object) -> None:
+    """Import a package's public submodules before documenting it.
+
+    Importing ``curses.has_key`` replaces the function ``curses.has_key`` with the submodule, so
+    without this a package's document would depend on what the process imported earlier (a
+    second ingest in the same process saw a different ``curses`` and re-chunked it).
+    """
+    path = getattr(package, "__path__", None)
+    if path is None:
+        return
+    for info in pkgutil.iter_modules(list(path)):
+        sub = f"{name}.{info.name}"
+        if not _excluded(sub) and sub.split(".")[0] not in SIDE_EFFECT_MODULES:
+            _safe_import(sub)
+
+
 def iter_python_docs(modules: Iterable[str] | None = None) -> Iterator[tuple[str, list[Document] | None]]:
     """(module name, its documents or None when the import failed), sorted by module name.
 
@@ -404,6 +420,7 @@ def iter_python_docs(modules: Iterable[str] | None = None) -> Iterator[tuple[str
         if module is None:
             yield name, None
             continue
+        _import_submodules(name, module)
         try:
             docs = module_documents(name, module, seen)
         except Exception as exc:  # noqa: BLE001 -- odd modules must not stop the corpus

@@ -127,3 +127,25 @@ def test_whole_python_docs_corpus_is_identical_across_processes(tmp_path):
         assert out.returncode == 0, out.stderr[-2000:]
         digests.append(out.stdout.strip().splitlines()[-1])
     assert digests[0] == digests[1]
+
+
+def test_python_docs_do_not_depend_on_what_was_imported_before(tmp_path, monkeypatch):
+    """A submodule that shadows a package attribute (``curses.has_key``) once imported must not
+    make a second pass in the same process see a different package."""
+    pkg = tmp_path / "shadowpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text('"""A package whose function shares its name with a submodule."""\n'
+                                     "def helper(x):\n    \"\"\"Help with x.\"\"\"\n\n"
+                                     "def other(y):\n    \"\"\"Other things with y.\"\"\"\n")
+    (pkg / "helper.py").write_text('"""The helper submodule."""\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for mod in [m for m in sys.modules if m == "shadowpkg" or m.startswith("shadowpkg.")]:
+        monkeypatch.delitem(sys.modules, mod)
+
+    def texts():
+        return {d.doc_key: d.text for _, docs in iter_python_docs(["shadowpkg"]) for d in docs or []}
+
+    first = texts()
+    import shadowpkg.helper  # noqa: F401 -- what an earlier ingest or another module would do
+    assert texts() == first
+    assert "shadowpkg.other(y)" in first["python-docs:shadowpkg"]
