@@ -4,7 +4,8 @@ throughput on Ray Data, and the memory of the whole local service.
     .venv/bin/python benchmarks/bench_serve.py            # writes benchmarks/results/serve.{json,md}
 
 1. Endpoint overhead: the same greedy requests in-process through ``RAGPipeline.answer`` and
-   through HTTP streaming and non-streaming on a local Ray Serve, interleaved per question.
+   through HTTP streaming and non-streaming on a local Ray Serve, interleaved per question,
+   both straight to the Ingress replica (direct ingress) and through Serve's HTTP proxy.
    The overhead (target <= 15 ms at p50) is paired per request: client-observed time minus the
    time the Retriever and Generator replicas report for that request's pipeline work (for time
    to first token: retrieval + the Generator's time to its first text); a per-hop breakdown
@@ -170,35 +171,45 @@ def bench_endpoint(index_dir: Path, questions: list[str], max_tokens: int) -> di
         "generator": {"num_cpus": 0.5}, "retriever": {"num_cpus": 0.25}, "ingress": {"num_cpus": 0.1},
     })
     t0 = time.perf_counter()
-    local.init_ray(num_cpus=2, log_to_driver=False)
-    url = local.start_service(cfg, port=8765)
-    local.wait_healthy(url)
+    local.init_ray(num_cpus=2, log_to_driver=False, direct_ingress_port=8766)
+    urls = {"proxy": local.start_service(cfg, port=8765)}
+    local.wait_healthy(urls["proxy"])
+    direct = local.direct_url("127.0.0.1", 8766)
+    if direct is None:
+        raise SystemExit("the Ingress replica does not answer on its direct ingress port 8766")
+    urls["direct"] = direct
     start_s = time.perf_counter() - t0
-    client = httpx.Client(timeout=300)  # one keep-alive connection, like an OpenAI client
+    client = httpx.Client(timeout=300)  # one keep-alive connection per host, like an OpenAI client
     for _ in range(2):
-        _stream_request(client, url, "warm-up question about json", 8)
-        _plain_request(client, url, "warm-up question about json", 8)
+        for url in urls.values():
+            _stream_request(client, url, "warm-up question about json", 8)
+            _plain_request(client, url, "warm-up question about json", 8)
     rows = []
     for q in questions:
         ip_ttft, ip_total, ip_text, ip_sec = _inprocess_request(pipe, q, max_tokens)
-        st_ttft, st_total, st_text, st_sec = _stream_request(client, url, q, max_tokens)
-        pl_total, pl_text, pl_sec = _plain_request(client, url, q, max_tokens)
-        rows.append({"question": q, "ip_ttft": ip_ttft, "ip_total": ip_total, "ip_seconds": ip_sec,
-                     "st_ttft": st_ttft, "st_total": st_total, "st_seconds": st_sec,
-                     "pl_total": pl_total, "pl_seconds": pl_sec,
-                     "same_answer": ip_text == st_text == pl_text})
-    models = []
+        row = {"question": q, "ip_ttft": ip_ttft, "ip_total": ip_total, "ip_seconds": ip_sec}
+        texts = [ip_text]
+        for path, url in urls.items():
+            st_ttft, st_total, st_text, st_sec = _stream_request(client, url, q, max_tokens)
+            pl_total, pl_text, pl_sec = _plain_request(client, url, q, max_tokens)
+            row[path] = {"st_ttft": st_ttft, "st_total": st_total, "st_seconds": st_sec,
+                         "pl_total": pl_total, "pl_seconds": pl_sec}
+            texts += [st_text, pl_text]
+        row["same_answer"] = len(set(texts)) == 1
+        rows.append(row)
+    models: dict[str, list[float]] = {path: [] for path in urls}
     for _ in range(20):
-        t1 = time.perf_counter()
-        client.get(url + "/v1/models").raise_for_status()
-        models.append(time.perf_counter() - t1)
+        for path, url in urls.items():
+            t1 = time.perf_counter()
+            client.get(url + "/v1/models").raise_for_status()
+            models[path].append(time.perf_counter() - t1)
     mem = ray_memory()
     client.close()
     local.shutdown()
     del pipe
     gc.collect()
     return {"load_s": round(load_s, 2), "start_s": round(start_s, 2), "torch_threads": threads,
-            "memory": mem, "rows": rows, "get_models": summarize(models)}
+            "memory": mem, "rows": rows, "get_models": {path: summarize(xs) for path, xs in models.items()}}
 
 
 def endpoint_summary(d: dict) -> dict:
@@ -216,34 +227,40 @@ def endpoint_summary(d: dict) -> dict:
         "in_process": {"ttft": summarize(col(lambda r: r["ip_ttft"])), "total": summarize(col(lambda r: r["ip_total"])),
                        "retrieval": summarize(col(lambda r: float(r["ip_seconds"].get("retrieval", 0.0)))),
                        "generation": summarize(col(lambda r: float(r["ip_seconds"]["total"]) - float(r["ip_seconds"].get("retrieval", 0.0))))},
-        "http_stream": {"ttft": summarize(col(lambda r: r["st_ttft"])), "total": summarize(col(lambda r: r["st_total"]))},
-        "http_plain": {"total": summarize(col(lambda r: r["pl_total"])),
-                       "retrieval": summarize(col(lambda r: float(r["pl_seconds"]["retrieval"]))),
-                       "generation": summarize(col(lambda r: float(r["pl_seconds"]["total"])))},
-        "paired_overhead": {
-            "ttft_stream": summarize(col(lambda r: r["st_ttft"] - float(r["st_seconds"]["retrieval"])
-                                         - float(r["st_seconds"]["first_text"]))),
-            "total_stream": summarize(col(lambda r: r["st_total"] - stage(r["st_seconds"]))),
-            "total_plain": summarize(col(lambda r: r["pl_total"] - stage(r["pl_seconds"]))),
-        },
-        # where the non-streaming overhead goes, per hop (medians)
-        "hops_plain": {
-            "client_to_ingress_and_back": summarize(col(lambda r: r["pl_total"] - float(r["pl_seconds"]["total_endpoint"]))),
-            "ingress_to_retriever_and_back": summarize(col(lambda r: float(r["pl_seconds"]["retrieve_endpoint"]) - float(r["pl_seconds"]["retrieval"]))),
-            "ingress_to_generator_and_back": summarize(col(lambda r: float(r["pl_seconds"]["total_endpoint"]) - float(r["pl_seconds"]["retrieve_endpoint"]) - float(r["pl_seconds"]["total"]))),
-        },
-        # direct differences, same question, served - in-process: carry the model's own
-        # run-to-run variation (seconds of generation on a shared CPU), so only a cross-check
-        "direct_difference": {
-            "ttft_stream": summarize(col(lambda r: r["st_ttft"] - r["ip_ttft"])),
-            "total_stream": summarize(col(lambda r: r["st_total"] - r["ip_total"])),
-            "total_plain": summarize(col(lambda r: r["pl_total"] - r["ip_total"])),
-        },
-        "get_models": d["get_models"],
         "answers_identical": all(r["same_answer"] for r in rows),
     }
-    out["meets_target"] = out["paired_overhead"]["total_plain"]["p50_ms"] <= 15.0 and \
-        out["paired_overhead"]["ttft_stream"]["p50_ms"] <= 15.0
+    for path in ("direct", "proxy"):
+        def pc(f, path=path):
+            return col(lambda r: f(r[path]))
+
+        out[path] = {
+            "http_stream": {"ttft": summarize(pc(lambda r: r["st_ttft"])), "total": summarize(pc(lambda r: r["st_total"]))},
+            "http_plain": {"total": summarize(pc(lambda r: r["pl_total"])),
+                           "retrieval": summarize(pc(lambda r: float(r["pl_seconds"]["retrieval"]))),
+                           "generation": summarize(pc(lambda r: float(r["pl_seconds"]["total"])))},
+            "paired_overhead": {
+                "ttft_stream": summarize(pc(lambda r: r["st_ttft"] - float(r["st_seconds"]["retrieval"])
+                                            - float(r["st_seconds"]["first_text"]))),
+                "total_stream": summarize(pc(lambda r: r["st_total"] - stage(r["st_seconds"]))),
+                "total_plain": summarize(pc(lambda r: r["pl_total"] - stage(r["pl_seconds"]))),
+            },
+            # where the non-streaming overhead goes, per hop (medians)
+            "hops_plain": {
+                "client_to_ingress_and_back": summarize(pc(lambda r: r["pl_total"] - float(r["pl_seconds"]["total_endpoint"]))),
+                "ingress_to_retriever_and_back": summarize(pc(lambda r: float(r["pl_seconds"]["retrieve_endpoint"]) - float(r["pl_seconds"]["retrieval"]))),
+                "ingress_to_generator_and_back": summarize(pc(lambda r: float(r["pl_seconds"]["total_endpoint"]) - float(r["pl_seconds"]["retrieve_endpoint"]) - float(r["pl_seconds"]["total"]))),
+            },
+            # direct differences, same question, served - in-process: carry the model's own
+            # run-to-run variation (seconds of generation on a shared CPU), so only a cross-check
+            "direct_difference": {
+                "ttft_stream": summarize(col(lambda r: r[path]["st_ttft"] - r["ip_ttft"])),
+                "total_stream": summarize(col(lambda r: r[path]["st_total"] - r["ip_total"])),
+                "total_plain": summarize(col(lambda r: r[path]["pl_total"] - r["ip_total"])),
+            },
+            "get_models": d["get_models"][path],
+        }
+        po = out[path]["paired_overhead"]
+        out[path]["meets_target"] = po["total_plain"]["p50_ms"] <= 15.0 and po["ttft_stream"]["p50_ms"] <= 15.0
     return out
 
 
@@ -272,18 +289,22 @@ def bench_batch(index_dir: Path, n: int, max_tokens: int, concurrency: int) -> d
 
 def markdown(res: dict) -> str:
     e = res["endpoint"]
-    ip, st, pl, po, hops, dd = (e["in_process"], e["http_stream"], e["http_plain"], e["paired_overhead"],
-                                e["hops_plain"], e["direct_difference"])
+    ip, dr, px = e["in_process"], e["direct"], e["proxy"]
 
     def ms(d: dict, q: str = "p50_ms") -> str:
         return f"{d[q]} ms"
 
+    def both(f, q: str = "p50_ms") -> str:
+        return f"{ms(f(dr), q)} | {ms(f(px), q)}"
+
     lines = [
         "# Serving benchmark (Ray Serve + HTTP vs in-process)", "",
         f"Machine: {res['machine']}. Model {res['model']}, greedy, max_tokens={res['max_tokens']}, "
-        f"{res['requests']} questions, each asked in-process, over HTTP streaming and over HTTP non-streaming "
-        f"in turn (interleaved, two warm-ups not counted), index `{res['corpus']}`. Torch threads: "
-        f"{res['endpoint_raw']['torch_threads']} in-process and in the Generator replica.", "",
+        f"{res['requests']} questions, each asked in-process, then over HTTP streaming and non-streaming "
+        f"straight to the Ingress replica (Ray Serve's direct ingress, the URL `specrag serve` prints first) "
+        f"and the same through Serve's HTTP proxy (interleaved, two warm-ups not counted), index "
+        f"`{res['corpus']}`. Torch threads: {res['endpoint_raw']['torch_threads']} in-process and in the "
+        f"Generator replica.", "",
         f"Command: `{res['command']}`", "",
         f"Load average (1, 5, 15 min) at start {res['load_average_at_start']}, at end "
         f"{res['load_average_at_end']}. {res.get('load_note', '')}", "",
@@ -293,34 +314,45 @@ def markdown(res: dict) -> str:
         "Generator replica; for time to first token, the Generator's own time to its first text). That is "
         "the in-process pipeline's work measured where it ran, so the difference is what Ray Serve, the "
         "deployment hops and HTTP add, free of the model's run-to-run variation.", "",
-        "| paired overhead | p50 | p90 | mean |", "|---|---|---|---|",
-        f"| time to first token (streaming) | {ms(po['ttft_stream'])} | {ms(po['ttft_stream'], 'p90_ms')} | {ms(po['ttft_stream'], 'mean_ms')} |",
-        f"| total latency, streaming | {ms(po['total_stream'])} | {ms(po['total_stream'], 'p90_ms')} | {ms(po['total_stream'], 'mean_ms')} |",
-        f"| total latency, non-streaming | {ms(po['total_plain'])} | {ms(po['total_plain'], 'p90_ms')} | {ms(po['total_plain'], 'mean_ms')} |",
+        "| paired overhead | direct p50 | via proxy p50 | direct p90 | via proxy p90 |", "|---|---|---|---|---|",
+    ]
+    for label, key in (("time to first token (streaming)", "ttft_stream"), ("total latency, streaming", "total_stream"),
+                       ("total latency, non-streaming", "total_plain")):
+        lines.append(f"| {label} | {both(lambda p: p['paired_overhead'][key])} | "
+                     f"{both(lambda p: p['paired_overhead'][key], 'p90_ms')} |")
+    lines += [
         "",
-        f"Target ≤ 15 ms at p50 — **{'met' if e['meets_target'] else 'not met'}**.", "",
+        f"Target ≤ 15 ms at p50 — direct: **{'met' if dr['meets_target'] else 'not met'}**; "
+        f"through the proxy: **{'met' if px['meets_target'] else 'not met'}**.", "",
         "Where the non-streaming overhead goes (p50 per hop, from the timestamps the Ingress reports):", "",
-        "| hop | p50 | p90 |", "|---|---|---|",
-        f"| client → HTTP proxy → Ingress (request body, FastAPI, response) and back | {ms(hops['client_to_ingress_and_back'])} | {ms(hops['client_to_ingress_and_back'], 'p90_ms')} |",
-        f"| Ingress → Retriever replica and back (beyond its retrieval) | {ms(hops['ingress_to_retriever_and_back'])} | {ms(hops['ingress_to_retriever_and_back'], 'p90_ms')} |",
-        f"| Ingress → Generator replica and back (beyond its generation) | {ms(hops['ingress_to_generator_and_back'])} | {ms(hops['ingress_to_generator_and_back'], 'p90_ms')} |",
-        f"| for scale: `GET /v1/models` (proxy + Ingress only, no body, no deployment call) | {ms(e['get_models'])} | {ms(e['get_models'], 'p90_ms')} |",
+        "| hop | direct p50 | via proxy p50 | direct p90 | via proxy p90 |", "|---|---|---|---|---|",
+    ]
+    for label, key in (("client → Ingress (HTTP, request body, FastAPI, response) and back", "client_to_ingress_and_back"),
+                       ("Ingress → Retriever replica and back (beyond its retrieval)", "ingress_to_retriever_and_back"),
+                       ("Ingress → Generator replica and back (beyond its generation)", "ingress_to_generator_and_back")):
+        lines.append(f"| {label} | {both(lambda p: p['hops_plain'][key])} | {both(lambda p: p['hops_plain'][key], 'p90_ms')} |")
+    lines += [
+        f"| for scale: `GET /v1/models` (HTTP + Ingress only, no deployment call) | {both(lambda p: p['get_models'])} | "
+        f"{both(lambda p: p['get_models'], 'p90_ms')} |",
         "",
         "Side by side (same questions; the served columns' stage times are what the replicas report):", "",
-        "| | in-process | HTTP streaming | HTTP non-streaming |", "|---|---|---|---|",
-        f"| time to first token p50 | {ms(ip['ttft'])} | {ms(st['ttft'])} | – |",
-        f"| time to first token p90 | {ms(ip['ttft'], 'p90_ms')} | {ms(st['ttft'], 'p90_ms')} | – |",
-        f"| total latency p50 | {ms(ip['total'])} | {ms(st['total'])} | {ms(pl['total'])} |",
-        f"| total latency p90 | {ms(ip['total'], 'p90_ms')} | {ms(st['total'], 'p90_ms')} | {ms(pl['total'], 'p90_ms')} |",
-        f"| retrieval stage p50 | {ms(ip['retrieval'])} | – | {ms(pl['retrieval'])} |",
-        f"| generation stage p50 | {ms(ip['generation'])} | – | {ms(pl['generation'])} |",
+        "| | in-process | direct, streaming | direct, non-streaming | via proxy, streaming | via proxy, non-streaming |",
+        "|---|---|---|---|---|---|",
+        f"| time to first token p50 | {ms(ip['ttft'])} | {ms(dr['http_stream']['ttft'])} | – | {ms(px['http_stream']['ttft'])} | – |",
+        f"| total latency p50 | {ms(ip['total'])} | {ms(dr['http_stream']['total'])} | {ms(dr['http_plain']['total'])} | "
+        f"{ms(px['http_stream']['total'])} | {ms(px['http_plain']['total'])} |",
+        f"| total latency p90 | {ms(ip['total'], 'p90_ms')} | {ms(dr['http_stream']['total'], 'p90_ms')} | "
+        f"{ms(dr['http_plain']['total'], 'p90_ms')} | {ms(px['http_stream']['total'], 'p90_ms')} | {ms(px['http_plain']['total'], 'p90_ms')} |",
+        f"| retrieval stage p50 | {ms(ip['retrieval'])} | – | {ms(dr['http_plain']['retrieval'])} | – | {ms(px['http_plain']['retrieval'])} |",
+        f"| generation stage p50 | {ms(ip['generation'])} | – | {ms(dr['http_plain']['generation'])} | – | {ms(px['http_plain']['generation'])} |",
         "",
-        f"Direct differences, served − in-process on the same question (p50): time to first token "
-        f"{ms(dd['ttft_stream'])}, total {ms(dd['total_stream'])} streaming, {ms(dd['total_plain'])} "
-        f"non-streaming. These carry the model's own run-to-run variation on a shared 2-core CPU "
-        f"(p90 − p50 of the in-process total alone: {round(ip['total']['p90_ms'] - ip['total']['p50_ms'], 2)} ms), "
-        f"so they cross-check the sign and size, not the milliseconds.", "",
-        f"Answers identical in-process, streamed and non-streamed: **{e['answers_identical']}**.",
+        f"Direct differences, served − in-process on the same question (p50, direct ingress): time to first token "
+        f"{ms(dr['direct_difference']['ttft_stream'])}, total {ms(dr['direct_difference']['total_stream'])} streaming, "
+        f"{ms(dr['direct_difference']['total_plain'])} non-streaming. These carry the model's own run-to-run "
+        f"variation on a shared 2-core CPU (p90 − p50 of the in-process total alone: "
+        f"{round(ip['total']['p90_ms'] - ip['total']['p50_ms'], 2)} ms), so they cross-check the sign and size, "
+        f"not the milliseconds.", "",
+        f"Answers identical in-process, streamed and non-streamed, direct and through the proxy: **{e['answers_identical']}**.",
         f"Service start (Ray + 3 deployments + models): {res['endpoint_raw']['start_s']} s; in-process pipeline load: "
         f"{res['endpoint_raw']['load_s']} s.",
         "",

@@ -33,7 +33,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "and serve POST /v1/chat/completions until Ctrl-C.")
     _pipeline_flags(s)
     s.add_argument("--host", default=None, help="bind address (default 127.0.0.1; 0.0.0.0 for all interfaces)")
-    s.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
+    s.add_argument("--port", type=int, default=None,
+                   help="HTTP port of Serve's proxy, load-balanced over the Ingress replicas (default 8000)")
+    s.add_argument("--direct-port", type=int, default=None,
+                   help="first port on which the Ingress replicas answer HTTP themselves, one hop fewer "
+                        "than through the proxy (Ray Serve's direct ingress; default: --port + 1)")
+    s.add_argument("--no-direct-ingress", action="store_true",
+                   help="serve through Serve's proxy only")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (or set SPECRAG_API_KEY)")
     s.set_defaults(func=cmd_serve)
 
@@ -70,7 +76,7 @@ def _config(args: argparse.Namespace) -> Any:
 def _check_cli(args: argparse.Namespace) -> None:
     from pipeline.cli import CLIError
 
-    for name in ("port",):
+    for name in ("port", "direct_port"):
         v = getattr(args, name, None)
         if v is not None and not 0 < v < 65536:
             raise CLIError(f"--{name} must be within 1..65535")
@@ -79,12 +85,19 @@ def _check_cli(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from pipeline.cli import CLIError
+
     _check_cli(args)
     config = _config(args)
     from . import local
 
     host = args.host or "127.0.0.1"
     port = args.port or 8000
+    direct_port = None if args.no_direct_ingress else (args.direct_port or port + 1)
+    if direct_port is not None and not (0 < direct_port <= 65536 - local.DIRECT_INGRESS_PORTS and direct_port != port):
+        raise CLIError(f"--direct-port must be within 1..{65536 - local.DIRECT_INGRESS_PORTS} and differ from "
+                       f"--port (the Ingress replicas take ports from it up to {local.DIRECT_INGRESS_PORTS - 1} above)")
+
     def _term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
@@ -97,10 +110,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
             from pipeline.rag import ensure_default_index
 
             config.pipeline.index_dir = str(ensure_default_index(config.pipeline))
-        local.init_ray(address=args.address, num_cpus=args.num_cpus)
-        url = local.start_service(config, host=host, port=port)
-        local.wait_healthy(url)
-        print(f"\nspecrag is serving {config.model_name} at {url}  (Ctrl-C stops it)\n", flush=True)
+        local.init_ray(address=args.address, num_cpus=args.num_cpus, direct_ingress_port=direct_port)
+        proxy_url = local.start_service(config, host=host, port=port)
+        local.wait_healthy(proxy_url)
+        url = local.direct_url(host, direct_port) if direct_port else None
+        if url:
+            print(f"\nspecrag is serving {config.model_name} at {url} (Ingress replica, direct) and at "
+                  f"{proxy_url} (Serve's proxy, load-balanced)  (Ctrl-C stops it)\n", flush=True)
+        else:
+            if direct_port:
+                print(f"specrag serve: nothing answers on the direct ingress port {direct_port} (a Serve "
+                      f"controller started without direct ingress?); serving through the proxy only",
+                      file=sys.stderr, flush=True)
+            url = proxy_url
+            print(f"\nspecrag is serving {config.model_name} at {url}  (Ctrl-C stops it)\n", flush=True)
         print(local.examples(url, config.model_name, config.resolved_api_key()), flush=True)
         print(f"\nalso: GET {url}/health, {url}/metrics, {url}/v1/models, {url}/docs\n", flush=True)
         while True:

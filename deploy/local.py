@@ -28,12 +28,39 @@ SERVE_LATENCY_ENV = {
 }
 
 
+# Ports handed to Ingress replicas under direct ingress: [port, port + DIRECT_INGRESS_PORTS).
+DIRECT_INGRESS_PORTS = 100
+
+
+def direct_ingress_env(port: int) -> dict[str, str]:
+    """Ray Serve's direct ingress: every Ingress replica also answers HTTP itself, on its own
+    port (the first replica on ``port``, further ones on the next free ports of the range), so
+    a request skips the HTTP proxy and its proxy -> Ingress hop (~6-7 ms of the ~20 ms serving
+    overhead on a 2-core machine, benchmarks/results/serve.md). Serve's proxy keeps serving the
+    app on its own port, load-balanced over the Ingress replicas. A replica being stopped keeps
+    its port open for the draining period (Ray's default 30 s, for external load balancers to
+    deregister it); 1 s here, so Ctrl-C is quick. Read by the Serve controller and the replicas
+    at import: goes into the job's runtime_env with :data:`SERVE_LATENCY_ENV`."""
+    if not 0 < port <= 65536 - DIRECT_INGRESS_PORTS:
+        raise ValueError(f"direct ingress port {port} out of range 1..{65536 - DIRECT_INGRESS_PORTS}")
+    return {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + DIRECT_INGRESS_PORTS - 1),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S":
+            os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1"),
+    }
+
+
 def init_ray(*, address: str | None = None, num_cpus: int | None = None, object_store_mb: int = 256,
-             log_to_driver: bool = True, runtime_env: dict[str, Any] | None = None) -> None:
+             log_to_driver: bool = True, runtime_env: dict[str, Any] | None = None,
+             direct_ingress_port: int | None = None) -> None:
     """Connect to ``address`` (a running cluster: "auto", "ray://host:10001") or start a small
     local Ray in this process: no dashboard, a modest object store (answers are tiny), workers
     at normal priority (Ray starts them at nice 15, so on a shared machine every replica, the
-    model's forward passes included, yields to any other process), Serve's latency settings."""
+    model's forward passes included, yields to any other process), Serve's latency settings.
+    ``direct_ingress_port``: Ingress replicas also answer HTTP themselves from that port on
+    (:func:`direct_ingress_env`); takes effect where this job starts the Serve controller."""
     import ray
 
     if ray.is_initialized():
@@ -43,6 +70,8 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None, object_
     # router runs on the current loop cannot be used from plain synchronous driver code.
     env_vars = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                 **{key: os.environ.get(key, value) for key, value in SERVE_LATENCY_ENV.items()}}
+    if direct_ingress_port is not None:
+        env_vars.update(direct_ingress_env(direct_ingress_port))
     for key in ("SPECRAG_CACHE_DIR", "SPECRAG_API_KEY"):
         if os.environ.get(key):
             env_vars[key] = os.environ[key]
@@ -69,8 +98,24 @@ def start_service(config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8
 
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(config.model_dump(mode="json")), name=app_name, route_prefix="/")
+    return _url(host, port)
+
+
+def _url(host: str, port: int) -> str:
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return f"http://{shown}:{port}"
+
+
+def direct_url(host: str, port: int, timeout_s: float = 30.0) -> str | None:
+    """The first Ingress replica's own URL under direct ingress, once it answers /health;
+    None if it does not (direct ingress off, as on a cluster whose Serve controller was started
+    without it, or the port was taken and the replica moved on within its range)."""
+    url = _url(host, port)
+    try:
+        wait_healthy(url, timeout_s=timeout_s)
+    except TimeoutError:
+        return None
+    return url
 
 
 def wait_healthy(url: str, timeout_s: float = 120.0) -> dict[str, Any]:

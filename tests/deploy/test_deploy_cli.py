@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 
+import httpx
 import pytest
 import yaml
 
@@ -51,11 +52,11 @@ def test_serve_run_with_rays_cli(index, tmp_path):
 
 
 def test_specrag_serve_prints_examples_and_stops_on_ctrl_c(index, tmp_path):
-    port = free_port()
+    proxy_port, port = free_port(), free_port()
     out = open(tmp_path / "out.log", "w")
     proc = subprocess.Popen(
-        [str(BIN / "specrag"), "serve", "--index", str(index), "--redis-url", REDIS_URL, "--port", str(port),
-         "--api-key", "k1", "--num-cpus", "2"],
+        [str(BIN / "specrag"), "serve", "--index", str(index), "--redis-url", REDIS_URL, "--port", str(proxy_port),
+         "--direct-port", str(port), "--api-key", "k1", "--num-cpus", "2"],
         cwd=REPO, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_http_ok(f"http://127.0.0.1:{port}/health", timeout=240, proc=proc)
@@ -65,7 +66,10 @@ def test_specrag_serve_prints_examples_and_stops_on_ctrl_c(index, tmp_path):
             if "openai import OpenAI" in text:
                 break
             time.sleep(0.5)
+        # the examples use the Ingress replica's own port (direct ingress); the proxy serves too
         assert f"curl http://127.0.0.1:{port}/v1/chat/completions" in text
+        assert f"http://127.0.0.1:{proxy_port} (Serve's proxy" in text
+        assert httpx.get(f"http://127.0.0.1:{proxy_port}/health").status_code == 200
         assert "Authorization: Bearer k1" in text and "from openai import OpenAI" in text
         # the printed curl command, pasted into a shell, works
         curl = text[text.index("curl "):text.index("python - <<")].strip()

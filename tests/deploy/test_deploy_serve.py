@@ -36,17 +36,31 @@ def _config(index_dir, redis_url, **extra):
     })
 
 
+DIRECT_PORT = free_port()  # the Ingress replica's own HTTP port (Ray Serve's direct ingress)
+
+
 @pytest.fixture(scope="module")
 def service(index):
+    """The URL of Serve's HTTP proxy (the app is also reachable directly, see ``direct``)."""
     from deploy import local
 
-    local.init_ray(num_cpus=2, log_to_driver=False)
+    local.init_ray(num_cpus=2, log_to_driver=False, direct_ingress_port=DIRECT_PORT)
     try:
         url = local.start_service(_config(index, REDIS_URL), port=free_port())
         local.wait_healthy(url, timeout_s=120)
         yield url
     finally:
         local.shutdown()
+
+
+@pytest.fixture(scope="module")
+def direct(service):
+    """The Ingress replica's own URL: the same app without the proxy hop."""
+    from deploy import local
+
+    url = local.direct_url("127.0.0.1", DIRECT_PORT)
+    assert url is not None, f"the Ingress replica does not answer on its direct ingress port {DIRECT_PORT}"
+    return url
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +72,11 @@ def inproc(index):
 
 
 @pytest.fixture(scope="module")
-def client(service):
+def client(direct):
+    """The openai client on the URL ``specrag serve`` prints first (direct ingress)."""
     from openai import OpenAI
 
-    return OpenAI(base_url=service + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    return OpenAI(base_url=direct + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
 
 
 def _ask(client, question, **kw):
@@ -143,9 +158,22 @@ def test_sampling_params_are_honoured(client):
     assert cut.choices[0].message.content == greedy[:greedy.index(stop)]
 
 
-def test_error_statuses_over_raw_http(service):
+def test_proxy_and_direct_ingress_answer_alike(service, direct):
+    """Both ways into the app: same greedy answer, same sources, same error body."""
+    a = chat(service, QUESTIONS[3], api_key=API_KEY, max_tokens=8)
+    b = chat(direct, QUESTIONS[3], api_key=API_KEY, max_tokens=8)
+    assert a.status_code == b.status_code == 200, (a.text, b.text)
+    assert a.json()["choices"][0]["message"]["content"] == b.json()["choices"][0]["message"]["content"]
+    assert [s["id"] for s in a.json()["sources"]] == [s["id"] for s in b.json()["sources"]]
+    a, b = chat(service, QUESTIONS[3]), chat(direct, QUESTIONS[3])  # no API key
+    assert a.status_code == b.status_code == 401 and a.json() == b.json()
+
+
+@pytest.mark.parametrize("way", ["proxy", "direct"])
+def test_error_statuses_over_raw_http(way, request):
     import httpx
 
+    service = request.getfixturevalue("service" if way == "proxy" else "direct")
     h = {"Authorization": f"Bearer {API_KEY}"}
     url = service + "/v1/chat/completions"
     cases = [
