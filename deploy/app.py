@@ -83,14 +83,24 @@ class Retriever:
         self._runner = RetrievalRunner(stage, health_retriever=self._config.pipeline.retriever)
         self._batched.set_max_batch_size(self._config.retrieval_batch_size)
         self._batched.set_batch_wait_timeout_s(self._config.retrieval_batch_wait_s)
+        self._in_flight = 0
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _batched(self, queries: list[tuple[str, int, str]]) -> list[Any]:
         return await self._runner.retrieve_batch(queries)
 
     async def retrieve(self, question: str, k: int, retriever: str) -> tuple[list[Source], float]:
-        """(sources, seconds the stage took) for one query, batched with concurrent ones."""
-        out = await self._batched((question, k, retriever))
+        """(sources, seconds the stage took) for one query, batched with concurrent ones. A
+        query that finds no other in flight goes straight to the stage: the batch queue would
+        only add its own hop (~0.5 ms); queries arriving while it runs are batched as usual."""
+        self._in_flight += 1
+        try:
+            if self._in_flight == 1 and self._config.retrieval_batch_wait_s == 0:
+                (out,) = await self._runner.retrieve_batch([(question, k, retriever)])
+            else:
+                out = await self._batched((question, k, retriever))
+        finally:
+            self._in_flight -= 1
         if isinstance(out, Exception):
             raise out
         return out

@@ -113,13 +113,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         local.init_ray(address=args.address, num_cpus=args.num_cpus, direct_ingress_port=direct_port)
         proxy_url = local.start_service(config, host=host, port=port)
         local.wait_healthy(proxy_url)
-        url = local.direct_url(host, direct_port) if direct_port else None
+        url = local.direct_url(host) if direct_port else None
         if url:
             print(f"\nspecrag is serving {config.model_name} at {url} (Ingress replica, direct) and at "
                   f"{proxy_url} (Serve's proxy, load-balanced)  (Ctrl-C stops it)\n", flush=True)
         else:
             if direct_port:
-                print(f"specrag serve: nothing answers on the direct ingress port {direct_port} (a Serve "
+                print(f"specrag serve: no Ingress replica answers on a direct ingress port (a Serve "
                       f"controller started without direct ingress?); serving through the proxy only",
                       file=sys.stderr, flush=True)
             url = proxy_url

@@ -15,16 +15,22 @@ log = logging.getLogger(__name__)
 APP_NAME = "specrag"
 MB = 1024 * 1024
 
-# Ray Serve's latency settings (its "throughput optimized" mode, minus direct ingress): handle
-# calls between deployments over gRPC instead of Ray actor calls, and user code and router on
-# the replica's own event loop instead of extra threads. Each Ingress -> Retriever / Generator
-# hop then costs ~5 ms instead of ~7-11 ms on a 2-core machine (benchmarks/results/serve.md).
+# Ray Serve's latency settings (its "throughput optimized" mode; direct ingress is switched on
+# apart, see direct_ingress_env): handle calls between deployments over gRPC instead of Ray
+# actor calls, user code and router on the replica's own event loop instead of extra threads,
+# request-path (access) log lines written in batches of up to 1000 instead of one flush per
+# request in every process a request passes (an ERROR line flushes at once), and objects made
+# during start-up frozen out of the garbage collector's scans. Each Ingress -> Retriever /
+# Generator hop then costs ~5 ms instead of ~7-11 ms on a 2-core machine; the log batching took
+# ~1 ms off the paired overhead in probes there (benchmarks/results/serve.md).
 # Read by every Ray process at import, so they go into the job's runtime_env, which the Serve
 # controller, the proxy and the replicas inherit; an explicit value in the environment wins.
 SERVE_LATENCY_ENV = {
     "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+    "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",
 }
 
 
@@ -34,7 +40,8 @@ DIRECT_INGRESS_PORTS = 100
 
 def direct_ingress_env(port: int) -> dict[str, str]:
     """Ray Serve's direct ingress: every Ingress replica also answers HTTP itself, on its own
-    port (the first replica on ``port``, further ones on the next free ports of the range), so
+    port (the first replica on ``port`` if it is free, further ones on the next free ports of
+    the range; :func:`direct_url` finds the one given), so
     a request skips the HTTP proxy and its proxy -> Ingress hop (~6-7 ms of the ~20 ms serving
     overhead on a 2-core machine, benchmarks/results/serve.md). Serve's proxy keeps serving the
     app on its own port, load-balanced over the Ingress replicas. A replica being stopped keeps
@@ -106,11 +113,28 @@ def _url(host: str, port: int) -> str:
     return f"http://{shown}:{port}"
 
 
-def direct_url(host: str, port: int, timeout_s: float = 30.0) -> str | None:
-    """The first Ingress replica's own URL under direct ingress, once it answers /health;
-    None if it does not (direct ingress off, as on a cluster whose Serve controller was started
-    without it, or the port was taken and the replica moved on within its range)."""
-    url = _url(host, port)
+def direct_url(host: str, app_name: str = APP_NAME, timeout_s: float = 30.0) -> str | None:
+    """The URL of the app's first Ingress replica under direct ingress (the lowest port the
+    Serve controller gave one; it moves up the range when a port is taken), once it answers
+    /health; None when there is none (direct ingress off, as on a cluster whose Serve
+    controller was started without it)."""
+    import ray
+    from ray.serve._private.common import RequestProtocol
+    from ray.serve.context import _get_global_client
+
+    # Not a public API yet: the controller's target groups are what Serve hands external load
+    # balancers (HAProxy) in direct-ingress mode; they carry each Ingress replica's port.
+    try:
+        groups = ray.get(_get_global_client()._controller.get_target_groups.remote(app_name))
+    except Exception as exc:  # noqa: BLE001 - a Ray without it has no direct ingress either
+        log.warning("cannot list the direct ingress ports (%s); serving through the proxy only", exc)
+        return None
+    ports = sorted(t.port for g in groups
+                   if g.protocol == RequestProtocol.HTTP and g.app_name == app_name and g.ingress_deployment_name
+                   for t in g.targets)
+    if not ports:
+        return None
+    url = _url(host, ports[0])
     try:
         wait_healthy(url, timeout_s=timeout_s)
     except TimeoutError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import time
 
 import pytest
 
@@ -201,3 +202,47 @@ def test_public_sources_leave_out_token_ids_without_touching_the_source():
     assert public_sources([src]) == [{"id": "a", "title": "t", "source": "s.rst", "score": 0.5, "text": "x"}]
     assert src.token_ids == [1, 2, 3]
     assert public_sources([Source(id="b", title="t", source="s", score=1.0, text="y")])[0]["id"] == "b"
+
+
+def test_lone_retrieval_skips_the_batch_queue_and_concurrent_ones_are_batched():
+    """The Retriever deployment's class, driven without Ray: a query with none in flight goes
+    straight to the stage; queries arriving while it runs go to the ``@serve.batch`` queue
+    (stood in for here: ``serve.batch`` needs a replica context; the real one runs in
+    test_deploy_serve.py's concurrent-requests test)."""
+    import asyncio
+
+    import fake_stages
+
+    from deploy.app import Retriever
+
+    class Slow(fake_stages.RetrievalStage):
+        def retrieve(self, questions, k, retriever="dense"):
+            time.sleep(0.3)
+            return super().retrieve(questions, k, retriever)
+
+    replica = Retriever.func_or_class({"stages_module": "fake_stages"})
+    stage = replica._runner.stage = Slow(None)
+    queued = []
+
+    async def batch_queue(query):
+        queued.append(query[0])
+        (out,) = await replica._runner.retrieve_batch([query])
+        return out
+
+    replica._batched = batch_queue
+
+    async def main():
+        first = asyncio.ensure_future(replica.retrieve("lru_cache", 1, "dense"))
+        await asyncio.sleep(0.1)  # the first query is in the stage now
+        rest = [replica.retrieve(q, 1, "dense") for q in ("pathlib paths", "itertools chain")]
+        return await asyncio.gather(first, *rest)
+
+    out = asyncio.run(main())
+    assert queued == ["pathlib paths", "itertools chain"]
+    assert [c[0] for c in stage.calls] == ["lru_cache", "pathlib paths", "itertools chain"]
+    assert [sources[0].id for sources, _seconds in out] == ["d1", "d2", "d3"]
+    asyncio.run(replica.retrieve("pathlib", 1, "dense"))  # alone again: straight to the stage
+    assert queued == ["pathlib paths", "itertools chain"] and stage.calls[-1] == ["pathlib"]
+    replica._config.retrieval_batch_wait_s = 0.01  # a configured wait means: always batch
+    asyncio.run(replica.retrieve("pathlib", 1, "dense"))
+    assert queued[-1] == "pathlib"
