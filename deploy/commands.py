@@ -111,6 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
             config.pipeline.index_dir = str(ensure_default_index(config.pipeline))
         local.init_ray(address=args.address, num_cpus=args.num_cpus, direct_ingress_port=direct_port)
+        signal.signal(signal.SIGTERM, _term)  # ray.init replaced it with a bare sys.exit
         proxy_url = local.start_service(config, host=host, port=port)
         local.wait_healthy(proxy_url)
         url = local.direct_url(host) if direct_port else None

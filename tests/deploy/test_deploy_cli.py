@@ -83,3 +83,30 @@ def test_specrag_serve_prints_examples_and_stops_on_ctrl_c(index, tmp_path):
     assert rc == 0, text[-3000:]
     assert "specrag serve: stopped" in text
     assert "Traceback" not in text, text[-3000:]
+
+
+def test_specrag_serve_proxy_only_stops_on_sigterm(index, tmp_path):
+    """--no-direct-ingress serves through Serve's proxy alone; SIGTERM (what a process manager
+    sends) shuts down as cleanly as Ctrl-C (ray.init replaces the handler; serve puts it back)."""
+    port = free_port()
+    out = open(tmp_path / "out.log", "w")
+    proc = subprocess.Popen(
+        [str(BIN / "specrag"), "serve", "--index", str(index), "--redis-url", REDIS_URL, "--port", str(port),
+         "--no-direct-ingress", "--num-cpus", "2"],
+        cwd=REPO, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http_ok(f"http://127.0.0.1:{port}/health", timeout=240, proc=proc)
+        for _ in range(30):
+            text = (tmp_path / "out.log").read_text()
+            if "openai import OpenAI" in text:
+                break
+            time.sleep(0.5)
+        assert f"curl http://127.0.0.1:{port}/v1/chat/completions" in text
+        assert "(Ingress replica, direct)" not in text
+    finally:
+        rc = stop_process_group(proc, signal.SIGTERM, timeout=90)
+        out.close()
+    text = (tmp_path / "out.log").read_text()
+    assert rc == 0, text[-3000:]
+    assert "specrag serve: shutting down" in text and "specrag serve: stopped" in text, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
