@@ -6,8 +6,10 @@ are the query; the top-1 chunk sits before the question, replacing the previous 
 Modes (all give the same tokens; the first is the reference output):
 * baseline (``speculation.enabled`` False): real retrieval every stride, a fresh prefill of
   [chunk; question; answer so far] every stride, plain greedy decoding -- as RaLMSpec's baseline.
-* ``kv_reuse``: the same, but when a stride's chunk equals the previous one generation continues
-  on the existing KV cache.
+* ``kv_reuse``: the same, but every chunk keeps its own sequence (KV cache): when a stride's chunk
+  equals the previous one generation just continues; when it is one used earlier, that sequence
+  is fed the answer tokens it has not seen (one forward over a few tokens, with the step's draft)
+  instead of a re-prefill of [chunk; question; answer so far]. Only a new chunk costs a prefill.
 * speculative (``speculation.enabled``): a per-request cache of chunks answers retrievals (best
   chunk in the cache by the retriever's own metric); every s strides one batched real retrieval
   verifies them (in a background thread while the next stride is generated, unless
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -46,7 +49,6 @@ class _Stride:
     answer_start: int        # answer length when the stride began
     state: Any               # engine SequenceState that generated it
     gen_start: int           # len(state.generated) when the stride began
-    gen_end: int = 0
     vec: Any = None          # the query's embedding, computed once for speculation and verification
 
 
@@ -62,6 +64,11 @@ class IterativeOptions:
     prefetch: int = 20
     # token speculation drafts from the cached chunks too (most recent first, up to this many tokens)
     reference_tokens: int = 4096
+    # KV reuse keeps the sequences of this many most recently used chunks
+    kv_chunks: int = 8
+    # token speculation drafts past the stride's end; what verifies there is used if the next
+    # stride keeps the chunk (else dropped)
+    draft_across_strides: bool = True
     # tests force rollbacks by seeding the cache with wrong chunks
     seed_cache: list[Source] | None = None
     seed_with_first_retrieval: bool = True
@@ -102,6 +109,9 @@ class IterativeAnswer:
         fixed = None if self.opt.speculation_stride == "auto" else int(self.opt.speculation_stride)
         self.scheduler = StrideScheduler(fixed=fixed, asynchronous=self.opt.async_verification)
         self.cache: dict[str, Source] = {}
+        self.doc_states: OrderedDict[str, tuple[Any, int]] = OrderedDict()   # chunk id -> (sequence, head length)
+        # strides that prefilled a new sequence / continued the previous stride's / resumed an earlier one
+        self.chunk_sequences = {"new": 0, "continued": 0, "resumed": 0}
         self.sources_used: dict[str, Source] = {}
 
     # ---- building blocks ---------------------------------------------------------------------
@@ -170,34 +180,65 @@ class IterativeAnswer:
         for s in sources:
             self.cache.setdefault(s.id, s)
 
-    def _run_stride(self, doc: Source, prev: _Stride | None) -> _Stride:
-        """Generate one stride with ``doc`` before the question; continue ``prev``'s KV cache when
-        the chunk is unchanged (and KV reuse is on), else prefill anew."""
+    def _run_stride(self, doc: Source) -> _Stride:
+        """Generate one stride with ``doc`` before the question. With KV reuse, a chunk used
+        before (by the previous stride or any earlier one) continues its own sequence: the
+        answer tokens it has not seen are fed with the next step's draft in one forward (none
+        when the previous stride had the same chunk); only a new chunk costs a full prefill."""
         start = len(self.answer)
         budget = self.request.max_tokens - start
-        if (self.opt.kv_reuse and prev is not None and prev.doc.id == doc.id and not prev.state.finished
-                and len(prev.state.generated) == prev.gen_end):
-            state = prev.state
-            state.pause_at = prev.gen_end + self.opt.stride
+        state = self._resume(doc, start) if self.opt.kv_reuse else None
+        if state is not None:
+            gen_start = len(state.generated)
+            state.pause_at = gen_start + self.opt.stride
             self.engine.run([state])
-            gen_start = prev.gen_end
         else:
-            prompt = iterative_prompt(self.tok, self.request.question, doc) + self.answer
-            req = self.stage.engine_request(self.request, prompt, self._references(doc), budget, stop=[])
+            head = iterative_prompt(self.tok, self.request.question, doc)
+            req = self.stage.engine_request(self.request, head + self.answer, self._references(doc), budget, stop=[])
             req.speculate = self.opt.token_speculation
+            req.pause_at = self.opt.stride
+            req.draft_past_pause = self.opt.draft_across_strides and self.opt.kv_reuse
             (state,) = self.engine.begin([req])
-            state.pause_at = self.opt.stride
             self.engine.run([state])
             gen_start = 0
             self.states[id(state)] = state
+            self.chunk_sequences["new"] += 1
+            if self.opt.kv_reuse:
+                self.doc_states[doc.id] = (state, len(head))
+                while len(self.doc_states) > self.opt.kv_chunks:
+                    self.doc_states.popitem(last=False)
+        if doc.id in self.doc_states:
+            self.doc_states.move_to_end(doc.id)
         new = state.generated[gen_start:]
         self.answer.extend(new)
-        stride = _Stride(query="", doc=doc, answer_start=start, state=state, gen_start=gen_start,
-                         gen_end=len(state.generated))
+        stride = _Stride(query="", doc=doc, answer_start=start, state=state, gen_start=gen_start)
         if state.finished or len(self.answer) >= self.request.max_tokens:
             self.finished = True
             self.finish_reason = state.finish_reason or "length"
         return stride
+
+    def _resume(self, doc: Source, start: int) -> Any:
+        """The sequence last generated with ``doc``, brought to ``self.answer[:start]``: cut
+        back to the part it shares with the answer (rollbacks leave it ahead or off course),
+        then extended with the answer tokens it lacks. None when there is none, or when it
+        diverges inside its prompt."""
+        entry = self.doc_states.get(doc.id)
+        if entry is None:
+            return None
+        state, head = entry
+        had = state.tokens[head:]                  # the answer as this sequence knows it
+        in_prompt = state.n_prompt - head          # answer tokens that were part of its prompt
+        common, limit = 0, min(len(had), start)
+        while common < limit and had[common] == self.answer[common]:
+            common += 1
+        if common < in_prompt:
+            return None
+        if common < len(had):
+            self.engine.truncate(state, common - in_prompt)
+        if common < start:
+            self.engine.extend(state, self.answer[common:start])
+        self.chunk_sequences["continued" if common == len(had) == start else "resumed"] += 1
+        return state
 
     def _rollback(self, stride: _Stride) -> None:
         """Forget ``stride`` and everything after it."""
@@ -215,12 +256,11 @@ class IterativeAnswer:
         return self._result(t0, on_text)
 
     def _run_baseline(self) -> None:
-        prev: _Stride | None = None
         while not self.finished:
             query = self._query(len(self.answer))
             doc = _top1(self._real([query], 1)[0])
             self._use(doc)
-            prev = self._run_stride(doc, prev)
+            self._run_stride(doc)
 
     def _run_speculative(self) -> None:
         anchor: _Stride | None = None       # the last verified stride
@@ -234,13 +274,13 @@ class IterativeAnswer:
             first = self._real([query], max(1, self.opt.prefetch))[0]
             if self.opt.seed_with_first_retrieval:
                 self._add_to_cache(first)
-            anchor = self._run_stride(_top1(first), None)
+            anchor = self._run_stride(_top1(first))
             anchor.query = query
             self._use(_top1(first))
             while True:
                 target = self.scheduler.next_stride()
                 while not self.finished and len(pending) < target:
-                    pending.append(self._speculative_stride(pending[-1] if pending else anchor))
+                    pending.append(self._speculative_stride())
                 if not pending:
                     break
                 verification: Future | None = None
@@ -251,7 +291,7 @@ class IterativeAnswer:
                     verification = pool.submit(self._real, queries, max(1, self.opt.prefetch), vecs)
                     extra = None
                     if not self.finished:   # overlap one more speculative stride with the verification
-                        extra = self._speculative_stride(pending[-1])
+                        extra = self._speculative_stride()
                     truth = verification.result()
                 else:
                     extra = None
@@ -272,16 +312,9 @@ class IterativeAnswer:
                 # mismatch at stride m: roll back to it and redo it with the true chunk
                 self.counts["mismatched"] += 1
                 bad = pending[m]
-                base = pending[m - 1] if m > 0 else anchor
-                self._rollback(bad)
-                if base is not None and base.state is bad.state:
-                    # same KV cache continued into the bad stride: cut it back to the stride start
-                    self.engine.truncate(bad.state, bad.gen_start)
-                    base.gen_end = bad.gen_start
-                elif base is not None and len(base.state.generated) != base.gen_end:
-                    self.engine.truncate(base.state, base.gen_end)
+                self._rollback(bad)      # the sequences are cut back when next used (_resume)
                 true_doc = _top1(truth[m])
-                redo = self._run_stride(true_doc, base)
+                redo = self._run_stride(true_doc)
                 redo.query, redo.vec = bad.query, bad.vec
                 self._use(true_doc)
                 anchor, pending = redo, []
@@ -291,11 +324,11 @@ class IterativeAnswer:
             if pool is not None:
                 pool.shutdown(wait=True)
 
-    def _speculative_stride(self, prev: _Stride) -> _Stride:
+    def _speculative_stride(self) -> _Stride:
         t0 = time.perf_counter()
         query = self._query(len(self.answer))
         doc, vec = self._speculate(query)
-        stride = self._run_stride(doc, prev)
+        stride = self._run_stride(doc)
         stride.query, stride.vec = query, vec
         self.scheduler.observe_step(time.perf_counter() - t0)
         return stride
@@ -335,6 +368,7 @@ class IterativeAnswer:
         stats = engine_stats(total)
         stats["retrievals"] = dict(self.counts)
         stats["speculation_strides"] = list(self.scheduler.rounds)
+        stats["chunk_sequences"] = dict(self.chunk_sequences)
         stats["seconds"] = {"retrieval": round(self.seconds["retrieval"], 4),
                             "prefill": round(total.prefill_seconds, 4), "decode": round(total.decode_seconds, 4),
                             "total": round(time.perf_counter() - t0, 4)}

@@ -1,9 +1,13 @@
 """The speculative decoding engine: draft -> one target forward -> verify -> commit -> roll back.
 
-Invariant of every sequence: the target's KV cache holds ``tokens[:-1]``; the last token is the
-*pending* one, fed first in the next forward together with the drafts. Rejected drafts are
-removed from the cache by cropping it (never a re-prefill), so a step costs one target forward
-whatever happens.
+Invariant of every sequence: the target's KV cache holds a prefix of ``tokens[:-1]``; a step
+feeds what it lacks (the pending last token; the whole prompt for a new sequence; tokens a caller
+appended with ``extend``) together with the drafts, in one forward. So a prefill verifies a draft
+as well, and a sequence can be continued with known tokens without a re-prefill. A sequence
+paused at a stride boundary may have drafted past it: the tokens verified there wait in
+``ahead`` (their KV kept) and are committed without a forward if it continues. Rejected drafts
+are removed from the cache by cropping it (never a re-prefill), so a step costs one target
+forward whatever happens.
 
 The step API takes a list of sequences; today it runs them one after another, so batched
 verification can slot in later without callers changing.
@@ -57,6 +61,9 @@ class GenerationRequest:
     seed: int | None = None
     speculate: bool = True
     max_draft_tokens: int | None = None
+    pause_at: int | None = None             # initial SequenceState.pause_at (the prefill respects it)
+    # draft and verify past a pause; the verified tokens there wait in SequenceState.ahead
+    draft_past_pause: bool = False
 
 
 @dataclass
@@ -122,6 +129,9 @@ class SequenceState:
     finished: bool = False
     finish_reason: str | None = None        # "stop" (EOS / stop string) | "length"
     pause_at: int | None = None             # generated-token count at which run() returns
+    # tokens verified past the pause, committed (without a forward) when the sequence continues;
+    # the cache holds the KV of all but the last of them
+    ahead: list[int] = field(default_factory=list)
 
     @property
     def generated(self) -> list[int]:
@@ -191,8 +201,8 @@ class SpeculativeEngine:
         return drafters[0] if len(drafters) == 1 else ChainDrafter(drafters)
 
     # ---- lifecycle ------------------------------------------------------------------------
-    def _prefill(self, request: GenerationRequest) -> tuple[SequenceState, int]:
-        """Validate, prefill the prompt, pick the first token (committed by the caller)."""
+    def _new_state(self, request: GenerationRequest) -> SequenceState:
+        """Validate a request and make its sequence; the prompt is fed by the first step."""
         if not request.prompt_ids:
             raise GenerationInputError("empty prompt")
         if request.max_new_tokens < 1:
@@ -211,14 +221,11 @@ class SpeculativeEngine:
             cache=new_cache(self.target), sampling=request.sampling, generator=generator,
             streamer=StopStringStreamer(self.tokenizer, request.stop), drafter=self._make_drafter(request),
             references=[list(r) for r in request.references], stats=GenerationStats(prompt_tokens=len(request.prompt_ids)),
+            pause_at=request.pause_at,
         )
-        t0 = time.perf_counter()
-        logits = self._forward(state, request.prompt_ids, keep=1)
-        state.stats.prefills += 1
-        state.stats.prefill_seconds += time.perf_counter() - t0
         if state.drafter is not None:
             state.drafter.begin(state)
-        return state, self._pick(state, logits[-1])
+        return state
 
     def _forward(self, state: SequenceState, ids: list[int], keep: int) -> torch.Tensor:
         out = self.target(input_ids=torch.tensor([ids], device=self.device), past_key_values=state.cache,
@@ -232,14 +239,19 @@ class SpeculativeEngine:
         return sample_from(warp_probs(logits, state.sampling), state.generator)
 
     def _commit(self, state: SequenceState, new_tokens: list[int], on_commit: CommitCallback | None) -> None:
-        """Append tokens one by one, stopping at EOS, a stop string, the length limit or a pause;
-        then make the cache hold exactly tokens[:-1]."""
+        """Append tokens one by one, stopping at EOS, a stop string, the length limit or a pause
+        (where the rest waits in ``state.ahead``); then make the cache hold exactly
+        (tokens + ahead)[:-1]."""
+        paused = False
         committed: list[int] = []
         delta = ""
         limit = state.request.max_new_tokens
         for tok in new_tokens:
             n_gen = len(state.tokens) - state.n_prompt
-            if n_gen >= limit or (state.pause_at is not None and n_gen >= state.pause_at):
+            if n_gen >= limit:
+                break
+            if state.pause_at is not None and n_gen >= state.pause_at:
+                paused = True
                 break
             state.tokens.append(tok)
             committed.append(tok)
@@ -254,7 +266,8 @@ class SpeculativeEngine:
             state.finished, state.finish_reason = True, "length"
         if state.finished:
             delta += state.streamer.finish()
-        rollback(state.cache, len(state.tokens) - 1)
+        state.ahead = list(new_tokens[len(committed):]) if paused and not state.finished else []
+        rollback(state.cache, len(state.tokens) + len(state.ahead) - 1)
         state.stats.generated_tokens += len(committed)
         if on_commit is not None and (committed or delta):
             on_commit(state, committed, delta)
@@ -272,16 +285,23 @@ class SpeculativeEngine:
 
     def _step_one(self, state: SequenceState, on_commit: CommitCallback | None) -> None:
         t0 = time.perf_counter()
+        if state.ahead:        # verified by an earlier forward: no forward now
+            ahead, state.ahead = state.ahead, []
+            self._commit(state, ahead, on_commit)
+            state.stats.decode_seconds += time.perf_counter() - t0
+            return
         remaining = state.request.max_new_tokens - len(state.generated)
-        if state.pause_at is not None:
+        if state.pause_at is not None and not state.request.draft_past_pause:
             remaining = min(remaining, state.pause_at - len(state.generated))
         draft: Draft | None = None
         if state.drafter is not None and remaining > 1:
             # `remaining` drafts + the bonus token may overshoot the limit by one: _commit trims
             draft = state.drafter.propose(state, remaining)
         drafted = draft.tokens if draft else []
-        assert len(state.tokens) - 1 == cache_length(state.cache), "KV cache out of step with tokens"
-        logits = self._forward(state, [state.tokens[-1]] + drafted, keep=len(drafted) + 1)
+        cached = cache_length(state.cache)
+        assert cached <= len(state.tokens) - 1, "KV cache out of step with tokens"
+        fed = state.tokens[cached:]          # the pending token, or a prompt / extension to prefill
+        logits = self._forward(state, fed + drafted, keep=len(drafted) + 1)
         if state.sampling.greedy:
             n_acc, nxt = greedy_verify(drafted, logits)
         else:
@@ -297,17 +317,20 @@ class SpeculativeEngine:
         self._commit(state, drafted[:n_acc] + [nxt], on_commit)
         if draft is not None:
             state.drafter.accepted(state, draft, n_acc)
-        state.stats.decode_seconds += time.perf_counter() - t0
+        if cached == 0:        # a prompt; an extension is a decode step over a few tokens
+            state.stats.prefills += 1
+            state.stats.prefill_seconds += time.perf_counter() - t0
+        else:
+            state.stats.decode_seconds += time.perf_counter() - t0
 
     # ---- driving loops --------------------------------------------------------------------
     def begin(self, requests: list[GenerationRequest], on_commit: CommitCallback | None = None) -> list[SequenceState]:
-        """Prefill each request and commit its first token."""
-        states = []
-        for req in requests:
-            with torch.inference_mode():
-                state, first = self._prefill(req)
-            self._commit(state, [first], on_commit)
-            states.append(state)
+        """Prefill each request (verifying a first draft in the same forward) and commit its
+        first token(s)."""
+        states = [self._new_state(req) for req in requests]
+        with torch.inference_mode():
+            for state in states:
+                self._step_one(state, on_commit)
         return states
 
     def run(self, states: list[SequenceState], on_commit: CommitCallback | None = None) -> None:
@@ -318,9 +341,23 @@ class SpeculativeEngine:
     def truncate(self, state: SequenceState, n_generated: int) -> None:
         """Roll a sequence back to its first ``n_generated`` generated tokens (tokens and KV)."""
         del state.tokens[state.n_prompt + n_generated:]
+        state.ahead = []
         rollback(state.cache, len(state.tokens) - 1)
         state.streamer.truncate(n_generated)
         state.finished, state.finish_reason = False, None
+
+    def extend(self, state: SequenceState, tokens: list[int]) -> None:
+        """Append known tokens to a sequence as if it had generated them (a caller continuing it
+        after tokens chosen elsewhere); the next step feeds them with its draft in one forward
+        instead of a re-prefill of the whole sequence."""
+        if state.finished:
+            raise GenerationInputError("cannot extend a finished sequence")
+        if state.ahead:       # verified for a continuation that did not happen
+            state.ahead = []
+            rollback(state.cache, len(state.tokens) - 1)
+        state.tokens.extend(tokens)
+        for tok in tokens:
+            state.streamer.push(tok)
 
     def generate(self, requests: list[GenerationRequest], on_commit: CommitCallback | None = None) -> list[GenerationResult]:
         states = self.begin(requests, on_commit)

@@ -124,3 +124,47 @@ def test_query_embedded_once_and_cached_chunks_drafted_from(small_indexes, tiny_
 def _contains(seq: list[int], sub: list[int]) -> bool:
     n = len(sub)
     return any(seq[i:i + n] == sub for i in range(len(seq) - n + 1))
+
+
+class _ScriptedRetrieval:
+    """Real chunks, but the top-1 for a query is picked by a fixed function of its text among
+    three, so the chunk changes back and forth between strides -- the case where KV reuse
+    resumes an earlier chunk's sequence. Local scoring agrees with it."""
+
+    def __init__(self, real, chunks):
+        self.real, self.chunks = real, chunks
+
+    def _pick(self, query):
+        return self.chunks[sum(map(ord, query)) % len(self.chunks)]
+
+    def retrieve(self, queries, k, retriever="dense", query_vecs=None):
+        out = []
+        for q in queries:
+            top = self._pick(q)
+            out.append(([top] + [c for c in self.chunks if c.id != top.id])[:k])
+        return out
+
+    def score_local(self, query, chunk_ids, retriever="dense", query_vec=None):
+        return [1.0 if cid == self._pick(query).id else 0.0 for cid in chunk_ids]
+
+
+def test_kv_reuse_resumes_an_earlier_chunks_sequence(small_indexes, tiny_models):
+    """A chunk seen before continues its own sequence (fed only the answer tokens it missed):
+    one prefill per distinct chunk, and the output equals the baseline's re-prefill-every-stride
+    output, with and without speculation."""
+    real, gen = _stages(small_indexes["flat"], tiny_models)
+    hits = real.retrieve(["json dumps indent", "heapq merge sorted", "textwrap dedent"], 1, "dense")
+    scripted = _ScriptedRetrieval(real, [h[0] for h in hits])
+    assert len({c.id for c in scripted.chunks}) == 3
+    resumed = 0
+    for question in QUESTIONS[:6]:
+        base = _answer(gen, scripted, question, "dense", BASELINE, max_tokens=40)
+        for opts in (MODES["kv_reuse"], MODES["speculative"]):
+            res = _answer(gen, scripted, question, "dense", opts, max_tokens=40)
+            assert res.token_ids == base.token_ids, question
+            seqs = res.stats["chunk_sequences"]
+            if opts is MODES["kv_reuse"]:
+                assert res.stats["prefills"] == seqs["new"] <= 3
+                assert seqs["new"] + seqs["continued"] + seqs["resumed"] == base.stats["prefills"]
+            resumed += seqs["resumed"]
+    assert resumed >= 6, "no stride went back to an earlier chunk"

@@ -120,20 +120,68 @@ def test_truncate_rolls_back_tokens_and_cache(models):
     assert_same_tokens(target, prompt, expected, state.generated, "after truncate to 0")
 
 
-def test_pause_at_stride_boundaries(models):
+@pytest.mark.parametrize("past_pause", [False, True])
+def test_pause_at_stride_boundaries(models, past_pause):
+    """Strides of 4 tokens from the prefill on. Drafting past the pause keeps the tokens verified
+    there and commits them when the sequence continues, without a forward: fewer forwards than
+    strides, the same tokens."""
     target, _ = models
     engine = SpeculativeEngine(target, TinyTokenizer(VOCAB), None, EngineConfig(drafters=("reference",)))
     prompt = [1, 20, 21, 22]
     expected = hf_greedy(target, prompt, 24)
-    (state,) = engine.begin([GenerationRequest(prompt, [expected], max_new_tokens=24)])
-    lengths = []
+    (state,) = engine.begin([GenerationRequest(prompt, [prompt[-3:] + expected], max_new_tokens=24, pause_at=4,
+                                               draft_past_pause=past_pause)])
+    lengths = [len(state.generated)]
     while not state.finished:
         state.pause_at = len(state.generated) + 4
         engine.run([state])
         lengths.append(len(state.generated))
-    # the first token comes from the prefill; then exactly 4 more per run() until the end
-    assert [b - a for a, b in zip([1] + lengths, lengths)][:-1] == [4] * (len(lengths) - 1)
+    assert all(b - a == 4 for a, b in zip([0] + lengths, lengths[:-1])), lengths
     assert_same_tokens(target, prompt, expected, state.generated, "paused")
+    strides = len(lengths)
+    if past_pause:
+        assert state.stats.target_forwards < strides, (state.stats.target_forwards, strides)
+    else:
+        assert state.stats.target_forwards >= strides
+
+
+def test_prefill_verifies_a_draft(models):
+    """The prompt and a draft go through one forward: a right reference gives several tokens
+    from the prefill alone."""
+    target, _ = models
+    engine = SpeculativeEngine(target, TinyTokenizer(VOCAB), None, EngineConfig(drafters=("reference",)))
+    prompt = [1, 50, 51, 52, 53]
+    expected = hf_greedy(target, prompt, 12)
+    # the reference holds the prompt's tail followed by the continuation: the lookup matches it
+    (state,) = engine.begin([GenerationRequest(prompt, [prompt[-3:] + expected], max_new_tokens=12)])
+    assert state.stats.prefills == 1 and state.stats.target_forwards == 1
+    assert len(state.generated) > 1 and state.stats.accepted_tokens >= len(state.generated) - 1
+    engine.run([state])
+    assert_same_tokens(target, prompt, expected, state.generated, "prefill draft")
+
+
+def test_extend_continues_a_sequence_without_a_prefill(models):
+    """Known tokens appended with extend() are fed by the next step (one forward with the draft),
+    and generation goes on exactly as if the sequence had produced them; a pending ``ahead`` is
+    dropped, as it belonged to a continuation that did not happen."""
+    target, _ = models
+    engine = SpeculativeEngine(target, TinyTokenizer(VOCAB), None, EngineConfig(drafters=("reference",)))
+    prompt = [1, 60, 61, 62]
+    expected = hf_greedy(target, prompt, 30)
+    (state,) = engine.begin([GenerationRequest(prompt, [prompt[-3:] + expected], max_new_tokens=30, pause_at=3,
+                                               draft_past_pause=True)])
+    assert state.generated == expected[:3] and state.ahead      # drafted past the pause
+    other = [t for t in range(3, VOCAB) if t != expected[3]][:5]     # a continuation it would not pick
+    engine.extend(state, other)
+    assert state.ahead == []
+    state.pause_at = None
+    forwards = state.stats.target_forwards
+    engine.run([state])
+    oracle = hf_greedy(target, prompt + expected[:3] + other, 30 - 8)
+    assert_same_tokens(target, prompt + expected[:3] + other, oracle, state.generated[8:], "after extend")
+    assert state.stats.prefills == 1 and state.stats.target_forwards > forwards
+    with pytest.raises(Exception, match="finished"):
+        engine.extend(state, [5])
 
 
 def test_stop_strings_and_streaming_deltas(models):
