@@ -388,10 +388,11 @@ def run_benchmark(args: argparse.Namespace) -> None:
     corpus_build = None
     if args.corpus:
         corpus_build = build_indexes(args.corpus, index_dir, models.tokenizer, args.chunk_tokens, args.chunk_overlap)
-    stages = {kind: RetrievalStage(PipelineConfig(index_dir=str(index_dir / kind))) for kind in ("flat", "hnsw")}
+    retrievers = [r for r in args.retrievers.split(",") if r]
+    kinds = ["flat"] + sorted({RETRIEVERS[r][0] for r in retrievers} - {"flat"})   # open only the indexes used
+    stages = {kind: RetrievalStage(PipelineConfig(index_dir=str(index_dir / kind))) for kind in kinds}
     gen = GenerationStage(PipelineConfig(index_dir=str(index_dir / "flat"), model=args.model, device="cpu"),
                           retrieval=stages["flat"], models=models)
-    retrievers = [r for r in args.retrievers.split(",") if r]
     modes = [m for m in args.modes.split(",") if m]
     assert modes[0] == "baseline", "baseline must be the first mode (the reference output)"
     questions = QUESTIONS[: args.questions]
