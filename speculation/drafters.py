@@ -7,8 +7,11 @@ One protocol, several implementations; the engine never knows which one it talks
   longest suffix match of the text so far, searched in the retrieved documents, the prompt and
   the output.
 * ``NgramDrafter`` without references -- prompt lookup (the transformers / vLLM n-gram baseline).
-* ``ModelDrafter`` -- a small causal LM with its own KV cache, rolled back on rejection.
-* ``ChainDrafter`` -- asks each drafter in turn, the first that proposes anything wins.
+* ``ModelDrafter`` -- a small causal LM with its own KV pool, drafting for all rows at once.
+
+A step asks its drafters in order of preference (``EngineConfig.drafters``): each fills in the
+rows the ones before it left without a draft (``propose_batch``), so reference drafting wins
+where a document matches and the draft model covers the rest.
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ class Drafter(Protocol):
 
     def propose(self, state: "SequenceState", max_tokens: int) -> Draft | None:
         """Up to ``max_tokens`` guesses of the tokens after ``state.tokens``; None: no guess."""
+
+    def propose_batch(self, states: list["SequenceState"], limits: list[int]) -> list[Draft | None]:
+        """``propose`` for several sequences at once (a model drafter batches its forwards)."""
 
     def accepted(self, state: "SequenceState", draft: Draft, n_accepted: int) -> None:
         """Told how many of its tokens were accepted (``state.tokens`` is already updated)."""
@@ -171,6 +177,9 @@ class NgramDrafter:
         tokens = st["index"].lookup(state.tokens, k, self.min_ngram)
         return Draft(tokens, self.name) if tokens else None
 
+    def propose_batch(self, states: list["SequenceState"], limits: list[int]) -> list[Draft | None]:
+        return [self.propose(s, k) for s, k in zip(states, limits)]
+
     def accepted(self, state: "SequenceState", draft: Draft, n_accepted: int) -> None:
         state.drafter_state[self.name]["length"].update(len(draft.tokens), n_accepted)
 
@@ -178,83 +187,74 @@ class NgramDrafter:
 class ModelDrafter:
     """A small causal LM sharing the target's tokenizer. Greedy drafts when the request is
     greedy; otherwise samples from its warped distribution and returns those probabilities
-    (q in the rejection rule). Keeps its own KV cache, cropped back to the committed tokens."""
+    (q in the rejection rule). Drafts for all rows of a step together: one batched forward of
+    the draft model per drafted position, over its own KV pool (a sequence uses the slot it has
+    in the target's pool), rolled back to the committed tokens by setting a length."""
 
-    def __init__(self, model: Any, name: str = "draft_model", max_draft: int = 6) -> None:
+    def __init__(self, model: Any, name: str = "draft_model", max_draft: int = 6, max_slots: int = 16) -> None:
+        from .forward import PooledModel
+
         self.model = model
         self.name = name
         self.max_draft = max_draft
+        self.runner = PooledModel(model, max_slots)
 
     def begin(self, state: "SequenceState") -> None:
-        from .kv import new_cache
-
         state.drafter_state[self.name] = {
-            "cache": new_cache(self.model),
-            "cached": [],                       # tokens whose keys/values are in the cache
+            "cached": [],                       # tokens whose keys/values are in the draft pool
             "length": AdaptiveLength(self.max_draft),
-            "last_logits": None,
         }
 
-    @torch.inference_mode()
-    def propose(self, state: "SequenceState", max_tokens: int) -> Draft | None:
-        from .kv import rollback
+    def evicted(self, state: "SequenceState") -> None:
+        """The sequence lost its slot: nothing of it is cached any more."""
+        state.drafter_state[self.name]["cached"] = []
 
-        st = state.drafter_state[self.name]
-        k = min(max_tokens, st["length"].current)
-        if k <= 0:
-            return None
-        cached: list[int] = st["cached"]
-        keep = 0
-        limit = min(len(cached), len(state.tokens) - 1)   # always feed at least one token
-        while keep < limit and cached[keep] == state.tokens[keep]:
-            keep += 1
-        rollback(st["cache"], keep)
-        del cached[keep:]
-        device = next(self.model.parameters()).device
-        feed = state.tokens[keep:]
-        tokens: list[int] = []
-        probs: list[torch.Tensor] = []
-        params: SamplingParams = state.sampling
-        for _ in range(k):
-            out = self.model(input_ids=torch.tensor([feed], device=device), past_key_values=st["cache"],
-                             use_cache=True, logits_to_keep=1)
-            cached.extend(feed)
-            logits = out.logits[0, -1].float()
-            if params.greedy:
-                tok = int(logits.argmax())
-            else:
-                p = warp_probs(logits, params)
-                tok = int(torch.multinomial(p, 1, generator=state.generator).item())
-                probs.append(p)
-            tokens.append(tok)
-            feed = [tok]
-        # the last drafted token was never fed: the cache covers state.tokens + tokens[:-1]
-        return Draft(tokens, self.name, torch.stack(probs) if probs else None)
+    def propose(self, state: "SequenceState", max_tokens: int) -> Draft | None:
+        return self.propose_batch([state], [max_tokens])[0]
+
+    @torch.inference_mode()
+    def propose_batch(self, states: list["SequenceState"], limits: list[int]) -> list[Draft | None]:
+        from .forward import Row
+
+        drafts: list[Draft | None] = [None] * len(states)
+        # per drafting row: [index, state, k, feed, start, tokens, probs]
+        active: list[list[Any]] = []
+        for i, (state, limit) in enumerate(zip(states, limits)):
+            st = state.drafter_state[self.name]
+            k = min(limit, st["length"].current)
+            if k <= 0 or state.slot is None:
+                continue
+            cached: list[int] = st["cached"]
+            keep, bound = 0, min(len(cached), len(state.tokens) - 1)   # always feed at least one token
+            while keep < bound and cached[keep] == state.tokens[keep]:
+                keep += 1
+            del cached[keep:]
+            active.append([i, state, k, state.tokens[keep:], keep, [], []])
+        while active:
+            logits = self.runner.forward([Row(s.slot, start, feed, len(feed) - 1)
+                                          for _, s, _, feed, start, _, _ in active])
+            greedy = logits.argmax(-1).tolist()
+            still: list[list[Any]] = []
+            for j, row in enumerate(active):
+                i, state, k, feed, start, tokens, probs = row
+                st = state.drafter_state[self.name]
+                st["cached"].extend(feed)
+                params: SamplingParams = state.sampling
+                if params.greedy:
+                    tok = greedy[j]
+                else:
+                    p = warp_probs(logits[j], params)
+                    tok = int(torch.multinomial(p, 1, generator=state.generator).item())
+                    probs.append(p)
+                tokens.append(tok)
+                if len(tokens) < k:
+                    row[3], row[4] = [tok], start + len(feed)
+                    still.append(row)
+                else:
+                    # the last drafted token was never fed: the cache covers state.tokens + tokens[:-1]
+                    drafts[i] = Draft(tokens, self.name, torch.stack(probs) if probs else None)
+            active = still
+        return drafts
 
     def accepted(self, state: "SequenceState", draft: Draft, n_accepted: int) -> None:
         state.drafter_state[self.name]["length"].update(len(draft.tokens), n_accepted)
-
-
-class ChainDrafter:
-    """Asks its drafters in order; the first non-empty draft is used (reference drafting first,
-    the draft model only when no reference matches)."""
-
-    def __init__(self, drafters: list[Drafter]) -> None:
-        self.drafters = drafters
-        self.name = "+".join(d.name for d in drafters)
-
-    def begin(self, state: "SequenceState") -> None:
-        for d in self.drafters:
-            d.begin(state)
-
-    def propose(self, state: "SequenceState", max_tokens: int) -> Draft | None:
-        for d in self.drafters:
-            draft = d.propose(state, max_tokens)
-            if draft is not None and draft.tokens:
-                return draft
-        return None
-
-    def accepted(self, state: "SequenceState", draft: Draft, n_accepted: int) -> None:
-        for d in self.drafters:
-            if d.name == draft.source:
-                d.accepted(state, draft, n_accepted)

@@ -1,31 +1,39 @@
-"""The speculative decoding engine: draft -> one target forward -> verify -> commit -> roll back.
+"""The speculative decoding engine: draft -> one target forward for every row -> verify -> commit.
 
-Invariant of every sequence: the target's KV cache holds a prefix of ``tokens[:-1]``; a step
-feeds what it lacks (the pending last token; the whole prompt for a new sequence; tokens a caller
-appended with ``extend``) together with the drafts, in one forward. So a prefill verifies a draft
-as well, and a sequence can be continued with known tokens without a re-prefill. A sequence
-paused at a stride boundary may have drafted past it: the tokens verified there wait in
-``ahead`` (their KV kept) and are committed without a forward if it continues. Rejected drafts
-are removed from the cache by cropping it (never a re-prefill), so a step costs one target
-forward whatever happens.
+A step takes every running sequence at once. Each row feeds what its KV cache lacks (the pending
+last token; a prompt, in chunks while others decode; tokens a caller appended with ``extend``)
+together with its drafts, and all rows go through one target forward over the KV pool
+(``forward.PooledModel``). Every row is then verified from that forward -- greedy rows by one
+argmax, sampled rows by the speculative-sampling rule -- and committed on its own, with its stop
+strings, EOS and length limit. Rejected drafts cost nothing to undo: a row's cache length is set
+back (``SequenceState.cached``), never cropped or re-prefilled, and no other row is touched.
 
-The step API takes a list of sequences; today it runs them one after another, so batched
-verification can slot in later without callers changing.
+Invariant of every sequence: its slot holds the KV of a prefix of ``tokens[:-1]`` (of
+``(tokens + ahead)[:-1]`` when it drafted past a pause: the tokens verified there wait in
+``ahead`` and are committed without a forward if it continues).
+
+This object is driven by one thread at a time: the step API (``begin`` / ``step`` / ``run`` /
+``truncate`` / ``extend`` / ``release``) for callers that own their loop (the iterative pipeline,
+tests, the CLI), or ``scheduler.EngineLoop`` for many concurrent requests.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
 
-from .drafters import ChainDrafter, Draft, Drafter, ModelDrafter, NgramDrafter
+from .drafters import Draft, Drafter, ModelDrafter, NgramDrafter
 from .errors import GenerationInputError
-from .kv import cache_length, new_cache, rollback
+from .forward import SHORT_ROW, PooledModel, Row
+from .kv import SlotTable
 from .text import StopStringStreamer
-from .verify import SamplingParams, greedy_verify, sample_from, speculative_verify, warp_probs
+from .verify import SamplingParams, speculative_verify, warp_probs
+
+DRAFTERS = ("reference", "prompt_lookup", "draft_model")
 
 # on_commit(state, new_token_ids, text_delta)
 CommitCallback = Callable[["SequenceState", list[int], str], None]
@@ -33,10 +41,12 @@ CommitCallback = Callable[["SequenceState", list[int], str], None]
 
 @dataclass
 class EngineConfig:
-    """Which drafters run, in order of preference, and how long their drafts may be.
+    """Which drafters run, in order of preference, how long their drafts may be, and how much
+    one step may hold.
 
     drafters: any of "reference" (LLMA: references + prompt + output), "prompt_lookup"
-    (prompt + output only), "draft_model" (needs a draft model). Empty: no speculation.
+    (prompt + output only), "draft_model" (needs a draft model). Empty: no speculation. A step
+    asks them in this order; each drafts for the rows the ones before it left without a draft.
     """
 
     drafters: tuple[str, ...] = ("reference", "draft_model")
@@ -49,6 +59,13 @@ class EngineConfig:
     # (benchmarks/bench_engine.py profile). Speed only: verification decides every token.
     min_ngram: int | None = None
     draft_model_max_tokens: int = 6
+    # KV slots: sequences resident at once (running, parked, or finished and not yet released)
+    max_batch: int = 16
+    # tokens one forward feeds while some row is decoding: a newcomer's prompt is fed in chunks
+    # of what is left, so it does not stall the others for a whole prompt
+    max_tokens_per_step: int = 512
+    # tokens one forward feeds when every row in it is a prompt
+    max_prefill_tokens: int = 4096
 
 
 @dataclass
@@ -61,6 +78,8 @@ class GenerationRequest:
     seed: int | None = None
     speculate: bool = True
     max_draft_tokens: int | None = None
+    # drafters for this request, in order of preference; None: the engine's (EngineConfig.drafters)
+    drafters: tuple[str, ...] | None = None
     pause_at: int | None = None             # initial SequenceState.pause_at (the prefill respects it)
     # draft and verify past a pause; the verified tokens there wait in SequenceState.ahead
     draft_past_pause: bool = False
@@ -77,13 +96,18 @@ class DrafterStats:
 class GenerationStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
-    target_forwards: int = 0          # prefills + decode steps; each yields >= 1 token
+    target_forwards: int = 0          # forwards this sequence took part in (prompt chunks + decode steps)
     prefills: int = 0
     draft_tokens: int = 0
     accepted_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    batch_rows: int = 0               # rows of all the forwards it took part in (itself included)
     by_drafter: dict[str, DrafterStats] = field(default_factory=dict)
+
+    @property
+    def mean_rows_per_step(self) -> float:
+        return self.batch_rows / self.target_forwards if self.target_forwards else 0.0
 
     @property
     def mean_accepted_per_forward(self) -> float:
@@ -98,13 +122,14 @@ class GenerationStats:
         d = asdict(self)
         d["mean_accepted_per_forward"] = round(self.mean_accepted_per_forward, 4)
         d["tokens_per_second"] = round(self.tokens_per_second, 3)
+        d["mean_rows_per_step"] = round(self.mean_rows_per_step, 3)
         d["acceptance_rate"] = round(self.accepted_tokens / self.draft_tokens, 4) if self.draft_tokens else 0.0
         return d
 
     def merge(self, other: "GenerationStats") -> None:
         """Add another run's counts (the iterative pipeline runs several sequences per answer)."""
         for name in ("generated_tokens", "target_forwards", "prefills", "draft_tokens", "accepted_tokens",
-                     "prefill_seconds", "decode_seconds"):
+                     "prefill_seconds", "decode_seconds", "batch_rows"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for k, v in other.by_drafter.items():
             mine = self.by_drafter.setdefault(k, DrafterStats())
@@ -118,19 +143,22 @@ class SequenceState:
     request: GenerationRequest
     tokens: list[int]                       # prompt + generated; tokens[-1] is pending
     n_prompt: int
-    cache: Any
     sampling: SamplingParams
     generator: torch.Generator | None
     streamer: StopStringStreamer
-    drafter: Drafter | None
+    drafters: tuple[str, ...]               # engine drafters this sequence uses, in order
+    max_draft: int
     references: list[list[int]]
     stats: GenerationStats
     drafter_state: dict[str, Any] = field(default_factory=dict)
+    slot: int | None = None                 # KV pool slot; None: none held (new, released, evicted)
+    cached: int = 0                         # positions of the slot holding this sequence's KV
     finished: bool = False
-    finish_reason: str | None = None        # "stop" (EOS / stop string) | "length"
+    finish_reason: str | None = None        # "stop" (EOS / stop string) | "length" | "cancelled"
+    error: BaseException | None = None      # raised by the commit callback; the sequence ended there
     pause_at: int | None = None             # generated-token count at which run() returns
     # tokens verified past the pause, committed (without a forward) when the sequence continues;
-    # the cache holds the KV of all but the last of them
+    # the slot holds the KV of all but the last of them
     ahead: list[int] = field(default_factory=list)
 
     @property
@@ -150,8 +178,31 @@ class GenerationResult:
     stats: GenerationStats
 
 
+@dataclass
+class StepRecord:
+    """One step of the engine, for metrics: rows in the forward, tokens fed, wall seconds."""
+
+    rows: int
+    tokens: int
+    seconds: float
+    prefill_rows: int
+
+
+@dataclass
+class _RowPlan:
+    state: SequenceState
+    fed: list[int]                          # tokens the cache lacks, fed this step (maybe a chunk)
+    complete: bool                          # fed reaches the pending token: logits, verify, commit
+    draft_limit: int = 0
+    draft: Draft | None = None
+
+    @property
+    def drafted(self) -> list[int]:
+        return self.draft.tokens if self.draft else []
+
+
 class SpeculativeEngine:
-    """Owns the decoding loop for one target model (and optional draft model)."""
+    """Owns the KV pool and the decoding steps for one target model (and optional draft model)."""
 
     def __init__(self, target: Any, tokenizer: Any, draft: Any | None = None,
                  config: EngineConfig | None = None) -> None:
@@ -159,9 +210,15 @@ class SpeculativeEngine:
         self.tokenizer = tokenizer
         self.draft = draft
         self.config = config or EngineConfig()
+        if self.config.max_batch < 1 or self.config.max_tokens_per_step < 1:
+            raise GenerationInputError("max_batch and max_tokens_per_step must be at least 1")
         self.device = next(target.parameters()).device
         self.eos_ids = self._eos_ids()
         self.context_tokens = int(getattr(target.config, "max_position_embeddings", 0) or 0)
+        self.runner = PooledModel(target, self.config.max_batch)
+        self.slots = SlotTable(self.config.max_batch, self._evict)
+        self.drafters: dict[str, Drafter] = self._make_drafters()
+        self.on_step: Callable[[StepRecord], None] | None = None
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -178,30 +235,41 @@ class SpeculativeEngine:
             return max(1, self.config.min_ngram)
         return 1 if self.device.type == "cuda" else 3
 
-    def _make_drafter(self, request: GenerationRequest) -> Drafter | None:
+    def _make_drafters(self) -> dict[str, Drafter]:
+        """Every drafter this engine can run (a request picks among them); the draft model's only
+        when there is one."""
+        cfg = self.config
+        self._check_drafter_names(cfg.drafters, explicit=False)
+        drafters: dict[str, Drafter] = {
+            "reference": NgramDrafter("reference", cfg.max_draft_tokens, cfg.max_ngram,
+                                      min(self._min_ngram(), cfg.max_ngram)),
+            # kept like transformers' / vLLM's n-gram lookup (matches down to 1 token)
+            "prompt_lookup": NgramDrafter("prompt_lookup", cfg.max_draft_tokens, cfg.prompt_lookup_max_ngram,
+                                          use_references=False),
+        }
+        if self.draft is not None:
+            drafters["draft_model"] = ModelDrafter(self.draft, max_draft=min(cfg.max_draft_tokens,
+                                                                             cfg.draft_model_max_tokens),
+                                                   max_slots=cfg.max_batch)
+        return drafters
+
+    def _check_drafter_names(self, names: tuple[str, ...], explicit: bool) -> None:
+        for name in names:
+            if name not in DRAFTERS:
+                raise GenerationInputError(f"unknown drafter {name!r}: use {', '.join(DRAFTERS)}")
+            if explicit and name == "draft_model" and self.draft is None:
+                raise GenerationInputError("drafter 'draft_model' needs a draft model, and none is loaded")
+
+    def _chain(self, request: GenerationRequest) -> tuple[str, ...]:
         if not request.speculate:
-            return None
-        max_draft = request.max_draft_tokens or self.config.max_draft_tokens
-        drafters: list[Drafter] = []
-        for name in self.config.drafters:
-            if name == "reference":
-                drafters.append(NgramDrafter("reference", max_draft, self.config.max_ngram,
-                                             min(self._min_ngram(), self.config.max_ngram)))
-            elif name == "prompt_lookup":
-                # kept like transformers' / vLLM's n-gram lookup (matches down to 1 token)
-                drafters.append(NgramDrafter("prompt_lookup", max_draft, self.config.prompt_lookup_max_ngram,
-                                             use_references=False))
-            elif name == "draft_model":
-                if self.draft is not None:
-                    drafters.append(ModelDrafter(self.draft, max_draft=min(max_draft, self.config.draft_model_max_tokens)))
-            else:
-                raise GenerationInputError(f"unknown drafter {name!r}: use reference, prompt_lookup or draft_model")
-        if not drafters:
-            return None
-        return drafters[0] if len(drafters) == 1 else ChainDrafter(drafters)
+            return ()
+        if request.drafters is None:      # the engine's default: a missing draft model is skipped
+            return tuple(n for n in self.config.drafters if n in self.drafters)
+        self._check_drafter_names(tuple(request.drafters), explicit=True)
+        return tuple(dict.fromkeys(request.drafters))
 
     # ---- lifecycle ------------------------------------------------------------------------
-    def _new_state(self, request: GenerationRequest) -> SequenceState:
+    def new_state(self, request: GenerationRequest) -> SequenceState:
         """Validate a request and make its sequence; the prompt is fed by the first step."""
         if not request.prompt_ids:
             raise GenerationInputError("empty prompt")
@@ -214,33 +282,41 @@ class SpeculativeEngine:
             )
         generator = None
         if not request.sampling.greedy:
-            generator = torch.Generator(device="cpu")
-            generator.manual_seed(request.seed if request.seed is not None else torch.seed())
+            # one generator per request, on the model's device; torch's global RNG is never touched
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(request.seed if request.seed is not None else secrets.randbits(63))
+        chain = self._chain(request)
         state = SequenceState(
             request=request, tokens=list(request.prompt_ids), n_prompt=len(request.prompt_ids),
-            cache=new_cache(self.target), sampling=request.sampling, generator=generator,
-            streamer=StopStringStreamer(self.tokenizer, request.stop), drafter=self._make_drafter(request),
+            sampling=request.sampling, generator=generator,
+            streamer=StopStringStreamer(self.tokenizer, request.stop), drafters=chain,
+            max_draft=request.max_draft_tokens or self.config.max_draft_tokens,
             references=[list(r) for r in request.references], stats=GenerationStats(prompt_tokens=len(request.prompt_ids)),
             pause_at=request.pause_at,
         )
-        if state.drafter is not None:
-            state.drafter.begin(state)
+        for name in chain:
+            self.drafters[name].begin(state)
         return state
 
-    def _forward(self, state: SequenceState, ids: list[int], keep: int) -> torch.Tensor:
-        out = self.target(input_ids=torch.tensor([ids], device=self.device), past_key_values=state.cache,
-                          use_cache=True, logits_to_keep=keep)
-        state.stats.target_forwards += 1
-        return out.logits[0].float()
+    def _evict(self, state: SequenceState) -> None:
+        """``state`` lost its slot: its KV is gone (it re-prefills if stepped again)."""
+        state.slot = None
+        state.cached = 0
+        state.ahead = []
+        for name in state.drafters:
+            evicted = getattr(self.drafters[name], "evicted", None)
+            if evicted is not None:
+                evicted(state)
 
-    def _pick(self, state: SequenceState, logits: torch.Tensor) -> int:
-        if state.sampling.greedy:
-            return int(logits.argmax())
-        return sample_from(warp_probs(logits, state.sampling), state.generator)
+    def release(self, state: SequenceState) -> None:
+        """Give the sequence's slot back (a finished request; the iterative pipeline's chunks)."""
+        if state.slot is not None:
+            self.slots.release(state.slot)
+            self._evict(state)
 
     def _commit(self, state: SequenceState, new_tokens: list[int], on_commit: CommitCallback | None) -> None:
         """Append tokens one by one, stopping at EOS, a stop string, the length limit or a pause
-        (where the rest waits in ``state.ahead``); then make the cache hold exactly
+        (where the rest waits in ``state.ahead``); then make the cache length cover exactly
         (tokens + ahead)[:-1]."""
         paused = False
         committed: list[int] = []
@@ -267,82 +343,200 @@ class SpeculativeEngine:
         if state.finished:
             delta += state.streamer.finish()
         state.ahead = list(new_tokens[len(committed):]) if paused and not state.finished else []
-        rollback(state.cache, len(state.tokens) + len(state.ahead) - 1)
+        state.cached = min(state.cached, len(state.tokens) + len(state.ahead) - 1)
         state.stats.generated_tokens += len(committed)
         if on_commit is not None and (committed or delta):
-            on_commit(state, committed, delta)
+            try:
+                on_commit(state, committed, delta)
+            except BaseException as exc:  # noqa: BLE001 - ends this row only; the others' step goes on
+                state.error = exc
+                state.finished, state.finish_reason = True, "cancelled"
 
     # ---- the step -------------------------------------------------------------------------
-    @torch.inference_mode()
-    def step(self, states: list[SequenceState], on_commit: CommitCallback | None = None) -> None:
-        """One draft + verify round for every active sequence."""
-        for state in states:
-            if not state.finished and not self._paused(state):
-                self._step_one(state, on_commit)
+    def active(self, state: SequenceState) -> bool:
+        return not state.finished and not self._paused(state)
 
     def _paused(self, state: SequenceState) -> bool:
         return state.pause_at is not None and len(state.generated) >= state.pause_at
 
-    def _step_one(self, state: SequenceState, on_commit: CommitCallback | None) -> None:
+    @torch.inference_mode()
+    def step(self, states: list[SequenceState], on_commit: CommitCallback | None = None) -> None:
+        """One draft + verify round for every active sequence (at most ``max_batch`` rows; the
+        rest wait for the next step). A callback that raises ends its own row only
+        (``state.error``)."""
         t0 = time.perf_counter()
-        if state.ahead:        # verified by an earlier forward: no forward now
-            ahead, state.ahead = state.ahead, []
-            self._commit(state, ahead, on_commit)
-            state.stats.decode_seconds += time.perf_counter() - t0
+        rows: list[SequenceState] = []
+        for state in states:
+            if not self.active(state):
+                continue
+            if state.ahead:        # verified by an earlier forward: no forward now
+                ahead, state.ahead = state.ahead, []
+                self._commit(state, ahead, on_commit)
+            elif len(rows) < self.config.max_batch:
+                rows.append(state)
+        if not rows:
             return
-        remaining = state.request.max_new_tokens - len(state.generated)
-        if state.pause_at is not None and not state.request.draft_past_pause:
-            remaining = min(remaining, state.pause_at - len(state.generated))
-        draft: Draft | None = None
-        if state.drafter is not None and remaining > 1:
-            # `remaining` drafts + the bonus token may overshoot the limit by one: _commit trims
-            draft = state.drafter.propose(state, remaining)
-        drafted = draft.tokens if draft else []
-        cached = cache_length(state.cache)
-        assert cached <= len(state.tokens) - 1, "KV cache out of step with tokens"
-        fed = state.tokens[cached:]          # the pending token, or a prompt / extension to prefill
-        logits = self._forward(state, fed + drafted, keep=len(drafted) + 1)
-        if state.sampling.greedy:
-            n_acc, nxt = greedy_verify(drafted, logits)
-        else:
-            n_acc, nxt = speculative_verify(drafted, warp_probs(logits, state.sampling),
-                                            draft.probs if draft else None, state.generator)
-        if draft is not None:
-            st = state.stats.by_drafter.setdefault(draft.source, DrafterStats())
-            st.steps += 1
-            st.drafted += len(drafted)
-            st.accepted += n_acc
-            state.stats.draft_tokens += len(drafted)
-            state.stats.accepted_tokens += n_acc
-        self._commit(state, drafted[:n_acc] + [nxt], on_commit)
-        if draft is not None:
-            state.drafter.accepted(state, draft, n_acc)
-        if cached == 0:        # a prompt; an extension is a decode step over a few tokens
-            state.stats.prefills += 1
-            state.stats.prefill_seconds += time.perf_counter() - t0
-        else:
-            state.stats.decode_seconds += time.perf_counter() - t0
+        busy = {id(s) for s in rows}
+        for state in rows:
+            if state.slot is None:
+                state.slot = self.slots.acquire(state, busy)
+                state.cached = 0
+            else:
+                self.slots.touch(state.slot)
+        plans = self._plan(rows)
+        self._draft(plans)
+        logits = self.runner.forward([
+            Row(p.state.slot, p.state.cached, p.fed + p.drafted,  # type: ignore[arg-type]
+                len(p.fed) - 1 if p.complete else len(p.fed)) for p in plans])
+        verdicts = self._verify(plans, logits)
+        seconds = time.perf_counter() - t0
+        prefill_rows = 0
+        for plan in plans:
+            state = plan.state
+            first_chunk = state.cached == 0
+            state.cached += len(plan.fed) + len(plan.drafted)
+            st = state.stats
+            st.target_forwards += 1
+            st.batch_rows += len(plans)
+            if first_chunk:
+                st.prefills += 1
+            if first_chunk or not plan.complete:
+                prefill_rows += 1
+                st.prefill_seconds += seconds
+            else:
+                st.decode_seconds += seconds
+            if not plan.complete:
+                continue
+            n_acc, nxt = verdicts[id(state)]
+            draft = plan.draft
+            if draft is not None:
+                ds = st.by_drafter.setdefault(draft.source, DrafterStats())
+                ds.steps += 1
+                ds.drafted += len(draft.tokens)
+                ds.accepted += n_acc
+                st.draft_tokens += len(draft.tokens)
+                st.accepted_tokens += n_acc
+            self._commit(state, draft.tokens[:n_acc] + [nxt] if draft else [nxt], on_commit)
+            if draft is not None:
+                self.drafters[draft.source].accepted(state, draft, n_acc)
+        if self.on_step is not None:
+            self.on_step(StepRecord(len(plans), sum(len(p.fed) + len(p.drafted) for p in plans), seconds,
+                                    prefill_rows))
+
+    def _plan(self, rows: list[SequenceState]) -> list[_RowPlan]:
+        """What each row feeds. Short rows (decode tokens, small extensions) are fed whole; long
+        ones (prompts) get what is left of the step's token budget, in chunks, oldest first. A
+        row whose feed reaches its pending token may draft, within what is left after that."""
+        cfg = self.config
+        feeds = [s.tokens[s.cached:] for s in rows]
+        decoding = any(len(f) <= SHORT_ROW for f in feeds)
+        budget = cfg.max_tokens_per_step if decoding else max(cfg.max_prefill_tokens, cfg.max_tokens_per_step)
+        used = sum(len(f) for f in feeds if len(f) <= SHORT_ROW)
+        plans: list[_RowPlan] = []
+        for state, fed in zip(rows, feeds):
+            if len(fed) > SHORT_ROW:
+                avail = budget - used
+                if len(fed) > avail:
+                    if avail < SHORT_ROW and used > 0:
+                        continue             # waits for a step with room
+                    fed = fed[:max(avail, SHORT_ROW)]
+                    plans.append(_RowPlan(state, fed, complete=False))
+                    used += len(fed)
+                    continue
+                used += len(fed)
+            plans.append(_RowPlan(state, fed, complete=True))
+        left = budget - used
+        for plan in plans:
+            state = plan.state
+            if not plan.complete or not state.drafters:
+                continue
+            remaining = state.request.max_new_tokens - len(state.generated)
+            if state.pause_at is not None and not state.request.draft_past_pause:
+                remaining = min(remaining, state.pause_at - len(state.generated))
+            if remaining > 1:
+                # `remaining` drafts + the bonus token may overshoot the limit by one: _commit trims
+                plan.draft_limit = max(0, min(remaining, state.max_draft, left))
+                left -= plan.draft_limit
+        return plans
+
+    def _draft(self, plans: list[_RowPlan]) -> None:
+        """Each row's drafters in its order of preference: at every rank, each drafter drafts
+        (batched) for the rows that put it there and are still without a draft."""
+        depth = max((len(p.state.drafters) for p in plans), default=0)
+        for rank in range(depth):
+            for name, drafter in self.drafters.items():
+                want = [p for p in plans if p.draft_limit > 0 and p.draft is None
+                        and len(p.state.drafters) > rank and p.state.drafters[rank] == name]
+                if not want:
+                    continue
+                for plan, draft in zip(want, drafter.propose_batch([p.state for p in want],
+                                                                   [p.draft_limit for p in want])):
+                    if draft is not None and draft.tokens:
+                        plan.draft = Draft(draft.tokens[:plan.draft_limit], draft.source,
+                                           None if draft.probs is None else draft.probs[:plan.draft_limit])
+
+    def _verify(self, plans: list[_RowPlan], logits: torch.Tensor) -> dict[int, tuple[int, int]]:
+        """(accepted, next token) per complete row, from the one forward's logits, with one host
+        synchronisation for the greedy rows and one for the sampled rows."""
+        spans: list[tuple[_RowPlan, int, int]] = []
+        offset = 0
+        for plan in plans:
+            if plan.complete:
+                n = len(plan.drafted) + 1
+                spans.append((plan, offset, n))
+                offset += n
+        out: dict[int, tuple[int, int]] = {}
+        greedy = [s for s in spans if s[0].state.sampling.greedy]
+        if greedy:
+            predicted = logits.argmax(-1).tolist()
+            for plan, off, n in greedy:
+                pred = predicted[off:off + n]
+                k = 0
+                while k < n - 1 and plan.drafted[k] == pred[k]:
+                    k += 1
+                out[id(plan.state)] = (k, pred[k])
+        sampled = [s for s in spans if not s[0].state.sampling.greedy]
+        if sampled:
+            picks = []
+            for plan, off, n in sampled:
+                state = plan.state
+                probs = warp_probs(logits[off:off + n], state.sampling)
+                draft_probs = plan.draft.probs if plan.draft is not None else None
+                if draft_probs is not None:
+                    draft_probs = draft_probs.to(probs.device)
+                picks.append(torch.stack([torch.as_tensor(v, device=probs.device) for v in
+                                          speculative_verify(plan.drafted, probs, draft_probs, state.generator)]))
+            for (plan, _, _), (k, nxt) in zip(sampled, torch.stack(picks).tolist()):
+                out[id(plan.state)] = (int(k), int(nxt))
+        return out
 
     # ---- driving loops --------------------------------------------------------------------
     def begin(self, requests: list[GenerationRequest], on_commit: CommitCallback | None = None) -> list[SequenceState]:
-        """Prefill each request (verifying a first draft in the same forward) and commit its
-        first token(s)."""
-        states = [self._new_state(req) for req in requests]
-        with torch.inference_mode():
-            for state in states:
-                self._step_one(state, on_commit)
+        """Prefill the requests together (each verifying a first draft in the same forward) and
+        commit their first token(s)."""
+        states = [self.new_state(req) for req in requests]
+        while any(s.cached < s.n_prompt and self.active(s) for s in states):
+            self.step(states, on_commit)
+            self._raise_errors(states)
         return states
 
     def run(self, states: list[SequenceState], on_commit: CommitCallback | None = None) -> None:
         """Step until every sequence is finished or has reached its ``pause_at``."""
-        while any(not s.finished and not self._paused(s) for s in states):
+        while any(self.active(s) for s in states):
             self.step(states, on_commit)
+            self._raise_errors(states)
+
+    @staticmethod
+    def _raise_errors(states: list[SequenceState]) -> None:
+        for state in states:
+            if state.error is not None:
+                raise state.error
 
     def truncate(self, state: SequenceState, n_generated: int) -> None:
         """Roll a sequence back to its first ``n_generated`` generated tokens (tokens and KV)."""
         del state.tokens[state.n_prompt + n_generated:]
         state.ahead = []
-        rollback(state.cache, len(state.tokens) - 1)
+        state.cached = min(state.cached, len(state.tokens) - 1)
         state.streamer.truncate(n_generated)
         state.finished, state.finish_reason = False, None
 
@@ -354,15 +548,23 @@ class SpeculativeEngine:
             raise GenerationInputError("cannot extend a finished sequence")
         if state.ahead:       # verified for a continuation that did not happen
             state.ahead = []
-            rollback(state.cache, len(state.tokens) - 1)
+            state.cached = min(state.cached, len(state.tokens) - 1)
         state.tokens.extend(tokens)
         for tok in tokens:
             state.streamer.push(tok)
 
+    def result(self, state: SequenceState) -> GenerationResult:
+        return GenerationResult(state.generated, state.text, state.finish_reason or "length", state.stats)
+
     def generate(self, requests: list[GenerationRequest], on_commit: CommitCallback | None = None) -> list[GenerationResult]:
-        states = self.begin(requests, on_commit)
-        self.run(states, on_commit)
-        return [GenerationResult(s.generated, s.text, s.finish_reason or "length", s.stats) for s in states]
+        states: list[SequenceState] = []
+        try:
+            states = self.begin(requests, on_commit)
+            self.run(states, on_commit)
+        finally:
+            for state in states:
+                self.release(state)
+        return [self.result(s) for s in states]
 
     def generate_one(self, request: GenerationRequest, on_commit: CommitCallback | None = None) -> GenerationResult:
         return self.generate([request], on_commit)[0]

@@ -1,31 +1,96 @@
-"""KV-cache bookkeeping: one place that knows how this transformers version crops a cache."""
+"""The KV pool: the keys and values of every running sequence, one slot each.
+
+A sequence's cache is a slot of a pre-allocated tensor per layer, ``[slots, kv_heads, length,
+head_dim]``, plus a length kept on the host (``SequenceState.cached``). Rolling a row back is
+setting that length -- positions past it are never read (the attention mask stops there) and are
+overwritten by the next forward -- so it never touches the other rows' memory. The tensors grow
+(doubling) when more slots or positions are needed, up to ``max_slots`` and the model's context.
+
+Slots are handed out lowest first, so the running rows stay packed at the front of the pool and
+the batched attention reads one contiguous range. When every slot is taken, the least recently
+used sequence that is not stepping now (a finished one nobody released, a parked iterative
+chunk) is evicted: its slot is reused and it re-prefills if it is ever stepped again.
+"""
 
 from __future__ import annotations
 
-import inspect
-from typing import Any
+from collections import OrderedDict
+from typing import Any, Callable, Hashable
+
+import torch
 
 
-def new_cache(model: Any) -> Any:
-    from transformers import DynamicCache
+class KVPool:
+    """Per-layer key and value storage for ``max_slots`` sequences."""
 
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:  # older transformers
-        return DynamicCache()
+    def __init__(self, n_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                 max_slots: int, max_length: int, initial_slots: int = 4, initial_length: int = 256) -> None:
+        self.n_layers, self.kv_heads, self.head_dim = n_layers, kv_heads, head_dim
+        self.dtype, self.device = dtype, device
+        self.max_slots, self.max_length = max_slots, max_length
+        self.slots = min(initial_slots, max_slots)
+        self.length = min(initial_length, max_length)
+        self.keys = [self._zeros(self.slots, self.length) for _ in range(n_layers)]
+        self.values = [self._zeros(self.slots, self.length) for _ in range(n_layers)]
+
+    def _zeros(self, slots: int, length: int) -> torch.Tensor:
+        # zeros, not empty: padding queries read position 0 of idle slots, and must stay finite
+        return torch.zeros(slots, self.kv_heads, length, self.head_dim, dtype=self.dtype, device=self.device)
+
+    def ensure(self, slots: int, length: int) -> None:
+        """Grow (doubling) so that slot indices < ``slots`` and positions < ``length`` exist."""
+        if length > self.max_length:
+            raise ValueError(f"a sequence of {length} positions exceeds the KV pool's limit of {self.max_length}")
+        if slots <= self.slots and length <= self.length:
+            return
+        new_slots, new_length = self.slots, self.length
+        while new_slots < slots:
+            new_slots = min(self.max_slots, new_slots * 2)
+        while new_length < length:
+            new_length = min(self.max_length, new_length * 2)
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                grown = self._zeros(new_slots, new_length)
+                grown[:self.slots, :, :self.length] = old
+                store[i] = grown
+        self.slots, self.length = new_slots, new_length
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
 
-def cache_length(cache: Any) -> int:
-    return int(cache.get_seq_length())
+class SlotTable:
+    """Which sequence holds which slot, least recently used first."""
 
+    def __init__(self, max_slots: int, on_evict: Callable[[Any], None]) -> None:
+        self.max_slots = max_slots
+        self._owners: OrderedDict[int, Any] = OrderedDict()   # slot -> owner, LRU order
+        self._on_evict = on_evict
 
-def rollback(cache: Any, length: int) -> None:
-    """Drop cached positions past ``length`` (rejected drafts) -- never a re-prefill."""
-    current = cache_length(cache)
-    if length >= current:
-        return
-    params = list(inspect.signature(cache.crop).parameters)
-    if params and params[0] == "tokens_to_remove":   # transformers >= 5: negative count
-        cache.crop(length - current)
-    else:                                             # older: absolute max length
-        cache.crop(length)
+    def __len__(self) -> int:
+        return len(self._owners)
+
+    def acquire(self, owner: Any, busy: set[Hashable]) -> int:
+        """A free slot for ``owner`` (lowest index first), evicting the least recently used owner
+        whose ``id`` is not in ``busy``."""
+        for slot in range(self.max_slots):
+            if slot not in self._owners:
+                self._owners[slot] = owner
+                return slot
+        for slot, other in self._owners.items():
+            if id(other) not in busy:
+                self._on_evict(other)
+                del self._owners[slot]
+                self._owners[slot] = owner
+                return slot
+        raise RuntimeError(f"all {self.max_slots} KV slots are in use by sequences stepping now: "
+                           "step fewer sequences at once or raise max_batch")
+
+    def touch(self, slot: int) -> None:
+        self._owners.move_to_end(slot)
+
+    def release(self, slot: int) -> None:
+        self._owners.pop(slot, None)
+
+    def owner(self, slot: int) -> Any:
+        return self._owners.get(slot)

@@ -73,30 +73,41 @@ def speculative_verify(
     target_probs: torch.Tensor,
     draft_probs: torch.Tensor | None,
     generator: torch.Generator | None,
-) -> tuple[int, int]:
-    """The speculative-sampling rule.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The speculative-sampling rule, without a host synchronisation.
 
     target_probs: [len(draft) + 1, V] warped target distributions p.
     draft_probs:  [len(draft), V] warped draft distributions q, or None for a deterministic
                   (copied) draft, i.e. q = one-hot at the drafted token.
-    Accept draft x with probability min(1, p(x) / q(x)); at the first rejection sample from
-    normalise(max(0, p - q)); if all are accepted, sample a bonus token from p.
-    Returns (number accepted, next token).
+    Accept draft x_i with probability min(1, p(x_i) / q(x_i)); at the first rejection i sample
+    from normalise(max(0, p_i - q_i)); if all are accepted, sample a bonus token from p.
+    One uniform is drawn per draft position (those after the first rejection are unused, which
+    leaves the distribution unchanged) and the sampled index is chosen on the device, so the
+    caller syncs once per step for all rows.
+    Returns (number accepted, next token) as 0-d tensors on the probabilities' device.
     """
-    for i, x in enumerate(draft):
-        p = target_probs[i]
+    device = target_probs.device
+    k = len(draft)
+    vocab = target_probs.shape[-1]
+    # q with a zero row after the drafts: the "residual" at position k is then p_k itself
+    q = torch.zeros(k + 1, vocab, device=device, dtype=target_probs.dtype)
+    if k:
+        x = torch.tensor(draft, device=device)
         if draft_probs is None:
-            q = torch.zeros_like(p)
-            q[x] = 1.0
+            q[torch.arange(k, device=device), x] = 1.0
         else:
-            q = draft_probs[i]
-        q_x = float(q[x])
-        accept_prob = 1.0 if q_x <= 0.0 and float(p[x]) > 0.0 else min(1.0, float(p[x]) / max(q_x, 1e-30))
-        if float(torch.rand((), generator=generator)) < accept_prob:
-            continue
-        residual = (p - q).clamp_min(0.0)
-        total = float(residual.sum())
-        if total <= 0.0:  # p == q exactly: any rejection is measure-zero; fall back to p
-            residual, total = p, float(p.sum())
-        return i, sample_from(residual / total, generator)
-    return len(draft), sample_from(target_probs[len(draft)], generator)
+            q[:k] = draft_probs.to(q.dtype)
+        rows = torch.arange(k, device=device)
+        p_x, q_x = target_probs[rows, x], q[rows, x]
+        ratio = torch.where(q_x > 0, p_x / q_x.clamp_min(1e-30), (p_x > 0).to(p_x.dtype))
+        u = torch.rand(k, generator=generator, device=device)
+        n = (u < ratio.clamp(max=1.0)).to(torch.long).cumprod(0).sum()
+    else:
+        n = torch.zeros((), dtype=torch.long, device=device)
+    p_n = target_probs.index_select(0, n.view(1))[0]
+    residual = (p_n - q.index_select(0, n.view(1))[0]).clamp_min(0.0)
+    total = residual.sum()
+    # p == q exactly: a rejection has probability zero; sample from p rather than divide by 0
+    residual = torch.where(total > 0, residual, p_n)
+    nxt = torch.multinomial(residual / residual.sum(), 1, generator=generator)[0]
+    return n, nxt

@@ -42,3 +42,26 @@ def test_bf16_cuda_greedy_matches_hf_generate(monkeypatch, drafters):
         assert_same_tokens(target, prompt, expected, res.token_ids, f"cuda bf16 {drafters} case {n}")
         accepted += res.stats.accepted_tokens
     assert accepted > 0
+
+
+def test_cuda_sampling_in_a_batch_uses_per_request_cuda_generators():
+    """Sampled rows on CUDA: each request's generator lives on the GPU (no CPU generator handed
+    to a CUDA multinomial), a seed alone reproduces its tokens, and torch's global RNG is left
+    alone."""
+    from speculation.scheduler import EngineLoop
+    from speculation.verify import SamplingParams
+
+    target = copy.deepcopy(tiny_llama(seed=0)).to("cuda", torch.bfloat16)
+    draft = copy.deepcopy(tiny_llama(seed=1)).to("cuda", torch.bfloat16)
+    engine = SpeculativeEngine(target, TinyTokenizer(96), draft, EngineConfig(drafters=("draft_model",)))
+    req = lambda seed: GenerationRequest([1, 5, 6, 7], [], max_new_tokens=24,  # noqa: E731
+                                         sampling=SamplingParams(temperature=0.8), seed=seed)
+    state = engine.new_state(req(3))
+    assert state.generator.device.type == "cuda"
+    global_state = torch.cuda.get_rng_state()
+    assert engine.generate_one(req(3)).token_ids == engine.generate_one(req(3)).token_ids
+    loop = EngineLoop(engine)
+    outs = [h.result(120) for h in [loop.submit(req(s)) for s in range(16)]]
+    loop.close()
+    assert all(len(o.token_ids) >= 1 for o in outs) and len({tuple(o.token_ids) for o in outs}) > 1
+    assert torch.equal(torch.cuda.get_rng_state(), global_state)

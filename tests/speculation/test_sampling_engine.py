@@ -1,5 +1,5 @@
-"""Seeded sampling through the whole engine: with speculation, tokens are distributed exactly as
-without it. The first token comes from the prefill, so the check is on tokens 2 and 3 -- the
+"""Seeded sampling through the whole engine, one request at a time and many in one batch: with
+speculation, tokens are distributed exactly as without it. The first token comes from the prefill, so the check is on tokens 2 and 3 -- the
 ones produced by draft + verify -- against their exact distribution computed from the target."""
 
 import itertools
@@ -10,6 +10,7 @@ from scipy.stats import chisquare
 
 import speculation.engine as engine_mod
 from speculation.engine import EngineConfig, GenerationRequest, SpeculativeEngine
+from speculation.scheduler import EngineLoop
 from speculation.verify import SamplingParams, warp_probs
 from tinymodels import TinyTokenizer, tiny_llama
 
@@ -37,11 +38,21 @@ def _exact_joint(target):
     return joint
 
 
-def _sampled_joint(engine, references):
+def _sampled_joint(engine, references, batched=False):
+    """Counts of (t2, t3) over N seeded requests: one at a time, or all submitted at once to an
+    engine loop, which steps up to max_batch of them per forward (with greedy rows among them)."""
+    requests = [GenerationRequest(PROMPT, references, max_new_tokens=3, sampling=PARAMS, seed=seed)
+                for seed in range(N)]
+    if batched:
+        loop = EngineLoop(engine)
+        greedy = [loop.submit(GenerationRequest(PROMPT, references, max_new_tokens=3)) for _ in range(N // 50)]
+        outs = [h.token_ids for h in (x.result() for x in [loop.submit(r) for r in requests])]
+        assert len({tuple(g.result().token_ids) for g in greedy}) == 1
+        loop.close()
+    else:
+        outs = [engine.generate_one(r).token_ids for r in requests]
     counts = torch.zeros(VOCAB, VOCAB)
-    for seed in range(N):
-        out = engine.generate_one(GenerationRequest(PROMPT, references, max_new_tokens=3,
-                                                    sampling=PARAMS, seed=seed)).token_ids
+    for out in outs:
         if len(out) == 3:                # sequences that ended early (EOS) are not counted
             counts[out[1], out[2]] += 1
     return counts
@@ -72,12 +83,13 @@ CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["alone", "batched"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_speculative_sampling_matches_target_distribution(setup, name):
+def test_speculative_sampling_matches_target_distribution(setup, name, batched):
     target, draft, joint = setup
     drafters, refs = CONFIGS[name]
     engine = SpeculativeEngine(target, TinyTokenizer(VOCAB), draft, EngineConfig(drafters=drafters))
-    counts = _sampled_joint(engine, refs)
+    counts = _sampled_joint(engine, refs, batched)
     assert _pvalue(counts, joint) > 1e-3
 
 
@@ -104,3 +116,4 @@ def test_chi_square_rejects_a_wrong_residual(setup, monkeypatch):
     monkeypatch.setattr(engine_mod, "speculative_verify", wrong)
     engine = SpeculativeEngine(target, TinyTokenizer(VOCAB), draft, EngineConfig(drafters=("draft_model",)))
     assert _pvalue(_sampled_joint(engine, []), joint) < 1e-3
+    assert _pvalue(_sampled_joint(engine, [], batched=True), joint) < 1e-3

@@ -1,0 +1,214 @@
+"""One target forward over the ragged rows of many sequences, reading and writing a KV pool.
+
+The rows are packed into one sequence of tokens (no padding in the linear layers, which are most
+of the cost); each token carries its own position id, so rotary embeddings are per row. The
+attention is ours, registered with transformers' ``AttentionInterface``: per layer it writes the
+new keys and values into each row's slot at its positions, then attends each row to its own
+slot only -- the cached prefix plus its new tokens, causally (or along a tree, later). Short rows
+(decode tokens + drafts) are attended together in one padded call; a long row (a prompt chunk)
+alone. Padding never attends and is never attended: it is masked out and its output dropped.
+
+The model keeps working for everybody else: a call without our batch metadata (Hugging Face
+``generate``, the tests' oracle) goes to the SDPA attention the model had.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .kv import KVPool
+
+ATTENTION_NAME = "specrag_pool"
+_BATCH_KWARG = "specrag_batch"
+SHORT_ROW = 32          # rows up to this many tokens share one padded attention call
+
+
+@dataclass
+class Row:
+    """What one sequence feeds into a forward: ``tokens`` at positions ``start`` onwards of its
+    ``slot``; logits are wanted from token index ``logits_from`` on (``len(tokens)``: none)."""
+
+    slot: int
+    start: int
+    tokens: list[int]
+    logits_from: int
+
+
+@dataclass
+class _Group:
+    lo: int                      # slot range [lo, hi) read by this attention call
+    hi: int
+    kv_len: int
+    t_max: int
+    packed: torch.Tensor         # [n] packed token indices of the group's tokens
+    padded: torch.Tensor         # [n] their flat index in the [hi - lo, t_max] padded layout
+    mask: torch.Tensor           # [hi - lo, 1, G * t_max, kv_len] bool, True = attend
+
+
+@dataclass
+class _Batch:
+    pool: KVPool
+    slot_idx: torch.Tensor       # [T] slot of every packed token
+    pos_idx: torch.Tensor        # [T] its position
+    groups: list[_Group]
+
+
+def _pool_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: Any, scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    batch: _Batch | None = kwargs.get(_BATCH_KWARG)
+    if batch is None:     # someone else's forward (HF generate): the attention the model had
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    layer = module.layer_idx
+    pool = batch.pool
+    k_store, v_store = pool.keys[layer], pool.values[layer]
+    # query/key/value: [1, heads, T, D] over the packed tokens
+    k_store[batch.slot_idx, :, batch.pos_idx] = key[0].transpose(0, 1).to(k_store.dtype)
+    v_store[batch.slot_idx, :, batch.pos_idx] = value[0].transpose(0, 1).to(v_store.dtype)
+    q_packed = query[0].transpose(0, 1)                       # [T, Hq, D]
+    n_tokens, hq, d = q_packed.shape
+    hkv = k_store.shape[1]
+    g = hq // hkv
+    out = query.new_empty(n_tokens, hq, d)
+    for grp in batch.groups:
+        b = grp.hi - grp.lo
+        q = query.new_zeros(b * grp.t_max, hq, d)
+        q[grp.padded] = q_packed[grp.packed]
+        # heads kv-major (query head h reads kv head h // g), the g query heads of a kv head
+        # folded into the query length: no copy of the cache for grouped-query attention
+        q = q.view(b, grp.t_max, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * grp.t_max, d)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q, k_store[grp.lo:grp.hi, :, :grp.kv_len], v_store[grp.lo:grp.hi, :, :grp.kv_len],
+            attn_mask=grp.mask, scale=scaling)
+        o = o.view(b, hkv, g, grp.t_max, d).permute(0, 3, 1, 2, 4).reshape(b * grp.t_max, hq, d)
+        out[grp.packed] = o[grp.padded]
+    return out.unsqueeze(0), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, _pool_attention)
+    # HF's own calls (generate) build the mask SDPA wants
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def _kv_geometry(config: Any) -> tuple[int, int, int]:
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, kv_heads, head_dim
+
+
+class PooledModel:
+    """A causal LM whose forwards run over a KV pool of ``max_slots`` sequences."""
+
+    def __init__(self, model: Any, max_slots: int, max_length: int | None = None) -> None:
+        _register()
+        self.model = model
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        n_layers, kv_heads, head_dim = _kv_geometry(model.config)
+        context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 4096
+        self.pool = KVPool(n_layers, kv_heads, head_dim, self.dtype, self.device, max_slots,
+                           max_length or context)
+        if getattr(model.config, "_attn_implementation", None) != ATTENTION_NAME:
+            try:
+                model.set_attn_implementation(ATTENTION_NAME)
+            except Exception:  # noqa: BLE001 - older transformers: set it on the config
+                model.config._attn_implementation = ATTENTION_NAME
+        self._dummy_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
+        self._check_attention_is_ours(n_layers)
+
+    def _check_attention_is_ours(self, n_layers: int) -> None:
+        """A model whose attention does not go through transformers' attention interface would
+        silently ignore the pool: refuse it with a message instead."""
+        calls: list[int] = []
+
+        def spy(module: Any, *args: Any, **kwargs: Any) -> Any:
+            calls.append(module.layer_idx)
+            return _pool_attention(module, *args, **kwargs)
+
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(ATTENTION_NAME, spy)
+        try:
+            with torch.inference_mode():
+                self.forward([Row(slot=0, start=0, tokens=[0], logits_from=1)])
+        finally:
+            AttentionInterface.register(ATTENTION_NAME, _pool_attention)
+        if sorted(set(calls)) != list(range(n_layers)):
+            raise TypeError(f"{type(self.model).__name__} does not route its attention through transformers' "
+                            "AttentionInterface; the batched engine cannot run it")
+
+    def _plan(self, rows: list[Row]) -> tuple[_Batch, list[int], list[int]]:
+        slot_idx: list[int] = []
+        pos_idx: list[int] = []
+        keep: list[int] = []
+        offsets: list[int] = []
+        for row in rows:
+            offsets.append(len(slot_idx))
+            keep.extend(len(slot_idx) + i for i in range(row.logits_from, len(row.tokens)))
+            slot_idx.extend([row.slot] * len(row.tokens))
+            pos_idx.extend(range(row.start, row.start + len(row.tokens)))
+        self.pool.ensure(max(r.slot for r in rows) + 1, max(r.start + len(r.tokens) for r in rows))
+        hq_per_kv = self._query_groups()
+        short = [i for i, r in enumerate(rows) if len(r.tokens) <= SHORT_ROW]
+        groups = [self._group(rows, offsets, short, hq_per_kv)] if short else []
+        groups += [self._group(rows, offsets, [i], hq_per_kv) for i, r in enumerate(rows) if len(r.tokens) > SHORT_ROW]
+        dev = self.device
+        batch = _Batch(self.pool, torch.tensor(slot_idx, device=dev), torch.tensor(pos_idx, device=dev), groups)
+        return batch, keep, offsets
+
+    def _query_groups(self) -> int:
+        cfg = self.model.config
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        return cfg.num_attention_heads // self.pool.kv_heads
+
+    def _group(self, rows: list[Row], offsets: list[int], members: list[int], g: int) -> _Group:
+        lo = min(rows[i].slot for i in members)
+        hi = max(rows[i].slot for i in members) + 1
+        t_max = max(len(rows[i].tokens) for i in members)
+        kv_len = max(rows[i].start + len(rows[i].tokens) for i in members)
+        packed: list[int] = []
+        padded: list[int] = []
+        # padding queries (and idle slots in the range) see position 0 only: finite, discarded
+        mask = torch.zeros(hi - lo, t_max, kv_len, dtype=torch.bool)
+        mask[:, :, 0] = True
+        for i in members:
+            r = rows[i]
+            b = r.slot - lo
+            n = len(r.tokens)
+            packed.extend(range(offsets[i], offsets[i] + n))
+            padded.extend(b * t_max + t for t in range(n))
+            # query t (position start + t) sees the cached prefix and the new tokens up to itself
+            q_pos = torch.arange(r.start, r.start + n).unsqueeze(1)
+            mask[b, :n] = torch.arange(kv_len).unsqueeze(0) <= q_pos
+        mask = mask.unsqueeze(1).expand(hi - lo, g, t_max, kv_len).reshape(hi - lo, 1, g * t_max, kv_len)
+        dev = self.device
+        return _Group(lo, hi, kv_len, t_max, torch.tensor(packed, device=dev), torch.tensor(padded, device=dev),
+                      mask.to(dev))
+
+    def forward(self, rows: list[Row]) -> torch.Tensor:
+        """Logits ``[sum of wanted positions, vocab]`` (fp32), rows in order. The KV of every
+        fed token is written into its row's slot; the caller keeps the lengths."""
+        if len({r.slot for r in rows}) != len(rows):
+            raise ValueError("two rows of one forward share a KV slot")
+        batch, keep, _ = self._plan(rows)
+        ids = torch.tensor([[t for r in rows for t in r.tokens]], device=self.device)
+        positions = torch.tensor([[p for r in rows for p in range(r.start, r.start + len(r.tokens))]],
+                                 device=self.device)
+        if not keep:
+            keep_idx = torch.tensor([0], device=self.device)     # HF needs something; dropped below
+        else:
+            keep_idx = torch.tensor(keep, device=self.device)
+        out = self.model(input_ids=ids, position_ids=positions, attention_mask=self._dummy_mask, use_cache=False,
+                         logits_to_keep=keep_idx, **{_BATCH_KWARG: batch})
+        logits = out.logits[0].float()
+        return logits if keep else logits[:0]
