@@ -129,7 +129,11 @@ class AnswerWriter:
 
 class QAWorker:
     """One pipeline per actor (Ray Data ``map_batches`` callable class). Returns each answer as
-    a ready JSON line, so nested sources/metrics do not go through Arrow's type inference."""
+    a ready JSON line, so nested sources/metrics do not go through Arrow's type inference.
+
+    Ray Data calls it from several threads at once (``calls_per_actor``): each call is one
+    question, and the pipeline's engine loop batches the questions in flight into shared
+    forwards (continuous batching)."""
 
     def __init__(self, pipeline: dict[str, Any], stages_module: str = "pipeline.rag",
                  torch_threads: int | None = None, max_tokens: int | None = None):
@@ -220,7 +224,8 @@ class BatchSummary:
 
 
 def _results(report: list[Question], *, pipeline: dict[str, Any], stages_module: str, concurrency: int,
-             cpus_per_actor: float, torch_threads: int | None, max_tokens: int | None) -> Iterator[dict[str, Any]]:
+             cpus_per_actor: float, torch_threads: int | None, max_tokens: int | None,
+             calls_per_actor: int) -> Iterator[dict[str, Any]]:
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -234,10 +239,21 @@ def _results(report: list[Question], *, pipeline: dict[str, Any], stages_module:
         fn_constructor_kwargs={"pipeline": pipeline, "stages_module": stages_module,
                                "torch_threads": torch_threads, "max_tokens": max_tokens},
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=concurrency),
+        compute=ray.data.ActorPoolStrategy(size=concurrency, max_concurrent_calls_per_actor=calls_per_actor,
+                                           max_tasks_in_flight_per_actor=calls_per_actor,
+                                           enable_true_multi_threading=calls_per_actor > 1),
         num_cpus=cpus_per_actor,
     )
     yield from ds.iter_rows()
+
+
+def _calls_per_actor(pipeline: dict[str, Any], questions: int, actors: int) -> int:
+    """Questions in flight per actor: what its engine loop batches (``max_batch``), no more
+    than there are questions for it."""
+    from pipeline.config import PipelineConfig
+
+    max_batch = PipelineConfig.model_validate(pipeline).max_batch
+    return max(1, min(max_batch, -(-questions // max(1, actors))))
 
 
 def run_batch(input_path: str | Path, output_path: str | Path, *,
@@ -274,7 +290,8 @@ def run_batch(input_path: str | Path, output_path: str | Path, *,
         try:
             for row in _results(todo, pipeline=pipeline, stages_module=stages_module, concurrency=concurrency,
                                 cpus_per_actor=cpus_per_actor if cpus_per_actor is not None else min(1.0, cpus / concurrency),
-                                torch_threads=threads, max_tokens=max_tokens):
+                                torch_threads=threads, max_tokens=max_tokens,
+                                calls_per_actor=_calls_per_actor(pipeline, len(todo), concurrency)):
                 now = time.perf_counter() - t0
                 if not summary.answered and not summary.failed:
                     summary.startup_seconds = now

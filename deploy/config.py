@@ -70,7 +70,8 @@ def _default_retriever() -> DeploymentSettings:
 
 
 def _default_generator() -> DeploymentSettings:
-    return DeploymentSettings(num_cpus=0.5, max_ongoing_requests=8)
+    # one engine loop per replica batches up to pipeline.max_batch (16) requests per forward
+    return DeploymentSettings(num_cpus=0.5, max_ongoing_requests=16)
 
 
 class ServeConfig(BaseModel):

@@ -14,6 +14,8 @@ from typing import Any
 from pipeline.api import AskResult
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ROWS_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 64)
+STEP_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
 
 def _labels(labels: dict[str, str]) -> str:
@@ -59,6 +61,9 @@ class ServiceMetrics:
         self._errors: dict[str, int] = {}
         self._latency: dict[str, _Histogram] = {}
         self._ttft = _Histogram(LATENCY_BUCKETS)
+        # per request: the mean rows of the engine steps it took part in, and their mean seconds
+        self._rows = _Histogram(ROWS_BUCKETS)
+        self._step = _Histogram(STEP_BUCKETS)
         self._totals = {
             "completion_tokens": 0.0, "prompt_tokens": 0.0, "target_forwards": 0.0,
             "draft_tokens": 0.0, "accepted_tokens": 0.0,
@@ -90,7 +95,12 @@ class ServiceMetrics:
         mismatched = _as_float(_first(retr, "mismatched", "mismatches"))
         hits = _first(retr, "hits", "speculation_hits", "correct")
         hits_f = _as_float(hits) if hits is not None else max(speculated - mismatched, 0.0)
+        rows = _as_float(stats.get("mean_rows_per_step"))
+        step = _as_float(stats.get("mean_step_seconds"))
         with self._lock:
+            if rows > 0:
+                self._rows.observe(rows)
+                self._step.observe(step)
             t = self._totals
             t["completion_tokens"] += result.completion_tokens
             t["prompt_tokens"] += result.prompt_tokens
@@ -120,6 +130,12 @@ class ServiceMetrics:
                 self._histogram(lines, "specrag_request_latency_seconds", h, {"endpoint": endpoint})
             head("specrag_time_to_first_token_seconds", "histogram", "Streaming: time to the first content chunk.")
             self._histogram(lines, "specrag_time_to_first_token_seconds", self._ttft, {})
+            head("specrag_engine_batch_rows", "histogram",
+                 "Per request: mean sequences in the engine steps (target forwards) it took part in.")
+            self._histogram(lines, "specrag_engine_batch_rows", self._rows, {})
+            head("specrag_engine_step_seconds", "histogram",
+                 "Per request: mean wall seconds of the engine steps it took part in.")
+            self._histogram(lines, "specrag_engine_step_seconds", self._step, {})
             t = self._totals
             for name, key, help_ in (
                 ("specrag_tokens_generated_total", "completion_tokens", "Completion tokens generated."),

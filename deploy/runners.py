@@ -146,11 +146,15 @@ class RetrievalRunner:
 
 
 class GenerationRunner:
-    """A GenerationStage behind ``concurrency`` worker threads (1: requests queue, which is what
-    a CPU or a single model copy wants; the engine's state is per request)."""
+    """A GenerationStage behind ``concurrency`` worker threads. The pipeline's stage batches
+    whatever its threads hand it in one engine loop (continuous batching), so a thread per
+    request it can hold -- ``stage.concurrency`` by default -- is what lets requests share its
+    forwards; a stage without that attribute gets one thread (requests queue)."""
 
-    def __init__(self, stage: Any, concurrency: int = 1):
+    def __init__(self, stage: Any, concurrency: int | None = None):
         self.stage = stage
+        if concurrency is None:
+            concurrency = int(getattr(stage, "concurrency", 1) or 1)
         self._pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="specrag-generate")
 
     def _call(self, request: AskRequest, sources: list[Source] | None,
@@ -235,7 +239,7 @@ class GenerationRunner:
 class LocalBackend:
     """Both stages in this process, for the HTTP layer's unit tests and ``--local`` use."""
 
-    def __init__(self, retrieval_stage: Any, generation_stage: Any, concurrency: int = 1):
+    def __init__(self, retrieval_stage: Any, generation_stage: Any, concurrency: int | None = None):
         self.retrieval = RetrievalRunner(retrieval_stage)
         self.generation = GenerationRunner(generation_stage, concurrency)
 

@@ -28,4 +28,7 @@ class PipelineConfig(BaseModel):
     k: int = Field(4, ge=1, le=50)
     retriever: str = "dense"
     max_draft_tokens: int = Field(16, ge=1, le=64)
+    # continuous batching: sequences one engine loop holds (KV slots), tokens one forward feeds
+    max_batch: int = Field(16, ge=1, le=256)
+    max_tokens_per_step: int = Field(512, ge=32)
     max_tokens: int = Field(256, ge=1)

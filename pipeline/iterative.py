@@ -249,10 +249,14 @@ class IterativeAnswer:
     # ---- the loops -----------------------------------------------------------------------------
     def run(self, on_text: Callable[[str], None] | None = None) -> AskResult:
         t0 = time.perf_counter()
-        if self.opt.speculative_retrieval:
-            self._run_speculative()
-        else:
-            self._run_baseline()
+        try:
+            if self.opt.speculative_retrieval:
+                self._run_speculative()
+            else:
+                self._run_baseline()
+        finally:
+            for state in self.states.values():     # the chunks' KV slots go back to the pool
+                self.engine.release(state)
         return self._result(t0, on_text)
 
     def _run_baseline(self) -> None:

@@ -93,15 +93,39 @@ class GenerationStage:
     def __init__(self, config: PipelineConfig, retrieval: Any = None, models: Any = None) -> None:
         from speculation.engine import EngineConfig, SpeculativeEngine
         from speculation.models import ModelConfig, load_models
+        from speculation.scheduler import EngineLoop, LoopEngine
 
         self.config = config
         self.retrieval = retrieval
         self.models = models or load_models(ModelConfig(model=config.model, draft_model=config.draft_model,
                                                         device=config.device, dtype=config.dtype))
         self.tokenizer = self.models.tokenizer
-        self.engine = SpeculativeEngine(self.models.target, self.tokenizer, self.models.draft,
-                                        EngineConfig(max_draft_tokens=config.max_draft_tokens))
-        self.context_tokens = self.engine.context_tokens or 2048
+        core = SpeculativeEngine(self.models.target, self.tokenizer, self.models.draft,
+                                 EngineConfig(max_draft_tokens=config.max_draft_tokens, max_batch=config.max_batch,
+                                              max_tokens_per_step=config.max_tokens_per_step))
+        # one engine loop: every request of this stage, from any thread, steps in shared forwards
+        self.loop = EngineLoop(core)
+        self.engine = LoopEngine(self.loop)
+        self.context_tokens = core.context_tokens or 2048
+
+    @property
+    def concurrency(self) -> int:
+        """Requests worth handing to this stage at once: what the engine loop holds, plus a few
+        waiting in its queue so that a slot never idles between two requests."""
+        return self.config.max_batch + 4
+
+    def close(self) -> None:
+        self.loop.close()
+
+    def health(self) -> dict[str, Any]:
+        """What /health shows of this stage: the model's dtype and device, and the engine loop
+        (requests running and queued, steps so far, the most rows one step held)."""
+        st = self.loop.stats
+        return {"generation": "ok", "dtype": str(self.engine.runner.dtype).replace("torch.", ""),
+                "device": str(self.engine.device),
+                "engine": {"running": self.loop.pending(), "max_batch": self.loop.max_batch, "steps": st.steps,
+                           "max_rows_per_step": st.max_rows,
+                           "mean_rows_per_step": round(st.rows / st.steps, 3) if st.steps else 0.0}}
 
     # ---- helpers shared with the iterative mode --------------------------------------------
     def engine_request(self, request: AskRequest, prompt_ids: list[int], references: list[list[int]],
@@ -176,6 +200,10 @@ def engine_stats(st: Any) -> dict[str, Any]:
         "mean_accepted_per_forward": round(st.mean_accepted_per_forward, 4),
         "acceptance_rate": round(st.accepted_tokens / st.draft_tokens, 4) if st.draft_tokens else 0.0,
         "tokens_per_second": round(st.tokens_per_second, 3),
+        # continuous batching: how many sequences shared this request's forwards, and their cost
+        "mean_rows_per_step": round(st.mean_rows_per_step, 3),
+        "mean_step_seconds": round((st.prefill_seconds + st.decode_seconds) / st.target_forwards, 5)
+        if st.target_forwards else 0.0,
         "by_drafter": {k: vars(v) for k, v in st.by_drafter.items()},
     }
 
@@ -199,4 +227,5 @@ class RAGPipeline:
         return self.generation.answer(request, on_text)
 
     def close(self) -> None:
+        self.generation.close()
         self.retrieval.close()

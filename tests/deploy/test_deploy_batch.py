@@ -81,6 +81,9 @@ def test_batch_killed_and_resumed_answers_every_id_once(index, tmp_path):
     for r in rows:
         assert {"id", "question", "answer", "sources", "metrics"} <= set(r)
         assert r["answer"].strip() and r["sources"]
+    # the resumed run's one actor had its questions in flight together: they shared forwards
+    resumed = [r for r in rows if r["id"] not in {f["id"] for f in first}]
+    assert max(r["metrics"]["speculation"]["mean_rows_per_step"] for r in resumed) > 1.5
 
     # 3) a third run has nothing to do
     again = subprocess.run(_batch_cmd(qfile, out, index), cwd=REPO, env=subprocess_env(),

@@ -221,13 +221,47 @@ def test_models_health_metrics(service, client):
     assert float(line.split()[-1]) > 0
 
 
-def test_concurrent_requests(service):
-    """Several clients at once: every request answered (the Retriever batches their queries)."""
+def test_concurrent_requests_share_one_engine_loop(service):
+    """8 clients at once: the one Generator replica steps them together in one engine loop
+    (their forwards hold several rows) and answers each as it does one at a time."""
     import concurrent.futures as cf
 
-    with cf.ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda q: chat(service, q, api_key=API_KEY, max_tokens=8), QUESTIONS))
-    assert [r.status_code for r in results] == [200] * 4
+    import httpx
+
+    questions = QUESTIONS + [q + " Answer in one sentence." for q in QUESTIONS]
+    alone = [chat(service, q, api_key=API_KEY, max_tokens=12) for q in questions]
+    assert [r.status_code for r in alone] == [200] * 8
+    steps_before = httpx.get(service + "/health").json()["engine"]["steps"]
+    with cf.ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda q: chat(service, q, api_key=API_KEY, max_tokens=12), questions))
+    assert [r.status_code for r in together] == [200] * 8
+    for q, a, b in zip(questions, alone, together):
+        assert b.json()["choices"][0]["message"]["content"] == a.json()["choices"][0]["message"]["content"], q
+    rows = [r.json()["metrics"]["speculation"]["mean_rows_per_step"] for r in together]
+    assert max(rows) >= 2, rows
+    engine = httpx.get(service + "/health").json()["engine"]
+    assert engine["max_rows_per_step"] >= 4 and engine["steps"] > steps_before
+    metrics = httpx.get(service + "/metrics").text
+    assert "specrag_engine_batch_rows_bucket" in metrics and "specrag_engine_step_seconds_bucket" in metrics
+
+
+def test_cancelled_stream_frees_its_slot(service):
+    """A client that goes away mid-stream: its sequence leaves the engine loop at once."""
+    import httpx
+
+    body = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": QUESTIONS[0]}],
+            "max_tokens": 400, "temperature": 0, "stream": True}
+    with httpx.stream("POST", service + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        while "content" not in next(lines):
+            pass
+        assert httpx.get(service + "/health").json()["engine"]["running"] == 1
+    deadline = time.monotonic() + 20
+    while httpx.get(service + "/health").json()["engine"]["running"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert httpx.get(service + "/health").json()["engine"]["running"] == 0
 
 
 def test_redis_outage_is_503_and_recovers(service, index, tmp_path):

@@ -1,0 +1,254 @@
+"""Continuous batching benchmark: throughput and latency against concurrency, one engine loop.
+
+    .venv/bin/python benchmarks/bench_batching.py          # writes benchmarks/results/batching.{json,md,png}
+    .venv/bin/python benchmarks/bench_batching.py --quick  # concurrency 1, 4, 8; 8 requests; 64 tokens
+
+For each concurrency c (1, 2, 4, 8, 16), ``c`` client threads send RAG questions over a
+python-docs index (top-k chunks in the prompt and as drafting references), greedy, a fixed
+number of new tokens, closed loop (a client sends its next request when its answer arrives):
+
+* in-process: ``RAGPipeline.answer`` from c threads -- one GenerationStage, one engine loop;
+* HTTP: the same service on a local Ray Serve, one Generator replica, non-streaming requests;
+
+each with speculation on and off, the four runs interleaved per concurrency level so drifting
+machine load hits them alike. Reported: tokens/s and questions/s of the whole run, p50/p99
+latency, tokens per target forward, mean rows per engine step, and whether every answer equals
+that question's answer at concurrency 1 without speculation. Then ``specrag batch`` (Ray Data)
+questions/s at 1 and 2 actors. Not a timed test: run it alone on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_serve import QUESTIONS, build_index, pct  # noqa: E402
+
+
+def _closed_loop(send, questions: list[str], concurrency: int) -> dict:
+    """Send every question with ``concurrency`` clients; per request (latency, answer, stats)."""
+    results: list[tuple[float, str, dict]] = [None] * len(questions)  # type: ignore[list-item]
+
+    def one(i: int) -> None:
+        t0 = time.perf_counter()
+        text, stats = send(questions[i])
+        results[i] = (time.perf_counter() - t0, text, stats)
+
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(len(questions))))
+    wall = time.perf_counter() - t0
+    lat = [r[0] for r in results]
+    tokens = sum(int(r[2].get("generated_tokens") or 0) for r in results)
+    forwards = sum(int(r[2].get("target_forwards") or 0) for r in results)
+    rows = [float(r[2].get("mean_rows_per_step") or 0) for r in results]
+    return {"wall_s": round(wall, 3), "tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
+            "questions_per_s": round(len(questions) / wall, 3),
+            "p50_s": round(pct(lat, 0.5), 3), "p99_s": round(pct(lat, 0.99), 3),
+            "tokens_per_forward": round(tokens / forwards, 3) if forwards else 0.0,
+            "mean_rows_per_step": round(statistics.fmean(rows), 2) if rows else 0.0,
+            "answers": [r[1] for r in results]}
+
+
+def bench(index_dir: Path, questions: list[str], levels: list[int], max_tokens: int, k: int) -> dict:
+    import httpx
+    import torch
+
+    from deploy import local
+    from deploy.config import ServeConfig
+    from pipeline.api import AskRequest, RetrievalOptions, SpeculationOptions
+    from pipeline.config import PipelineConfig
+    from pipeline.rag import RAGPipeline
+
+    threads = torch.get_num_threads()
+    pipe = RAGPipeline(PipelineConfig(index_dir=str(index_dir), max_tokens=max_tokens, k=k))
+    cfg = ServeConfig.model_validate({
+        "pipeline": {"index_dir": str(index_dir), "max_tokens": max_tokens, "k": k},
+        "torch_threads": threads,
+        "generator": {"num_cpus": 0.5, "max_ongoing_requests": 16},
+        "retriever": {"num_cpus": 0.25}, "ingress": {"num_cpus": 0.1},
+    })
+    local.init_ray(num_cpus=2, log_to_driver=False, direct_ingress_port=8876)
+    local.start_service(cfg, port=8875)
+    url = local.direct_url("127.0.0.1") or "http://127.0.0.1:8875"
+    local.wait_healthy(url)
+    client = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=32))
+
+    def inproc(spec: bool):
+        def send(q: str) -> tuple[str, dict]:
+            res = pipe.answer(AskRequest(question=q, max_tokens=max_tokens, retrieval=RetrievalOptions(k=k),
+                                         speculation=SpeculationOptions(enabled=spec)))
+            return res.answer, res.stats
+        return send
+
+    def http(spec: bool):
+        def send(q: str) -> tuple[str, dict]:
+            body = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": q}],
+                    "max_tokens": max_tokens, "temperature": 0, "speculation": {"enabled": spec}}
+            r = client.post(url + "/v1/chat/completions", json=body)
+            r.raise_for_status()
+            d = r.json()
+            return d["choices"][0]["message"]["content"], d["metrics"]["speculation"]
+        return send
+
+    for send in (inproc(True), http(True)):      # warm-up: first forwards, Serve's handles
+        send("warm-up question about json")
+    runs: dict[str, dict[str, dict]] = {}
+    for c in levels:
+        print(f"concurrency {c} ...", file=sys.stderr, flush=True)
+        for name, send in (("inproc_spec", inproc(True)), ("inproc_plain", inproc(False)),
+                           ("http_spec", http(True)), ("http_plain", http(False))):
+            runs.setdefault(name, {})[str(c)] = _closed_loop(send, questions, c)
+            r = runs[name][str(c)]
+            print(f"  {name}: {r['tokens_per_s']} tok/s, p50 {r['p50_s']} s, rows/step {r['mean_rows_per_step']}",
+                  file=sys.stderr, flush=True)
+    health = client.get(url + "/health").json()
+    client.close()
+    local.shutdown()
+    pipe.close()
+    reference = runs["inproc_plain"][str(levels[0])]["answers"]
+    for per_level in runs.values():
+        for r in per_level.values():
+            r["identical_to_reference"] = sum(a == b for a, b in zip(r.pop("answers"), reference))
+    return {"runs": runs, "torch_threads": threads, "health": health}
+
+
+def bench_batch(index_dir: Path, n: int, max_tokens: int, actors: int, k: int) -> dict:
+    from deploy import local
+    from deploy.batch import run_batch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        qfile, out = Path(tmp) / "q.jsonl", Path(tmp) / "a.jsonl"
+        qfile.write_text("".join(json.dumps({"id": i, "question": QUESTIONS[i % len(QUESTIONS)] + f" ({i})"}) + "\n"
+                                 for i in range(n)))
+        local.init_ray(num_cpus=2, log_to_driver=False)
+        s = run_batch(qfile, out, pipeline={"index_dir": str(index_dir), "max_tokens": max_tokens, "k": k},
+                      concurrency=actors, progress=False)
+        import ray
+
+        ray.shutdown()
+    return s.as_dict()
+
+
+def markdown(res: dict) -> str:
+    levels = res["levels"]
+    runs = res["runs"]
+    out = [f"Command: `{res['command']}`  ",
+           f"Machine: {res['machine']}; load average {res['load_average_at_start']} at start, "
+           f"{res['load_average_at_end']} at end.  ",
+           f"{res['requests']} RAG questions per level (k = {res['k']} python-docs chunks), {res['max_tokens']} new "
+           "tokens, greedy, closed loop; one engine loop (in-process) / one Generator replica (HTTP).", "",
+           "| path | speculation | concurrency | tokens/s | questions/s | p50 s | p99 s | tokens/forward | rows/step "
+           "| identical |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in ("inproc_spec", "inproc_plain", "http_spec", "http_plain"):
+        path, mode = name.split("_")
+        for c in levels:
+            r = runs[name][str(c)]
+            out.append(f"| {'in-process' if path == 'inproc' else 'HTTP'} | {'on' if mode == 'spec' else 'off'} | {c} "
+                       f"| {r['tokens_per_s']} | {r['questions_per_s']} | {r['p50_s']} | {r['p99_s']} "
+                       f"| {r['tokens_per_forward']} | {r['mean_rows_per_step']} "
+                       f"| {r['identical_to_reference']}/{res['requests']} |")
+    out += ["", "| ratio | " + " | ".join(f"c={c}" for c in levels) + " |", "|---|" + "---|" * len(levels)]
+    for label, fn in (
+        ("HTTP throughput vs c=1 (spec on)", lambda c: runs["http_spec"][str(c)]["tokens_per_s"]
+         / runs["http_spec"][str(levels[0])]["tokens_per_s"]),
+        ("in-process throughput vs c=1 (spec on)", lambda c: runs["inproc_spec"][str(c)]["tokens_per_s"]
+         / runs["inproc_spec"][str(levels[0])]["tokens_per_s"]),
+        ("speculation on / off, HTTP", lambda c: runs["http_spec"][str(c)]["tokens_per_s"]
+         / runs["http_plain"][str(c)]["tokens_per_s"]),
+        ("speculation on / off, in-process", lambda c: runs["inproc_spec"][str(c)]["tokens_per_s"]
+         / runs["inproc_plain"][str(c)]["tokens_per_s"]),
+    ):
+        out.append(f"| {label} | " + " | ".join(f"{fn(c):.2f}x" for c in levels) + " |")
+    if res.get("batch"):
+        out += ["", "| `specrag batch` actors | questions/s | steady questions/s | tokens/s |", "|---|---|---|---|"]
+        for a, d in res["batch"].items():
+            out.append(f"| {a} | {d['questions_per_s']} | {d['steady_questions_per_s']} | {d['tokens_per_s']} |")
+    return "\n".join(out) + "\n"
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = res["levels"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, style in (("inproc_spec", "o-"), ("inproc_plain", "o--"), ("http_spec", "s-"), ("http_plain", "s--")):
+        runs = res["runs"][name]
+        a.plot(levels, [runs[str(c)]["tokens_per_s"] for c in levels], style, label=name.replace("_", ", "))
+        b.plot(levels, [runs[str(c)]["p50_s"] for c in levels], style, label=name.replace("_", ", "))
+    for ax, title in ((a, "throughput (tokens/s)"), (b, "p50 latency (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.set_xlabel("concurrent clients")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    a.legend()
+    fig.suptitle(f"one engine loop, {res['max_tokens']} new tokens, {res['machine']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--corpus", default="python-docs:functools,json,textwrap,pathlib")
+    ap.add_argument("--index", type=Path)
+    ap.add_argument("--levels", default="1,2,4,8,16")
+    ap.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("-k", type=int, default=2)
+    ap.add_argument("--batch-questions", type=int, default=16)
+    ap.add_argument("--skip-batch", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = ap.parse_args()
+    if args.quick:
+        args.levels, args.requests, args.max_tokens = "1,4,8", 8, 64
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    from speculation.models import cache_dir
+
+    index_dir = args.index or cache_dir() / "indexes" / ("bench-serve-" + args.corpus.replace(":", "-").replace(",", "-"))
+    build_index(index_dir, args.corpus)
+    levels = [int(x) for x in args.levels.split(",")]
+    questions = (QUESTIONS * (args.requests // len(QUESTIONS) + 1))[:args.requests]
+    load_start = [round(x, 2) for x in os.getloadavg()]
+    raw = bench(index_dir, questions, levels, args.max_tokens, args.k)
+    batch = {}
+    if not args.skip_batch:
+        for a in (1, 2):
+            print(f"specrag batch, {a} actor(s) ...", file=sys.stderr, flush=True)
+            batch[str(a)] = bench_batch(index_dir, args.batch_questions, args.max_tokens, a, args.k)
+    res = {"command": "python benchmarks/bench_batching.py " + shlex.join(sys.argv[1:]),
+           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+                      f"torch threads {torch.get_num_threads()}",
+           "load_average_at_start": load_start, "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+           "levels": levels, "requests": len(questions), "max_tokens": args.max_tokens, "k": args.k,
+           **raw, "batch": batch}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "batching.json").write_text(json.dumps(res, indent=2) + "\n")
+    (args.out / "batching.md").write_text(markdown(res))
+    plot(res, args.out / "batching.png")
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
