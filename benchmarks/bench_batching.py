@@ -109,9 +109,10 @@ def bench(index_dir: Path, questions: list[str], levels: list[int], max_tokens: 
     runs: dict[str, dict[str, dict]] = {}
     for c in levels:
         print(f"concurrency {c} ...", file=sys.stderr, flush=True)
+        level_questions = (questions * (c // len(questions) + 1))[:max(len(questions), c)]
         for name, send in (("inproc_spec", inproc(True)), ("inproc_plain", inproc(False)),
                            ("http_spec", http(True)), ("http_plain", http(False))):
-            runs.setdefault(name, {})[str(c)] = _closed_loop(send, questions, c)
+            runs.setdefault(name, {})[str(c)] = _closed_loop(send, level_questions, c)
             r = runs[name][str(c)]
             print(f"  {name}: {r['tokens_per_s']} tok/s, p50 {r['p50_s']} s, rows/step {r['mean_rows_per_step']}",
                   file=sys.stderr, flush=True)
@@ -122,7 +123,9 @@ def bench(index_dir: Path, questions: list[str], levels: list[int], max_tokens: 
     reference = runs["inproc_plain"][str(levels[0])]["answers"]
     for per_level in runs.values():
         for r in per_level.values():
-            r["identical_to_reference"] = sum(a == b for a, b in zip(r.pop("answers"), reference))
+            answers = r.pop("answers")
+            r["requests"] = len(answers)
+            r["identical_to_reference"] = sum(a == reference[i % len(reference)] for i, a in enumerate(answers))
     return {"runs": runs, "torch_threads": threads, "health": health}
 
 
@@ -149,7 +152,8 @@ def markdown(res: dict) -> str:
     out = [f"Command: `{res['command']}`  ",
            f"Machine: {res['machine']}; load average {res['load_average_at_start']} at start, "
            f"{res['load_average_at_end']} at end.  ",
-           f"{res['requests']} RAG questions per level (k = {res['k']} python-docs chunks), {res['max_tokens']} new "
+           f"max({res['requests']}, concurrency) RAG questions per level (k = {res['k']} python-docs chunks), "
+           f"{res['max_tokens']} new "
            "tokens, greedy, closed loop; one engine loop (in-process) / one Generator replica (HTTP).", "",
            "| path | speculation | concurrency | tokens/s | questions/s | p50 s | p99 s | tokens/forward | rows/step "
            "| identical |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -160,7 +164,7 @@ def markdown(res: dict) -> str:
             out.append(f"| {'in-process' if path == 'inproc' else 'HTTP'} | {'on' if mode == 'spec' else 'off'} | {c} "
                        f"| {r['tokens_per_s']} | {r['questions_per_s']} | {r['p50_s']} | {r['p99_s']} "
                        f"| {r['tokens_per_forward']} | {r['mean_rows_per_step']} "
-                       f"| {r['identical_to_reference']}/{res['requests']} |")
+                       f"| {r['identical_to_reference']}/{r['requests']} |")
     out += ["", "| ratio | " + " | ".join(f"c={c}" for c in levels) + " |", "|---|" + "---|" * len(levels)]
     for label, fn in (
         ("HTTP throughput vs c=1 (spec on)", lambda c: runs["http_spec"][str(c)]["tokens_per_s"]
@@ -209,7 +213,8 @@ def main() -> int:
     ap.add_argument("--corpus", default="python-docs:functools,json,textwrap,pathlib")
     ap.add_argument("--index", type=Path)
     ap.add_argument("--levels", default="1,2,4,8,16")
-    ap.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
+    ap.add_argument("--requests", type=int, default=8,
+                    help="requests per concurrency level (at least the concurrency)")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("-k", type=int, default=2)
     ap.add_argument("--batch-questions", type=int, default=16)
