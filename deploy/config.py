@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.config import PipelineConfig
 
@@ -74,6 +74,9 @@ def _default_generator() -> DeploymentSettings:
     return DeploymentSettings(num_cpus=0.5, max_ongoing_requests=16)
 
 
+_DEPLOYMENT_DEFAULTS = {"ingress": _default_ingress, "retriever": _default_retriever, "generator": _default_generator}
+
+
 class ServeConfig(BaseModel):
     """Everything ``build_app`` needs: the pipeline to load and how to deploy it."""
 
@@ -101,6 +104,18 @@ class ServeConfig(BaseModel):
     ingress: DeploymentSettings = Field(default_factory=_default_ingress)
     retriever: DeploymentSettings = Field(default_factory=_default_retriever)
     generator: DeploymentSettings = Field(default_factory=_default_generator)
+
+    @field_validator("ingress", "retriever", "generator", mode="before")
+    @classmethod
+    def _over_defaults(cls, value: Any, info: Any) -> Any:
+        """A partial mapping overrides that deployment's own defaults, not the generic ones
+        (``generator: {num_cpus: 1}`` keeps the Generator's max_ongoing_requests)."""
+        if isinstance(value, dict):
+            defaults = _DEPLOYMENT_DEFAULTS[info.field_name]().model_dump(exclude_unset=False)
+            if "autoscaling" in value:       # given as a whole (or null), not merged
+                defaults.pop("autoscaling", None)
+            return {**defaults, **value}
+        return value
 
     @property
     def model_name(self) -> str:

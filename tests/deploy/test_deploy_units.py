@@ -246,3 +246,16 @@ def test_lone_retrieval_skips_the_batch_queue_and_concurrent_ones_are_batched():
     replica._config.retrieval_batch_wait_s = 0.01  # a configured wait means: always batch
     asyncio.run(replica.retrieve("pathlib", 1, "dense"))
     assert queued[-1] == "pathlib"
+
+
+def test_partial_deployment_settings_keep_that_deployments_defaults():
+    """`generator: {num_cpus: 1}` changes the CPUs only: the Ingress keeps its 64 ongoing requests
+    and the Generator the 16 its engine loop batches (the generic default is 8)."""
+    from deploy.config import ServeConfig
+
+    cfg = ServeConfig.model_validate({"ingress": {"num_cpus": 0.2}, "retriever": {"num_cpus": 0.3},
+                                      "generator": {"num_cpus": 1}})
+    assert (cfg.ingress.max_ongoing_requests, cfg.retriever.max_ongoing_requests,
+            cfg.generator.max_ongoing_requests) == (64, 32, 16)
+    assert cfg.generator.num_cpus == 1 and cfg.ingress.num_cpus == 0.2
+    assert ServeConfig.model_validate({"generator": {"max_ongoing_requests": 3}}).generator.max_ongoing_requests == 3
