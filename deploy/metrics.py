@@ -64,6 +64,9 @@ class ServiceMetrics:
         # per request: the mean rows of the engine steps it took part in, and their mean seconds
         self._rows = _Histogram(ROWS_BUCKETS)
         self._step = _Histogram(STEP_BUCKETS)
+        # the cost model: predicted vs measured seconds of the steps; acceptance by draft position
+        self._cost = {"predicted": 0.0, "measured": 0.0}
+        self._positions: dict[tuple[str, int], list[float]] = {}   # (drafter, position) -> [reached, accepted]
         self._totals = {
             "completion_tokens": 0.0, "prompt_tokens": 0.0, "target_forwards": 0.0,
             "draft_tokens": 0.0, "accepted_tokens": 0.0,
@@ -97,10 +100,22 @@ class ServiceMetrics:
         hits_f = _as_float(hits) if hits is not None else max(speculated - mismatched, 0.0)
         rows = _as_float(stats.get("mean_rows_per_step"))
         step = _as_float(stats.get("mean_step_seconds"))
+        predicted = _as_float(stats.get("predicted_seconds"))
+        by_drafter = stats.get("by_drafter") if isinstance(stats.get("by_drafter"), dict) else {}
         with self._lock:
             if rows > 0:
                 self._rows.observe(rows)
                 self._step.observe(step)
+            if predicted > 0:
+                self._cost["predicted"] += predicted
+                self._cost["measured"] += step * forwards
+            for name, d in by_drafter.items():
+                if not isinstance(d, dict):
+                    continue
+                for i, (reached, acc) in enumerate(zip(d.get("reached") or [], d.get("accepted_at") or [])):
+                    cell = self._positions.setdefault((str(name), i + 1), [0.0, 0.0])
+                    cell[0] += _as_float(reached)
+                    cell[1] += _as_float(acc)
             t = self._totals
             t["completion_tokens"] += result.completion_tokens
             t["prompt_tokens"] += result.prompt_tokens
@@ -136,6 +151,23 @@ class ServiceMetrics:
             head("specrag_engine_step_seconds", "histogram",
                  "Per request: mean wall seconds of the engine steps it took part in.")
             self._histogram(lines, "specrag_engine_step_seconds", self._step, {})
+            head("specrag_engine_predicted_seconds_total", "counter",
+                 "The cost model's predicted seconds of the engine steps requests took part in.")
+            lines.append(f"specrag_engine_predicted_seconds_total {_num(self._cost['predicted'])}")
+            head("specrag_engine_measured_seconds_total", "counter",
+                 "Measured seconds of the same steps (compare with the predicted total).")
+            lines.append(f"specrag_engine_measured_seconds_total {_num(self._cost['measured'])}")
+            head("specrag_draft_position_reached_total", "counter",
+                 "Drafts that reached a draft position (1 = the first drafted token), by drafter.")
+            for (name, pos), (reached, _) in sorted(self._positions.items()):
+                lines.append(f"specrag_draft_position_reached_total{_labels({'drafter': name, 'position': str(pos)})} "
+                             f"{_num(reached)}")
+            head("specrag_draft_position_accepted_total", "counter",
+                 "Drafts whose token at that position was accepted, by drafter (accepted / reached = the "
+                 "conditional acceptance the cost model uses).")
+            for (name, pos), (_, acc) in sorted(self._positions.items()):
+                lines.append(f"specrag_draft_position_accepted_total{_labels({'drafter': name, 'position': str(pos)})} "
+                             f"{_num(acc)}")
             t = self._totals
             for name, key, help_ in (
                 ("specrag_tokens_generated_total", "completion_tokens", "Completion tokens generated."),

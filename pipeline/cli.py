@@ -19,6 +19,7 @@ from pipeline.errors import CLIError  # noqa: F401  (re-exported for command mod
 # (module, commands it registers) -- order is the order shown in --help.
 COMMAND_MODULES = (
     "pipeline.commands.generate",
+    "pipeline.commands.calibrate",
     "pipeline.commands.retrieval",
     "pipeline.commands.ask",
     "deploy.commands",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -31,4 +32,6 @@ class PipelineConfig(BaseModel):
     # continuous batching: sequences one engine loop holds (KV slots), tokens one forward feeds
     max_batch: int = Field(16, ge=1, le=256)
     max_tokens_per_step: int = Field(512, ge=32)
+    # draft lengths: "cost" (the measured cost model) or "fixed" (adaptive lengths, >= 3-token matches on CPU)
+    draft_policy: Literal["cost", "fixed"] = "cost"
     max_tokens: int = Field(256, ge=1)

@@ -102,7 +102,8 @@ class GenerationStage:
         self.tokenizer = self.models.tokenizer
         core = SpeculativeEngine(self.models.target, self.tokenizer, self.models.draft,
                                  EngineConfig(max_draft_tokens=config.max_draft_tokens, max_batch=config.max_batch,
-                                              max_tokens_per_step=config.max_tokens_per_step))
+                                              max_tokens_per_step=config.max_tokens_per_step,
+                                              draft_policy=config.draft_policy))
         # one engine loop: every request of this stage, from any thread, steps in shared forwards
         self.loop = EngineLoop(core)
         self.engine = LoopEngine(self.loop)
@@ -125,7 +126,10 @@ class GenerationStage:
                 "device": str(self.engine.device),
                 "engine": {"running": self.loop.pending(), "max_batch": self.loop.max_batch, "steps": st.steps,
                            "max_rows_per_step": st.max_rows,
-                           "mean_rows_per_step": round(st.rows / st.steps, 3) if st.steps else 0.0}}
+                           "mean_rows_per_step": round(st.rows / st.steps, 3) if st.steps else 0.0,
+                           "draft_policy": self.config.draft_policy,
+                           # measured conditional acceptance by drafter/match length and draft position
+                           "acceptance": self.engine.acceptance.table()}}
 
     # ---- helpers shared with the iterative mode --------------------------------------------
     def engine_request(self, request: AskRequest, prompt_ids: list[int], references: list[list[int]],
@@ -190,22 +194,11 @@ class GenerationStage:
 
 
 def engine_stats(st: Any) -> dict[str, Any]:
-    """The engine's numbers in the pipeline's stats dict."""
-    return {
-        "prefills": st.prefills,
-        "target_forwards": st.target_forwards,
-        "generated_tokens": st.generated_tokens,
-        "draft_tokens": st.draft_tokens,
-        "accepted_tokens": st.accepted_tokens,
-        "mean_accepted_per_forward": round(st.mean_accepted_per_forward, 4),
-        "acceptance_rate": round(st.accepted_tokens / st.draft_tokens, 4) if st.draft_tokens else 0.0,
-        "tokens_per_second": round(st.tokens_per_second, 3),
-        # continuous batching: how many sequences shared this request's forwards, and their cost
-        "mean_rows_per_step": round(st.mean_rows_per_step, 3),
-        "mean_step_seconds": round((st.prefill_seconds + st.decode_seconds) / st.target_forwards, 5)
-        if st.target_forwards else 0.0,
-        "by_drafter": {k: vars(v) for k, v in st.by_drafter.items()},
-    }
+    """The engine's numbers in the pipeline's stats dict (its seconds go under "seconds")."""
+    d = st.to_dict()
+    for key in ("prompt_tokens", "prefill_seconds", "decode_seconds"):
+        d.pop(key, None)
+    return d
 
 
 class RAGPipeline:

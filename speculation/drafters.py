@@ -32,6 +32,7 @@ class Draft:
     tokens: list[int]
     source: str                          # drafter name, for per-drafter stats
     probs: torch.Tensor | None = None    # [len(tokens), V] draft distributions; None: one-hot
+    match_len: int = 0                   # copy drafters: length of the suffix match it continues
 
 
 @dataclass
@@ -118,14 +119,18 @@ class _NgramIndex:
 
     def lookup(self, suffix_source: Sequence[int], max_tokens: int, min_n: int = 1) -> list[int]:
         """Continuation of the longest suffix of ``suffix_source`` found in the index."""
+        return self.lookup_match(suffix_source, max_tokens, min_n)[0]
+
+    def lookup_match(self, suffix_source: Sequence[int], max_tokens: int, min_n: int = 1) -> tuple[list[int], int]:
+        """(continuation, length of the suffix match it follows); ([], 0) when none."""
         for n in range(min(self.max_n, len(suffix_source)), min_n - 1, -1):
             hit = self._table.get(tuple(suffix_source[len(suffix_source) - n:]))
             if hit is not None:
                 seq_id, start = hit
                 cont = self.seqs[seq_id][start:start + max_tokens]
                 if cont:
-                    return cont
-        return []
+                    return cont, n
+        return [], 0
 
 
 class NgramDrafter:
@@ -136,12 +141,14 @@ class NgramDrafter:
     """
 
     def __init__(self, name: str, max_draft: int = 16, max_ngram: int = 8, min_ngram: int = 1,
-                 use_references: bool = True) -> None:
+                 use_references: bool = True, adaptive: bool = True) -> None:
         self.name = name
         self.max_draft = max_draft
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
         self.use_references = use_references
+        # adaptive: the draft length heuristic; off when the engine's cost model sizes drafts
+        self.adaptive = adaptive
 
     def begin(self, state: "SequenceState") -> None:
         index = _NgramIndex(self.max_ngram)
@@ -171,11 +178,11 @@ class NgramDrafter:
 
     def propose(self, state: "SequenceState", max_tokens: int) -> Draft | None:
         st = self._sync(state)
-        k = min(max_tokens, st["length"].current)
+        k = min(max_tokens, st["length"].current) if self.adaptive else max_tokens
         if k <= 0:
             return None
-        tokens = st["index"].lookup(state.tokens, k, self.min_ngram)
-        return Draft(tokens, self.name) if tokens else None
+        tokens, match = st["index"].lookup_match(state.tokens, k, self.min_ngram)
+        return Draft(tokens, self.name, match_len=match) if tokens else None
 
     def propose_batch(self, states: list["SequenceState"], limits: list[int]) -> list[Draft | None]:
         return [self.propose(s, k) for s, k in zip(states, limits)]
@@ -191,12 +198,14 @@ class ModelDrafter:
     the draft model per drafted position, over its own KV pool (a sequence uses the slot it has
     in the target's pool), rolled back to the committed tokens by setting a length."""
 
-    def __init__(self, model: Any, name: str = "draft_model", max_draft: int = 6, max_slots: int = 16) -> None:
+    def __init__(self, model: Any, name: str = "draft_model", max_draft: int = 6, max_slots: int = 16,
+                 adaptive: bool = True) -> None:
         from .forward import PooledModel
 
         self.model = model
         self.name = name
         self.max_draft = max_draft
+        self.adaptive = adaptive
         self.runner = PooledModel(model, max_slots)
 
     def begin(self, state: "SequenceState") -> None:
@@ -221,7 +230,7 @@ class ModelDrafter:
         active: list[list[Any]] = []
         for i, (state, limit) in enumerate(zip(states, limits)):
             st = state.drafter_state[self.name]
-            k = min(limit, st["length"].current)
+            k = min(limit, st["length"].current) if self.adaptive else min(limit, self.max_draft)
             if k <= 0 or state.slot is None:
                 continue
             cached: list[int] = st["cached"]

@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import torch
 
+from .cost import Acceptance, Candidate, CostCurve, choose_lengths, load_or_measure
 from .drafters import Draft, Drafter, ModelDrafter, NgramDrafter
 from .errors import GenerationInputError
 from .forward import SHORT_ROW, PooledModel, Row
@@ -53,10 +54,16 @@ class EngineConfig:
     max_draft_tokens: int = 16
     max_ngram: int = 8
     prompt_lookup_max_ngram: int = 3
-    # Shortest suffix match the reference drafter drafts from. None: 1 on a GPU, where a forward over 16 tokens
-    # costs about one over 1; 3 on a CPU, where any multi-token forward costs ~1.8x a one-token
-    # one and 1-2 token matches were measured to yield only ~0.3 accepted tokens per step
-    # (benchmarks/bench_engine.py profile). Speed only: verification decides every token.
+    # How long each row's draft is. "cost": the length (0 included) that maximises the step's
+    # expected committed tokens per second, from the forward's cost measured on this machine and
+    # the drafters' measured acceptance by position and match length (speculation/cost.py).
+    # "fixed": the drafters' adaptive lengths, from suffix matches of >= min_ngram tokens.
+    # Speed only: verification decides every token.
+    draft_policy: str = "cost"
+    # a CostCurve to use instead of the measured one (tests, what-ifs); None: measured and cached
+    cost_curve: Any = None
+    # "fixed" only: shortest suffix match the reference drafter drafts from. None: 1 on a GPU,
+    # 3 on a CPU (the rule the cost model replaces). The cost model drafts from any match.
     min_ngram: int | None = None
     draft_model_max_tokens: int = 6
     # KV slots: sequences resident at once (running, parked, or finished and not yet released)
@@ -90,6 +97,31 @@ class DrafterStats:
     steps: int = 0
     drafted: int = 0
     accepted: int = 0
+    # per draft position (1st, 2nd, ...): drafts that reached it, and those that had it accepted
+    reached: list[int] = field(default_factory=list)
+    accepted_at: list[int] = field(default_factory=list)
+
+    def add(self, drafted: int, accepted: int) -> None:
+        self.steps += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        while len(self.reached) < drafted:
+            self.reached.append(0)
+            self.accepted_at.append(0)
+        for i in range(min(accepted + 1, drafted)):
+            self.reached[i] += 1
+            self.accepted_at[i] += i < accepted
+
+    def merge(self, other: "DrafterStats") -> None:
+        self.steps += other.steps
+        self.drafted += other.drafted
+        self.accepted += other.accepted
+        for i, (r, a) in enumerate(zip(other.reached, other.accepted_at)):
+            if i == len(self.reached):
+                self.reached.append(0)
+                self.accepted_at.append(0)
+            self.reached[i] += r
+            self.accepted_at[i] += a
 
 
 @dataclass
@@ -103,6 +135,7 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     batch_rows: int = 0               # rows of all the forwards it took part in (itself included)
+    predicted_seconds: float = 0.0    # the cost model's predicted seconds of those forwards
     by_drafter: dict[str, DrafterStats] = field(default_factory=dict)
 
     @property
@@ -119,23 +152,26 @@ class GenerationStats:
         return self.generated_tokens / seconds if seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
+        """The numbers every caller reports (CLI --json, the pipeline's stats, HTTP metrics)."""
         d = asdict(self)
+        d["prefill_seconds"] = round(self.prefill_seconds, 4)
+        d["decode_seconds"] = round(self.decode_seconds, 4)
+        d["predicted_seconds"] = round(self.predicted_seconds, 4)
         d["mean_accepted_per_forward"] = round(self.mean_accepted_per_forward, 4)
         d["tokens_per_second"] = round(self.tokens_per_second, 3)
         d["mean_rows_per_step"] = round(self.mean_rows_per_step, 3)
+        d["mean_step_seconds"] = (round((self.prefill_seconds + self.decode_seconds) / self.target_forwards, 5)
+                                  if self.target_forwards else 0.0)
         d["acceptance_rate"] = round(self.accepted_tokens / self.draft_tokens, 4) if self.draft_tokens else 0.0
         return d
 
     def merge(self, other: "GenerationStats") -> None:
         """Add another run's counts (the iterative pipeline runs several sequences per answer)."""
         for name in ("generated_tokens", "target_forwards", "prefills", "draft_tokens", "accepted_tokens",
-                     "prefill_seconds", "decode_seconds", "batch_rows"):
+                     "prefill_seconds", "decode_seconds", "batch_rows", "predicted_seconds"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for k, v in other.by_drafter.items():
-            mine = self.by_drafter.setdefault(k, DrafterStats())
-            mine.steps += v.steps
-            mine.drafted += v.drafted
-            mine.accepted += v.accepted
+            self.by_drafter.setdefault(k, DrafterStats()).merge(v)
 
 
 @dataclass
@@ -186,6 +222,7 @@ class StepRecord:
     tokens: int
     seconds: float
     prefill_rows: int
+    predicted_seconds: float | None = None  # the cost model's prediction for this step
 
 
 @dataclass
@@ -195,6 +232,7 @@ class _RowPlan:
     complete: bool                          # fed reaches the pending token: logits, verify, commit
     draft_limit: int = 0
     draft: Draft | None = None
+    defer: bool = False                     # the draft model drafts for it once its length is chosen
 
     @property
     def drafted(self) -> list[int]:
@@ -217,8 +255,15 @@ class SpeculativeEngine:
         self.context_tokens = int(getattr(target.config, "max_position_embeddings", 0) or 0)
         self.runner = PooledModel(target, self.config.max_batch)
         self.slots = SlotTable(self.config.max_batch, self._evict)
+        if self.config.draft_policy not in ("cost", "fixed"):
+            raise GenerationInputError(f"unknown draft_policy {self.config.draft_policy!r}: use cost or fixed")
+        self.cost: CostCurve | None = None
+        if self.config.draft_policy == "cost":
+            self.cost = self.config.cost_curve or load_or_measure(self.runner)
+        self.acceptance = Acceptance()
         self.drafters: dict[str, Drafter] = self._make_drafters()
         self.on_step: Callable[[StepRecord], None] | None = None
+        self._predicted: float | None = None
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -231,6 +276,8 @@ class SpeculativeEngine:
 
     # ---- drafters -------------------------------------------------------------------------
     def _min_ngram(self) -> int:
+        if self.cost is not None:
+            return 1
         if self.config.min_ngram is not None:
             return max(1, self.config.min_ngram)
         return 1 if self.device.type == "cuda" else 3
@@ -240,17 +287,18 @@ class SpeculativeEngine:
         when there is one."""
         cfg = self.config
         self._check_drafter_names(cfg.drafters, explicit=False)
+        adaptive = self.cost is None
         drafters: dict[str, Drafter] = {
             "reference": NgramDrafter("reference", cfg.max_draft_tokens, cfg.max_ngram,
-                                      min(self._min_ngram(), cfg.max_ngram)),
+                                      min(self._min_ngram(), cfg.max_ngram), adaptive=adaptive),
             # kept like transformers' / vLLM's n-gram lookup (matches down to 1 token)
             "prompt_lookup": NgramDrafter("prompt_lookup", cfg.max_draft_tokens, cfg.prompt_lookup_max_ngram,
-                                          use_references=False),
+                                          use_references=False, adaptive=adaptive),
         }
         if self.draft is not None:
             drafters["draft_model"] = ModelDrafter(self.draft, max_draft=min(cfg.max_draft_tokens,
                                                                              cfg.draft_model_max_tokens),
-                                                   max_slots=cfg.max_batch)
+                                                   max_slots=cfg.max_batch, adaptive=adaptive)
         return drafters
 
     def _check_drafter_names(self, names: tuple[str, ...], explicit: bool) -> None:
@@ -365,6 +413,7 @@ class SpeculativeEngine:
         rest wait for the next step). A callback that raises ends its own row only
         (``state.error``)."""
         t0 = time.perf_counter()
+        self._predicted = None
         rows: list[SequenceState] = []
         for state in states:
             if not self.active(state):
@@ -398,6 +447,8 @@ class SpeculativeEngine:
             st = state.stats
             st.target_forwards += 1
             st.batch_rows += len(plans)
+            if self._predicted is not None:
+                st.predicted_seconds += self._predicted
             if first_chunk:
                 st.prefills += 1
             if first_chunk or not plan.complete:
@@ -410,18 +461,16 @@ class SpeculativeEngine:
             n_acc, nxt = verdicts[id(state)]
             draft = plan.draft
             if draft is not None:
-                ds = st.by_drafter.setdefault(draft.source, DrafterStats())
-                ds.steps += 1
-                ds.drafted += len(draft.tokens)
-                ds.accepted += n_acc
+                st.by_drafter.setdefault(draft.source, DrafterStats()).add(len(draft.tokens), n_acc)
                 st.draft_tokens += len(draft.tokens)
                 st.accepted_tokens += n_acc
+                self.acceptance.update(draft.source, draft.match_len, len(draft.tokens), n_acc)
             self._commit(state, draft.tokens[:n_acc] + [nxt] if draft else [nxt], on_commit)
             if draft is not None:
                 self.drafters[draft.source].accepted(state, draft, n_acc)
         if self.on_step is not None:
             self.on_step(StepRecord(len(plans), sum(len(p.fed) + len(p.drafted) for p in plans), seconds,
-                                    prefill_rows))
+                                    prefill_rows, self._predicted))
 
     def _plan(self, rows: list[SequenceState]) -> list[_RowPlan]:
         """What each row feeds. Short rows (decode tokens, small extensions) are fed whole; long
@@ -461,19 +510,56 @@ class SpeculativeEngine:
 
     def _draft(self, plans: list[_RowPlan]) -> None:
         """Each row's drafters in its order of preference: at every rank, each drafter drafts
-        (batched) for the rows that put it there and are still without a draft."""
+        (batched) for the rows that put it there and are still without a draft. With the cost
+        model, copy drafters propose their longest draft, a row whose turn reaches the draft
+        model waits, then every row's length is chosen for the whole step and the draft model
+        drafts just that many tokens."""
         depth = max((len(p.state.drafters) for p in plans), default=0)
         for rank in range(depth):
             for name, drafter in self.drafters.items():
-                want = [p for p in plans if p.draft_limit > 0 and p.draft is None
+                want = [p for p in plans if p.draft_limit > 0 and p.draft is None and not p.defer
                         and len(p.state.drafters) > rank and p.state.drafters[rank] == name]
                 if not want:
                     continue
-                for plan, draft in zip(want, drafter.propose_batch([p.state for p in want],
-                                                                   [p.draft_limit for p in want])):
-                    if draft is not None and draft.tokens:
-                        plan.draft = Draft(draft.tokens[:plan.draft_limit], draft.source,
-                                           None if draft.probs is None else draft.probs[:plan.draft_limit])
+                if self.cost is not None and isinstance(drafter, ModelDrafter):
+                    for p in want:
+                        p.defer = True
+                    continue
+                self._assign(want, drafter.propose_batch([p.state for p in want], [p.draft_limit for p in want]))
+        if self.cost is not None:
+            self._size(plans)
+
+    @staticmethod
+    def _assign(plans: list[_RowPlan], drafts: list[Draft | None]) -> None:
+        for plan, draft in zip(plans, drafts):
+            if draft is not None and draft.tokens:
+                plan.draft = Draft(draft.tokens[:plan.draft_limit], draft.source,
+                                   None if draft.probs is None else draft.probs[:plan.draft_limit], draft.match_len)
+
+    def _size(self, plans: list[_RowPlan]) -> None:
+        """The cost model's draft length for every row of the step (0: no draft)."""
+        model = self.drafters.get("draft_model")
+        candidates: list[Candidate | None] = []
+        for p in plans:
+            if p.draft is not None:
+                candidates.append(Candidate(p.draft.source, p.draft.match_len, len(p.draft.tokens)))
+            elif p.defer and isinstance(model, ModelDrafter):
+                candidates.append(Candidate(model.name, 0, min(p.draft_limit, model.max_draft)))
+            else:
+                candidates.append(None)
+        lengths, self._predicted, _ = choose_lengths(candidates, sum(len(p.fed) for p in plans), len(plans),
+                                                     self.cost, self.acceptance)  # type: ignore[arg-type]
+        deferred: list[_RowPlan] = []
+        for p, k in zip(plans, lengths):
+            if p.draft is not None:
+                p.draft = None if k == 0 else Draft(p.draft.tokens[:k], p.draft.source,
+                                                    None if p.draft.probs is None else p.draft.probs[:k],
+                                                    p.draft.match_len)
+            elif p.defer and k > 0:
+                p.draft_limit = k
+                deferred.append(p)
+        if deferred and model is not None:
+            self._assign(deferred, model.propose_batch([p.state for p in deferred], [p.draft_limit for p in deferred]))
 
     def _verify(self, plans: list[_RowPlan], logits: torch.Tensor) -> dict[int, tuple[int, int]]:
         """(accepted, next token) per complete row, from the one forward's logits, with one host

@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drafters", default="reference,draft_model",
                    help="comma-separated drafter order: reference, prompt_lookup, draft_model")
     p.add_argument("--no-speculation", action="store_true", help="plain decoding (the reference output)")
+    p.add_argument("--draft-policy", choices=("cost", "fixed"), default="cost",
+                   help="cost: draft lengths from the forward's measured cost and the drafters' acceptance; "
+                        "fixed: the drafters' adaptive lengths")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -73,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
                                                   return_dict=True)["input_ids"])
     drafters = tuple(d.strip() for d in args.drafters.split(",") if d.strip())
     engine = SpeculativeEngine(models.target, tok, models.draft,
-                               EngineConfig(drafters=drafters, max_draft_tokens=args.max_draft_tokens))
+                               EngineConfig(drafters=drafters, max_draft_tokens=args.max_draft_tokens,
+                                            draft_policy=args.draft_policy))
     request = GenerationRequest(
         prompt_ids=prompt_ids,
         references=[tok.encode(r, add_special_tokens=False) for r in references],
@@ -93,18 +97,9 @@ def run(args: argparse.Namespace) -> int:
             "text": result.text,
             "token_ids": result.token_ids,
             "finish_reason": result.finish_reason,
-            "stats": {
-                "target_forwards": stats.target_forwards,
-                "draft_tokens": stats.draft_tokens,
-                "accepted_tokens": stats.accepted_tokens,
-                "mean_accepted_per_forward": round(stats.mean_accepted_per_forward, 4),
-                "tokens_per_second": round(stats.tokens_per_second, 3),
-                "prompt_tokens": stats.prompt_tokens,
-                "generated_tokens": stats.generated_tokens,
-                "prefill_seconds": round(stats.prefill_seconds, 4),
-                "decode_seconds": round(stats.decode_seconds, 4),
-                "by_drafter": {k: vars(v) for k, v in stats.by_drafter.items()},
-            },
+            "dtype": str(engine.runner.dtype).replace("torch.", ""),
+            "device": str(engine.device),
+            "stats": stats.to_dict(),
         }))
         return 0
     if stream is None:

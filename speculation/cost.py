@@ -1,0 +1,269 @@
+"""How much to speculate: the target forward's cost measured on this machine, and a goodput rule
+that sizes every row's draft from the drafters' measured acceptance.
+
+A step commits, per row, one token plus the accepted part of its draft, and costs one forward
+whose time depends on the tokens fed and the rows held. The rule (SmartSpec / TurboSpec's
+goodput, see REFERENCES.md) picks the draft lengths that maximise the expected committed tokens
+per second of the whole step:
+
+    goodput(k_1..k_R) = (R + sum_r E[accepted_r(k_r)]) / cost(T_0 + sum_r k_r, R)
+
+with E[accepted(k)] = sum_{i<=k} prod_{j<=i} a_j, a_j the measured probability that draft
+position j is accepted given that the ones before it were (per drafter, and per suffix-match
+length for the reference drafter). The marginal gain of a row's next draft token only falls
+with k, so taking draft tokens in order of marginal gain and stopping at the best total is
+exact for this objective. Where verification is nearly free (bf16 on AMX, a GPU) drafts grow;
+where a multi-token forward is dear (fp32 on a CPU) only likely drafts are made; in a full batch
+that costs more per token, none. Speed only: verification decides every token.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import heapq
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_ROWS = (1, 2, 4, 8, 16)
+CALIBRATION_TOKENS = (1, 2, 4, 8, 16, 32)      # per row
+CALIBRATION_CONTEXT = 256
+
+
+@dataclass
+class CostCurve:
+    """Seconds of one target forward by rows and total tokens fed: per measured row count a
+    piecewise-linear curve in tokens (extrapolated from its last two points), interpolated
+    linearly between row counts."""
+
+    rows: list[int]
+    tokens: list[list[int]]          # per row count, ascending totals
+    seconds: list[list[float]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, tokens: int, rows: int) -> float:
+        rows = max(1, rows)
+        i = bisect.bisect_left(self.rows, rows)
+        if i < len(self.rows) and self.rows[i] == rows:
+            return self._in_tokens(i, tokens)
+        if i == 0:
+            return self._in_tokens(0, tokens)
+        if i == len(self.rows):       # more rows than measured: extrapolate from the last two
+            i = len(self.rows) - 1
+        r0, r1 = self.rows[i - 1], self.rows[i]
+        c0, c1 = self._in_tokens(i - 1, tokens), self._in_tokens(i, tokens)
+        return max(c0 + (c1 - c0) * (rows - r0) / (r1 - r0), 1e-6)
+
+    def _in_tokens(self, i: int, tokens: int) -> float:
+        xs, ys = self.tokens[i], self.seconds[i]
+        if len(xs) == 1:
+            return ys[0]
+        j = bisect.bisect_left(xs, tokens)
+        if j < len(xs) and xs[j] == tokens:
+            return ys[j]
+        j = min(max(j, 1), len(xs) - 1)
+        x0, x1, y0, y1 = xs[j - 1], xs[j], ys[j - 1], ys[j]
+        return max(y0 + (y1 - y0) * (tokens - x0) / (x1 - x0), 1e-6)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rows": self.rows, "tokens": self.tokens, "seconds": self.seconds, "meta": self.meta}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "CostCurve":
+        return cls(list(d["rows"]), [list(x) for x in d["tokens"]], [list(x) for x in d["seconds"]],
+                   dict(d.get("meta") or {}))
+
+    @classmethod
+    def synthetic(cls, per_token: float, base: float = 0.04, per_row: float = 0.0,
+                  max_rows: int = 16, max_tokens: int = 512) -> "CostCurve":
+        """A linear curve, base + per_token * tokens + per_row * rows (tests, what-ifs)."""
+        rows = [r for r in CALIBRATION_ROWS if r <= max_rows] or [1]
+        toks = [1, max_tokens]
+        return cls(rows, [toks for _ in rows],
+                   [[base + per_row * r + per_token * t for t in toks] for r in rows], {"synthetic": True})
+
+
+class Acceptance:
+    """Measured acceptance per drafter (and match-length bucket) and draft position: of the
+    drafts that reached position i, how many had it accepted. Smoothed toward ``prior``."""
+
+    def __init__(self, max_positions: int = 64, prior: float = 0.5, prior_weight: float = 2.0) -> None:
+        self.max_positions = max_positions
+        self.prior, self.prior_weight = prior, prior_weight
+        self._tried: dict[tuple[str, int], list[float]] = {}
+        self._accepted: dict[tuple[str, int], list[float]] = {}
+
+    @staticmethod
+    def bucket(match_len: int) -> int:
+        """Suffix-match lengths 1, 2, 3-4, 5+ (0: not a copy drafter)."""
+        if match_len <= 0:
+            return 0
+        return 1 if match_len == 1 else 2 if match_len == 2 else 3 if match_len <= 4 else 5
+
+    def _lists(self, key: tuple[str, int]) -> tuple[list[float], list[float]]:
+        if key not in self._tried:
+            self._tried[key] = [0.0] * self.max_positions
+            self._accepted[key] = [0.0] * self.max_positions
+        return self._tried[key], self._accepted[key]
+
+    def update(self, drafter: str, match_len: int, drafted: int, accepted: int) -> None:
+        tried, acc = self._lists((drafter, self.bucket(match_len)))
+        for i in range(min(accepted + 1, drafted, self.max_positions)):
+            tried[i] += 1
+            if i < accepted:
+                acc[i] += 1
+
+    def rates(self, drafter: str, match_len: int, n: int) -> list[float]:
+        """Conditional acceptance of positions 1..n."""
+        tried, acc = self._lists((drafter, self.bucket(match_len)))
+        w, p = self.prior_weight, self.prior
+        return [(acc[i] + w * p) / (tried[i] + w) if tried[i] + w > 0 else p for i in range(min(n, self.max_positions))]
+
+    def table(self) -> dict[str, list[float]]:
+        """{"drafter/bucket": [rate at position 1, 2, ...]} for the positions seen (stats, /metrics)."""
+        out = {}
+        for (name, b), tried in self._tried.items():
+            seen = [i for i, t in enumerate(tried) if t > 0]
+            if seen:
+                acc = self._accepted[(name, b)]
+                out[f"{name}/{b}"] = [round(acc[i] / tried[i], 3) for i in range(seen[-1] + 1)]
+        return out
+
+
+@dataclass
+class Candidate:
+    """A row that may draft: up to ``max_len`` tokens from ``drafter`` (``match_len``: the
+    reference drafter's suffix match)."""
+
+    drafter: str
+    match_len: int
+    max_len: int
+
+
+def choose_lengths(candidates: list[Candidate | None], base_tokens: int, rows: int, curve: CostCurve,
+                   acceptance: Acceptance) -> tuple[list[int], float, float]:
+    """Draft length per candidate (0 for None) maximising the step's goodput; also the predicted
+    step seconds and goodput (tokens/s) of the choice."""
+    lengths = [0] * len(candidates)
+    heap: list[tuple[float, int, int]] = []          # (-marginal gain, candidate, position)
+    chains: dict[int, list[float]] = {}
+    for c, cand in enumerate(candidates):
+        if cand is None or cand.max_len <= 0:
+            continue
+        gains, prod = [], 1.0
+        for a in acceptance.rates(cand.drafter, cand.match_len, cand.max_len):
+            prod *= a
+            gains.append(prod)
+        chains[c] = gains
+        if gains:
+            heapq.heappush(heap, (-gains[0], c, 0))
+    best_n, best_goodput = 0, rows / curve(base_tokens, rows)
+    expected, picks = float(rows), []
+    while heap:
+        neg, c, i = heapq.heappop(heap)
+        expected += -neg
+        picks.append(c)
+        goodput = expected / curve(base_tokens + len(picks), rows)
+        if goodput > best_goodput:
+            best_n, best_goodput = len(picks), goodput
+        if i + 1 < len(chains[c]):
+            heapq.heappush(heap, (-chains[c][i + 1], c, i + 1))
+    for c in picks[:best_n]:
+        lengths[c] += 1
+    return lengths, curve(base_tokens + best_n, rows), best_goodput
+
+
+# ---- calibration ------------------------------------------------------------------------------
+
+def curve_key(model: Any, dtype: Any, device: Any) -> str:
+    """What the cost depends on: architecture, dtype, device, threads, CPU, torch version."""
+    import torch
+
+    cfg = model.config.to_json_string() if hasattr(model.config, "to_json_string") else repr(model.config)
+    parts = [cfg, str(dtype), str(device), str(torch.get_num_threads()), torch.__version__,
+             platform.processor() or platform.machine(), _cpu_model()]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def measure(runner: Any, rows: tuple[int, ...] = CALIBRATION_ROWS, tokens: tuple[int, ...] = CALIBRATION_TOKENS,
+            context: int = CALIBRATION_CONTEXT, repeats: int = 3) -> CostCurve:
+    """Time the forward over ``rows`` x ``tokens`` per row at a cached context of ``context``
+    tokens per row (median of ``repeats``), on the runner's own pool."""
+    import torch
+
+    from .forward import Row
+
+    rows = tuple(r for r in rows if r <= runner.pool.max_slots) or (1,)
+    t_start = time.perf_counter()
+    gen = torch.Generator().manual_seed(0)
+    vocab = int(runner.model.config.get_text_config().vocab_size if hasattr(runner.model.config, "get_text_config")
+                else runner.model.config.vocab_size)
+    ids = torch.randint(0, vocab, (max(rows), context + max(tokens)), generator=gen).tolist()
+    curve_tokens, curve_seconds = [], []
+    with torch.inference_mode():
+        for r in range(max(rows)):       # the context each row attends to
+            runner.forward([Row(r, 0, ids[r][:context], context)])
+        for n_rows in rows:
+            xs, ys = [], []
+            for t in tokens:
+                batch = [Row(r, context, ids[r][context:context + t], 0) for r in range(n_rows)]
+                runner.forward(batch)    # warm-up for this shape
+                times = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    runner.forward(batch)
+                    times.append(time.perf_counter() - t0)
+                xs.append(n_rows * t)
+                ys.append(statistics.median(times))
+            curve_tokens.append(xs)
+            curve_seconds.append(ys)
+    meta = {"context": context, "repeats": repeats, "seconds_to_measure": round(time.perf_counter() - t_start, 2),
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return CostCurve(list(rows), curve_tokens, curve_seconds, meta)
+
+
+def cache_path(key: str) -> Path:
+    from .models import cache_dir
+
+    return cache_dir() / "cost" / f"{key}.json"
+
+
+def load_or_measure(runner: Any, remeasure: bool = False) -> CostCurve:
+    """The cached curve of this model / dtype / device / threads / CPU, measured if missing."""
+    key = curve_key(runner.model, runner.dtype, runner.device)
+    path = cache_path(key)
+    if path.exists() and not remeasure:
+        try:
+            return CostCurve.from_json(json.loads(path.read_text()))
+        except (ValueError, KeyError):
+            log.warning("ignoring an unreadable cost curve at %s", path)
+    log.info("measuring the forward's cost on this machine (once per model, dtype and thread count) ...")
+    curve = measure(runner)
+    curve.meta["key"] = key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(curve.to_json(), indent=1))
+    os.replace(tmp, path)
+    log.info("forward cost measured in %.1f s: 1 row x 1 token %.1f ms, 1 x 16 %.1f ms, 16 rows x 1 %.1f ms; cached in %s",
+             curve.meta["seconds_to_measure"], curve(1, 1) * 1e3, curve(16, 1) * 1e3,
+             curve(16, min(16, runner.pool.max_slots)) * 1e3, path)
+    return curve

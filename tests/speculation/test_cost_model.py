@@ -1,0 +1,114 @@
+"""The cost model's choices on synthetic cost curves, and the measured curve's shape."""
+
+import pytest
+
+from speculation.cost import Acceptance, Candidate, CostCurve, choose_lengths
+
+
+def _acceptance(rates: dict[tuple[str, int], float], n: int = 400) -> Acceptance:
+    """Acceptance learned from n drafts of 16 tokens per (drafter, match length), each position
+    accepted with the given conditional rate."""
+    acc = Acceptance(prior_weight=0.0)
+    for (name, match), rate in rates.items():
+        for d in range(n):
+            # deterministic: draft d accepts k tokens with frequency rate^k (1 - rate)
+            k, u = 0, (d + 0.5) / n
+            while k < 16 and u < rate ** (k + 1):
+                k += 1
+            acc.update(name, match, 16, k)
+    return acc
+
+
+def test_curve_interpolates_and_extrapolates():
+    c = CostCurve([1, 4], [[1, 16], [4, 64]], [[0.04, 0.06], [0.05, 0.10]])
+    assert c(1, 1) == pytest.approx(0.04)
+    assert c(8, 1) == pytest.approx(0.04 + 0.02 * 7 / 15)
+    assert c(32, 1) == pytest.approx(0.04 + 0.02 * 31 / 15)         # beyond the last point
+    assert c(4, 2) == pytest.approx((c(4, 1) * 2 + c(4, 4)) / 3)     # between row counts
+
+
+def test_flat_curve_drafts_long_even_on_short_matches():
+    acc = _acceptance({("reference", 1): 0.6, ("reference", 5): 0.9})
+    flat = CostCurve.synthetic(per_token=0.00005)
+    lengths, _, _ = choose_lengths([Candidate("reference", 1, 16), Candidate("reference", 5, 16)], 2, 2, flat, acc)
+    assert lengths[0] >= 6 and lengths[1] == 16
+
+
+def test_steep_curve_drafts_only_long_matches():
+    acc = _acceptance({("reference", 1): 0.3, ("reference", 5): 0.9})
+    steep = CostCurve.synthetic(per_token=0.01, base=0.04)      # each drafted token costs 25% of a forward
+    lengths, _, _ = choose_lengths([Candidate("reference", 1, 16), Candidate("reference", 5, 16)], 1, 1, steep, acc)
+    assert lengths[0] == 0 and lengths[1] >= 4
+
+
+def test_full_batch_drafts_nothing_when_it_does_not_pay():
+    acc = _acceptance({("reference", 2): 0.5})
+    # a full batch where every extra token costs as much as a row's whole step yields
+    costly = CostCurve.synthetic(per_token=0.006, base=0.04, per_row=0.0)
+    cands = [Candidate("reference", 2, 16)] * 16
+    lengths, predicted, goodput = choose_lengths(cands, 16, 16, costly, acc)
+    assert lengths == [0] * 16
+    assert predicted == pytest.approx(costly(16, 16)) and goodput == pytest.approx(16 / costly(16, 16))
+    # the same drafts at batch 1 on the same curve do pay
+    alone, _, _ = choose_lengths([Candidate("reference", 2, 16)], 1, 1, costly, acc)
+    assert alone[0] >= 1
+
+
+def test_acceptance_is_per_position_and_smoothed():
+    acc = Acceptance(prior=0.5, prior_weight=2.0)
+    assert acc.rates("reference", 3, 3) == [0.5, 0.5, 0.5]
+    for _ in range(8):
+        acc.update("reference", 3, 4, 2)       # positions 1, 2 accepted, 3 rejected, 4 never reached
+    r = acc.rates("reference", 3, 4)
+    assert r[0] == r[1] == pytest.approx(9 / 10) and r[2] == pytest.approx(1 / 10) and r[3] == 0.5
+    assert acc.table()["reference/3"] == [1.0, 1.0, 0.0]
+
+
+def _engine(curve=None, **config):
+    from speculation.engine import EngineConfig, SpeculativeEngine
+    from tinymodels import TinyTokenizer, tiny_llama
+
+    cfg = EngineConfig(drafters=("reference",), **({"cost_curve": curve} if curve else {}), **config)
+    return SpeculativeEngine(tiny_llama(seed=0), TinyTokenizer(96), None, cfg)
+
+
+def test_engine_drafts_long_on_a_flat_curve_and_little_on_a_steep_one():
+    """The same copying requests: a flat cost curve verifies long drafts, a steep one shorter
+    ones, and both give the same tokens, with predicted step costs recorded."""
+    from exactness import hf_greedy
+    from speculation.engine import GenerationRequest
+    from tinymodels import tiny_llama
+
+    target = tiny_llama(seed=0)
+    prompts = [[1, 20 + i, 21, 22, 23] for i in range(6)]
+    outs = {}
+    for name, curve in (("flat", CostCurve.synthetic(per_token=1e-6)), ("steep", CostCurve.synthetic(per_token=0.02))):
+        engine = _engine(curve)
+        res = [engine.generate_one(GenerationRequest(p, [p[-2:] + hf_greedy(target, p, 30)], max_new_tokens=30))
+               for p in prompts]
+        outs[name] = res
+        assert all(r.stats.predicted_seconds > 0 for r in res)
+    assert [r.token_ids for r in outs["flat"]] == [r.token_ids for r in outs["steep"]]
+    def mean_draft(name):
+        return (sum(r.stats.draft_tokens for r in outs[name])
+                / max(1, sum(d.steps for r in outs[name] for d in r.stats.by_drafter.values())))
+
+    # the references are right, so both draft; the flat curve's drafts are longer
+    assert mean_draft("flat") > 1.5 * mean_draft("steep"), (mean_draft("flat"), mean_draft("steep"))
+    assert sum(r.stats.target_forwards for r in outs["flat"]) < sum(r.stats.target_forwards for r in outs["steep"])
+
+
+def test_measured_curve_is_cached_per_machine(tmp_path, monkeypatch):
+    """The curve is measured once and read back from the cache (no second measurement)."""
+    import speculation.cost as cost
+
+    monkeypatch.setenv("SPECRAG_CACHE_DIR", str(tmp_path))
+    calls = []
+    real = cost.measure
+    monkeypatch.setattr(cost, "measure", lambda runner, **kw: calls.append(1) or real(runner, rows=(1, 2),
+                                                                                         tokens=(1, 4), repeats=1))
+    first = _engine()
+    second = _engine()
+    assert len(calls) == 1
+    assert first.cost.rows == second.cost.rows == [1, 2] and first.cost(4, 1) > 0
+    assert list((tmp_path / "cost").glob("*.json"))
