@@ -35,7 +35,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 CALIBRATION_ROWS = (1, 2, 4, 8, 16)
-CALIBRATION_TOKENS = (1, 2, 4, 8, 16, 32)      # per row
+CALIBRATION_TOKENS = (1, 2, 4, 8, 16)          # per row (a draft of 16 + the pending token)
 CALIBRATION_CONTEXT = 256
 
 
@@ -205,9 +205,10 @@ def _cpu_model() -> str:
 
 
 def measure(runner: Any, rows: tuple[int, ...] = CALIBRATION_ROWS, tokens: tuple[int, ...] = CALIBRATION_TOKENS,
-            context: int = CALIBRATION_CONTEXT, repeats: int = 3) -> CostCurve:
+            context: int = CALIBRATION_CONTEXT, repeats: int = 2, max_total: int = 128) -> CostCurve:
     """Time the forward over ``rows`` x ``tokens`` per row at a cached context of ``context``
-    tokens per row (median of ``repeats``), on the runner's own pool."""
+    tokens per row (median of ``repeats``), on the runner's own pool; shapes past ``max_total``
+    tokens are left to extrapolation (they are rarely chosen and the dearest to measure)."""
     import torch
 
     from .forward import Row
@@ -220,11 +221,17 @@ def measure(runner: Any, rows: tuple[int, ...] = CALIBRATION_ROWS, tokens: tuple
     ids = torch.randint(0, vocab, (max(rows), context + max(tokens)), generator=gen).tolist()
     curve_tokens, curve_seconds = [], []
     with torch.inference_mode():
-        for r in range(max(rows)):       # the context each row attends to
-            runner.forward([Row(r, 0, ids[r][:context], context)])
+        # the context each row attends to: one prefill, copied into the other slots
+        runner.forward([Row(0, 0, ids[0][:context], context)])
+        runner.pool.ensure(max(rows), context + max(tokens))
+        for store in (runner.pool.keys, runner.pool.values):
+            for layer in store:
+                layer[1:max(rows), :, :context] = layer[0, :, :context]
         for n_rows in rows:
             xs, ys = [], []
             for t in tokens:
+                if xs and n_rows * t > max_total:
+                    break                # beyond: extrapolated from the last two points
                 batch = [Row(r, context, ids[r][context:context + t], 0) for r in range(n_rows)]
                 runner.forward(batch)    # warm-up for this shape
                 times = []
