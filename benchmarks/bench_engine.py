@@ -108,6 +108,23 @@ class ForwardCounter:
         self.n += 1
 
 
+def model_bytes(model: Any) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def memory_bandwidth_gb_s() -> float:
+    """What this machine reads per second: the median time to sum a 256 MB tensor (the limit of a
+    one-token forward, which reads every weight once)."""
+    x = torch.ones(64 * 2**20, dtype=torch.float32)
+    x.sum()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return round(x.numel() * 4 / statistics.median(times) / 1e9, 2)
+
+
 def first_divergence(expected: list[int], got: list[int]) -> int | None:
     if expected == got:
         return None
@@ -214,7 +231,7 @@ def main() -> int:
 
     load_start = os.getloadavg()
     t_start = time.time()
-    models = load_models(ModelConfig())
+    models = load_models(ModelConfig(dtype="float32"))
     model, tok = models.target, models.tokenizer
     counter = ForwardCounter(model)
     engines = {
@@ -222,11 +239,12 @@ def main() -> int:
         "reference": SpeculativeEngine(model, tok, None, EngineConfig(drafters=("reference",))),
         "prompt_lookup": SpeculativeEngine(model, tok, None, EngineConfig(drafters=("prompt_lookup",))),
     }
-    bf16_model = bf16_counter = bf16_engine = None
+    bf16_model = bf16_counter = None
     if args.bf16:
         bf16_model = load_models(ModelConfig(dtype="bfloat16")).target
         bf16_counter = ForwardCounter(bf16_model)
-        bf16_engine = SpeculativeEngine(bf16_model, tok, None, EngineConfig(drafters=("reference",)))
+        engines["plain_bf16"] = SpeculativeEngine(bf16_model, tok, None, EngineConfig(drafters=()))
+        engines["reference_bf16"] = SpeculativeEngine(bf16_model, tok, None, EngineConfig(drafters=("reference",)))
 
     def hf(m: Any, prompt: list[int], **kw: Any) -> list[int]:
         with torch.inference_mode():
@@ -251,15 +269,23 @@ def main() -> int:
         "specrag_prompt_lookup": ("specrag, prompt-lookup drafter", lambda p, r: spec(engines["prompt_lookup"], p, r),
                                   counter, "hf_greedy"),
     }
-    if args.ungated:   # LLMA's n = 1: draft from suffix matches down to 1 token (the GPU default)
-        engines["ungated"] = SpeculativeEngine(model, tok, None, EngineConfig(drafters=("reference",), min_ngram=1))
-        methods["specrag_reference_ungated"] = ("specrag, reference drafting, matches down to 1 token",
+    if args.ungated:   # the rule the cost model replaced: adaptive lengths from matches down to 1 token
+        engines["ungated"] = SpeculativeEngine(model, tok, None, EngineConfig(drafters=("reference",), min_ngram=1,
+                                                                            draft_policy="fixed"))
+        methods["specrag_reference_ungated"] = ("specrag, reference drafting, fixed rule, matches down to 1 token",
                                                 lambda p, r: spec(engines["ungated"], p, r), counter, "hf_greedy")
     if args.bf16:
         methods["hf_greedy_bf16"] = ("HF generate, greedy, bf16", lambda p, r: hf(bf16_model, p), bf16_counter,
                                      "hf_greedy_bf16")
-        methods["specrag_reference_bf16"] = ("specrag, reference drafting, bf16",
-                                             lambda p, r: spec(bf16_engine, p, r), bf16_counter, "hf_greedy_bf16")
+        methods["hf_prompt_lookup_bf16"] = ("HF generate, prompt lookup, bf16",
+                                            lambda p, r: hf(bf16_model, p, prompt_lookup_num_tokens=10),
+                                            bf16_counter, "hf_greedy_bf16")
+        methods["specrag_plain_bf16"] = ("specrag, no speculation, bf16 (batch-invariant forward)",
+                                         lambda p, r: spec(engines["plain_bf16"], p, r, False), bf16_counter,
+                                         "hf_greedy_bf16")
+        methods["specrag_reference_bf16"] = ("specrag, reference drafting, bf16 (batch-invariant forward)",
+                                             lambda p, r: spec(engines["reference_bf16"], p, r), bf16_counter,
+                                             "hf_greedy_bf16")
 
     if args.methods:
         keep = [m.strip() for m in args.methods.split(",")]
@@ -268,6 +294,7 @@ def main() -> int:
             ap.error(f"--methods: unknown {sorted(unknown)} (hf_greedy is required); known: {', '.join(methods)}")
         methods = {k: v for k, v in methods.items() if k in keep}
 
+    bandwidth = memory_bandwidth_gb_s()
     items = []
     for dotted, question in QUESTIONS[:n_q]:
         doc = load_doc(dotted)
@@ -288,7 +315,9 @@ def main() -> int:
     def write(summary: dict[str, Any], memory: dict[str, Any] | None, partial: bool) -> None:
         result = {
             "command": " ".join([".venv/bin/python", "benchmarks/bench_engine.py"] + sys.argv[1:]),
-            "model": "smollm2-135m-instruct (fp32, CPU, batch 1)",
+            "model": "smollm2-135m-instruct (CPU, batch 1; fp32 unless the row says bf16)",
+            "memory_bandwidth_gb_s": bandwidth,
+            "model_bytes": {"fp32": model_bytes(model), "bf16": model_bytes(bf16_model) if bf16_model else None},
             "max_new_tokens": args.max_tokens, "questions": len(rows), "questions_planned": n_q,
             "partial": partial, "threads": args.threads,
             "machine": {**machine_info(), "load_average_start": [round(x, 2) for x in load_start],
@@ -320,6 +349,10 @@ def main() -> int:
                     p["tokens_per_second"] / r["methods"]["hf_prompt_lookup"]["tokens_per_second"]
                     for p, r in zip(per, rows)), 3) if "hf_prompt_lookup" in names else None,
                 "identical_outputs": sum(p["identical"] for p in per),
+                "identical_to_specrag_plain": sum(p.get("identical_to_specrag_plain", False) for p in per)
+                if name.startswith("specrag") else None,
+                "ms_per_forward_median": round(statistics.median(
+                    1000 * p["seconds"] / p["target_forwards"] for p in per if p["target_forwards"]), 2),
                 "questions": len(per),
                 "divergences": [{"object": r["object"], **p["divergence"]} for p, r in zip(per, rows)
                                 if "divergence" in p],
@@ -349,6 +382,9 @@ def main() -> int:
                      "target_forwards": r["forwards"],
                      "tokens_per_forward": round(len(r["tokens"]) / r["forwards"], 4) if r["forwards"] else 0.0,
                      "identical": div is None}
+            plain = "specrag_plain_bf16" if name.endswith("_bf16") else "specrag_plain"
+            if name.startswith("specrag") and plain in res:
+                entry["identical_to_specrag_plain"] = res[plain]["tokens"] == r["tokens"]
             if div is not None:
                 m = bf16_model if name.endswith("_bf16") else model
                 entry["divergence"] = {"position": div, "expected": ref_out[div:div + 3],
@@ -380,19 +416,31 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"SmolLM2-135M-Instruct, CPU, batch 1, greedy, {result['questions']} questions about Python stdlib docs "
         f"(doc in the prompt and as the reference), up to {result['max_new_tokens']} new tokens.",
         "",
-        "| method | tokens/s (median) | tokens per target forward | vs HF greedy (median ratio) "
-        "| vs HF prompt lookup (median ratio) | identical to HF greedy |",
-        "|---|---:|---:|---:|---:|---|",
+        "| method | tokens/s (median) | tokens per target forward | ms per forward | weight GB/s "
+        "| vs HF greedy (median ratio) | vs HF prompt lookup (median ratio) | identical to HF greedy "
+        "| identical to specrag plain |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     if result.get("partial"):
         lines.insert(1, f"\n**Partial run: {result['questions']} of {result['questions_planned']} questions done.**")
+    sizes = result.get("model_bytes") or {}
     for name, s in result["summary"].items():
         ident = f"{s['identical_outputs']}/{s['questions']}"
         if name.endswith("_bf16"):
             ident += " (vs HF greedy bf16)"
+        plain = s.get("identical_to_specrag_plain")
+        plain = "" if plain is None else f"{plain}/{s['questions']}"
+        ms = s.get("ms_per_forward_median")
+        size = sizes.get("bf16" if name.endswith("_bf16") else "fp32")
+        # weight bandwidth: the bytes of the weights read once per forward, as gpt-fast prints it
+        bw = f"{size / (ms / 1000) / 1e9:.1f}" if size and ms else ""
         lines.append(f"| {s['label']} | {s['tokens_per_second_median']:.1f} | {s['tokens_per_forward_mean']:.2f} "
+                     f"| {ms if ms is not None else ''} | {bw} "
                      f"| {s['speedup_vs_hf_greedy_median']:.2f}x | {_x(s['speedup_vs_hf_prompt_lookup_median'])} "
-                     f"| {ident} |")
+                     f"| {ident} | {plain} |")
+    if result.get("memory_bandwidth_gb_s"):
+        lines += ["", f"Memory bandwidth of this machine (sum of a 256 MB tensor): "
+                      f"{result['memory_bandwidth_gb_s']} GB/s — the limit of a one-token forward's weight bandwidth."]
     divs = [(n, d) for n, s in result["summary"].items() for d in s["divergences"]]
     if divs:
         lines += ["", "Divergences from HF greedy (first differing token, target's top-2 logit gap there):", ""]

@@ -19,6 +19,7 @@ tests, the CLI), or ``scheduler.EngineLoop`` for many concurrent requests.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,6 +36,8 @@ from .text import StopStringStreamer
 from .verify import SamplingParams, speculative_verify, warp_probs
 
 DRAFTERS = ("reference", "prompt_lookup", "draft_model")
+
+log = logging.getLogger(__name__)
 
 # on_commit(state, new_token_ids, text_delta)
 CommitCallback = Callable[["SequenceState", list[int], str], None]
@@ -73,6 +76,11 @@ class EngineConfig:
     max_tokens_per_step: int = 512
     # tokens one forward feeds when every row in it is a prompt
     max_prefill_tokens: int = 4096
+    # a forward whose result for a token does not depend on what shares it (speculation/
+    # invariant.py), so speculative greedy output is bitwise the non-speculative one even in
+    # bf16. None: on for a low-precision model on a CPU whose matmuls compute rows independently
+    # (checked at start-up); fp32 stays on the plain kernels (exact up to fp32 near-ties).
+    batch_invariant: bool | None = None
 
 
 @dataclass
@@ -253,7 +261,8 @@ class SpeculativeEngine:
         self.device = next(target.parameters()).device
         self.eos_ids = self._eos_ids()
         self.context_tokens = int(getattr(target.config, "max_position_embeddings", 0) or 0)
-        self.runner = PooledModel(target, self.config.max_batch)
+        self.batch_invariant = self._batch_invariant()
+        self.runner = PooledModel(target, self.config.max_batch, invariant=self.batch_invariant)
         self.slots = SlotTable(self.config.max_batch, self._evict)
         if self.config.draft_policy not in ("cost", "fixed"):
             raise GenerationInputError(f"unknown draft_policy {self.config.draft_policy!r}: use cost or fixed")
@@ -264,6 +273,26 @@ class SpeculativeEngine:
         self.drafters: dict[str, Drafter] = self._make_drafters()
         self.on_step: Callable[[StepRecord], None] | None = None
         self._predicted: float | None = None
+
+    def _batch_invariant(self) -> bool:
+        from .invariant import rows_are_invariant
+
+        wanted = self.config.batch_invariant
+        dtype = next(self.target.parameters()).dtype
+        if wanted is None:
+            wanted = self.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+            if not wanted:
+                return False
+            if not rows_are_invariant(self.target):
+                log.warning("%s matmuls on this CPU compute a row differently with other rows beside it: the "
+                            "forward is not batch-invariant, so speculative output may differ from "
+                            "non-speculative output where rounding flips an argmax", dtype)
+                return False
+            return True
+        if wanted and not rows_are_invariant(self.target):
+            raise GenerationInputError(f"batch_invariant asked for, but {dtype} matmuls on this machine compute a row "
+                                       "differently with other rows beside it")
+        return bool(wanted)
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()

@@ -5,8 +5,8 @@ of the cost); each token carries its own position id, so rotary embeddings are p
 attention is ours, registered with transformers' ``AttentionInterface``: per layer it writes the
 new keys and values into each row's slot at its positions, then attends each row to its own
 slot only -- the cached prefix plus its new tokens, causally (or along a tree, later). Short rows
-(decode tokens + drafts) are attended together in one padded call; a long row (a prompt chunk)
-alone. Padding never attends and is never attended: it is masked out and its output dropped.
+(decode tokens + drafts) are attended together in padded calls, one per length bucket; a long
+row (a prompt chunk) alone. Padding never attends and is never attended: it is masked out and its output dropped.
 
 The model keeps working for everybody else: a call without our batch metadata (Hugging Face
 ``generate``, the tests' oracle) goes to the SDPA attention the model had.
@@ -54,6 +54,7 @@ class _Batch:
     slot_idx: torch.Tensor       # [T] slot of every packed token
     pos_idx: torch.Tensor        # [T] its position
     groups: list[_Group]
+    invariant: bool = False      # attention that does not depend on the batch (speculation/invariant.py)
 
 
 def _pool_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -81,9 +82,20 @@ def _pool_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
         # heads kv-major (query head h reads kv head h // g), the g query heads of a kv head
         # folded into the query length: no copy of the cache for grouped-query attention
         q = q.view(b, grp.t_max, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * grp.t_max, d)
-        o = torch.nn.functional.scaled_dot_product_attention(
-            q, k_store[grp.lo:grp.hi, :, :grp.kv_len], v_store[grp.lo:grp.hi, :, :grp.kv_len],
-            attn_mask=grp.mask, scale=scaling)
+        if batch.invariant:
+            from .invariant import KV_CHUNK, attention
+
+            # whole chunks of the pool (its length is a multiple of the chunk): no padding copies
+            span = min(-(-grp.kv_len // KV_CHUNK) * KV_CHUNK, k_store.shape[2])
+            mask = grp.mask
+            if span > grp.kv_len:
+                mask = torch.nn.functional.pad(mask, (0, span - grp.kv_len), value=False)
+            o = attention(q, k_store[grp.lo:grp.hi, :, :span], v_store[grp.lo:grp.hi, :, :span], mask,
+                          scaling if scaling is not None else d ** -0.5)
+        else:
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q, k_store[grp.lo:grp.hi, :, :grp.kv_len], v_store[grp.lo:grp.hi, :, :grp.kv_len],
+                attn_mask=grp.mask, scale=scaling)
         o = o.view(b, hkv, g, grp.t_max, d).permute(0, 3, 1, 2, 4).reshape(b * grp.t_max, hq, d)
         out[grp.packed] = o[grp.padded]
     return out.unsqueeze(0), None
@@ -109,9 +121,10 @@ def _kv_geometry(config: Any) -> tuple[int, int, int]:
 class PooledModel:
     """A causal LM whose forwards run over a KV pool of ``max_slots`` sequences."""
 
-    def __init__(self, model: Any, max_slots: int, max_length: int | None = None) -> None:
+    def __init__(self, model: Any, max_slots: int, max_length: int | None = None, invariant: bool = False) -> None:
         _register()
         self.model = model
+        self.invariant = invariant
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         n_layers, kv_heads, head_dim = _kv_geometry(model.config)
@@ -124,6 +137,10 @@ class PooledModel:
             except Exception:  # noqa: BLE001 - older transformers: set it on the config
                 model.config._attn_implementation = ATTENTION_NAME
         self._dummy_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
+        if invariant:
+            from .invariant import pad_single_rows
+
+            pad_single_rows(model)
         self._check_attention_is_ours(n_layers)
 
     def _check_attention_is_ours(self, n_layers: int) -> None:
@@ -159,11 +176,17 @@ class PooledModel:
             pos_idx.extend(range(row.start, row.start + len(row.tokens)))
         self.pool.ensure(max(r.slot for r in rows) + 1, max(r.start + len(r.tokens) for r in rows))
         hq_per_kv = self._query_groups()
-        short = [i for i, r in enumerate(rows) if len(r.tokens) <= SHORT_ROW]
-        groups = [self._group(rows, offsets, short, hq_per_kv)] if short else []
+        # short rows attend together, bucketed by length (1, 2, 3-4, 5-8, ...) so that padding
+        # costs at most 2x and one long draft does not pad every decode row to its length
+        buckets: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
+            if len(r.tokens) <= SHORT_ROW:
+                buckets.setdefault((len(r.tokens) - 1).bit_length(), []).append(i)
+        groups = [self._group(rows, offsets, members, hq_per_kv) for _, members in sorted(buckets.items())]
         groups += [self._group(rows, offsets, [i], hq_per_kv) for i, r in enumerate(rows) if len(r.tokens) > SHORT_ROW]
         dev = self.device
-        batch = _Batch(self.pool, torch.tensor(slot_idx, device=dev), torch.tensor(pos_idx, device=dev), groups)
+        batch = _Batch(self.pool, torch.tensor(slot_idx, device=dev), torch.tensor(pos_idx, device=dev), groups,
+                       self.invariant)
         return batch, keep, offsets
 
     def _query_groups(self) -> int:
@@ -208,7 +231,14 @@ class PooledModel:
             keep_idx = torch.tensor([0], device=self.device)     # HF needs something; dropped below
         else:
             keep_idx = torch.tensor(keep, device=self.device)
-        out = self.model(input_ids=ids, position_ids=positions, attention_mask=self._dummy_mask, use_cache=False,
-                         logits_to_keep=keep_idx, **{_BATCH_KWARG: batch})
+        if self.invariant and ids.shape[1] == 1:
+            from .invariant import single_row_padding
+
+            with single_row_padding():
+                out = self.model(input_ids=ids, position_ids=positions, attention_mask=self._dummy_mask,
+                                 use_cache=False, logits_to_keep=keep_idx, **{_BATCH_KWARG: batch})
+        else:
+            out = self.model(input_ids=ids, position_ids=positions, attention_mask=self._dummy_mask, use_cache=False,
+                             logits_to_keep=keep_idx, **{_BATCH_KWARG: batch})
         logits = out.logits[0].float()
         return logits if keep else logits[:0]

@@ -40,7 +40,8 @@ def cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which models to load and where. ``device``/``dtype`` "auto": bf16 on CUDA, fp32 on CPU."""
+    """Which models to load and where. ``device``/``dtype`` "auto": bf16 on CUDA; on a CPU fp32,
+    switched to bf16 by ``load_models`` where that measures faster and stays exact."""
 
     model: str = DEFAULT_MODEL
     draft_model: str | None = None
@@ -178,11 +179,97 @@ class LoadedModels:
         return str(next(self.target.parameters()).device)
 
 
+def cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16: the instructions that make bf16 matmuls fast on a CPU."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def choose_cpu_dtype(model: Any) -> tuple[Any, dict[str, Any]]:
+    """``--dtype auto`` on a CPU: bf16 where it keeps speculative output identical to
+    non-speculative output (its matmuls compute rows independently, so the batch-invariant
+    forward holds) and measures faster than fp32 on this machine; else fp32. The decision is
+    cached per model / CPU / thread count. Returns (model in the chosen dtype, the reasons)."""
+    import copy
+    import json
+
+    import torch
+
+    from .cost import curve_key
+
+    key = curve_key(model, "auto", "cpu")
+    path = cache_dir() / "dtype" / f"{key}.json"
+    if path.exists():
+        try:
+            info = json.loads(path.read_text())
+            return (model.to(torch.bfloat16) if info["dtype"] == "bfloat16" else model), info
+        except (ValueError, KeyError):
+            pass
+    info: dict[str, Any] = {"dtype": "float32"}
+    if not cpu_has_bf16():
+        info["why"] = "this CPU has neither AVX512-BF16 nor AMX-BF16"
+    else:
+        from .invariant import rows_are_invariant
+
+        bf16 = copy.deepcopy(model).to(torch.bfloat16)
+        if not rows_are_invariant(bf16):
+            info["why"] = "bf16 matmuls here are not row-invariant: speculative output could differ"
+        else:
+            fp32_ms, bf16_ms = _forward_ms(model, invariant=False), _forward_ms(bf16, invariant=True)
+            info.update(fp32_ms=fp32_ms, bf16_ms=bf16_ms)
+            if sum(bf16_ms.values()) < sum(fp32_ms.values()):
+                info.update(dtype="bfloat16", why="bf16 is batch-invariant here and measured faster")
+            else:
+                info["why"] = "bf16 measured slower than fp32 here"
+        del bf16
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(info, indent=1))
+    log.info("--dtype auto on this CPU: %s (%s)", info["dtype"], info["why"])
+    return (model.to(torch.bfloat16) if info["dtype"] == "bfloat16" else model), info
+
+
+def _forward_ms(model: Any, invariant: bool) -> dict[str, float]:
+    """Median ms of the forwards a RAG request is made of: a 300-token prefill, a one-token
+    decode step, a 16-token verification, 8 rows x 1 token."""
+    import statistics
+    import time
+
+    import torch
+
+    from .forward import PooledModel, Row
+
+    runner = PooledModel(model, 8, invariant=invariant)
+    ids = torch.randint(0, 1000, (8, 320), generator=torch.Generator().manual_seed(0)).tolist()
+    shapes = {"prefill_300": [Row(0, 0, ids[0][:300], 300)],
+              "decode_1": [Row(0, 300, ids[0][300:301], 0)],
+              "verify_16": [Row(0, 300, ids[0][300:316], 0)],
+              "rows_8": [Row(r, 300, ids[r][300:301], 0) for r in range(8)]}
+    out = {}
+    with torch.inference_mode():
+        runner.forward([Row(r, 0, ids[r][:300], 300) for r in range(8)])
+        for name, rows in shapes.items():
+            runner.forward(rows)
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                runner.forward(rows)
+                times.append(time.perf_counter() - t0)
+            out[name] = round(statistics.median(times) * 1e3, 2)
+    return out
+
+
 def load_models(config: ModelConfig) -> LoadedModels:
-    """Load target (+ draft) with the configured device and dtype; reject mismatched tokenizers."""
+    """Load target (+ draft) with the configured device and dtype; reject mismatched tokenizers.
+    ``dtype`` auto on a CPU measures whether bf16 pays and stays exact (``choose_cpu_dtype``)."""
     device, dtype = config.resolved_device(), config.resolved_dtype()
     tokenizer = load_tokenizer(config.model)
     target = load_causal_lm(config.model, device, dtype)
+    if config.dtype == "auto" and device == "cpu":
+        target, _ = choose_cpu_dtype(target)
+        dtype = next(target.parameters()).dtype
     draft = None
     if config.draft_model:
         draft_tok = load_tokenizer(config.draft_model)

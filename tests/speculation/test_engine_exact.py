@@ -72,7 +72,7 @@ def test_greedy_matches_hf_generate(models, combo, policy):
     engine = SpeculativeEngine(target, TinyTokenizer(VOCAB), draft,
                                EngineConfig(drafters=COMBOS[combo], min_ngram=1 if combo.endswith("min1") else None,
                                             **POLICIES[policy]))
-    accepted = 0
+    accepted = drafted = 0
     for n, (prompt, refs, max_new, oracle) in enumerate(_cases(target)):
         expected = oracle[:max_new]      # generate() is deterministic: a shorter limit is a prefix
         result = engine.generate_one(GenerationRequest(prompt, refs, max_new_tokens=max_new))
@@ -80,8 +80,14 @@ def test_greedy_matches_hf_generate(models, combo, policy):
         assert result.stats.generated_tokens == len(result.token_ids)
         assert result.finish_reason == ("stop" if result.token_ids[-1:] == [2] else "length")
         accepted += result.stats.accepted_tokens
-    if combo != "none" and policy != "steep":
-        assert accepted > 0, "no draft was ever accepted: the comparison proved nothing"
+        drafted += result.stats.draft_tokens
+    if combo != "none":
+        # the seed-1 draft model is unrelated to the seed-0 target: under the cost model its
+        # measured acceptance (~0) soon stops it drafting, so only its drafts are required
+        if combo == "draft_model" and policy != "fixed":
+            assert drafted > 0, "the draft model never drafted: the comparison proved nothing"
+        elif policy != "steep":
+            assert accepted > 0, "no draft was ever accepted: the comparison proved nothing"
 
 
 def test_cases_cover_eos_and_limit_inside_accepted_drafts(models):

@@ -1,0 +1,165 @@
+"""A forward whose result for a token does not depend on what shares its forward.
+
+Speculation verifies k drafted tokens in one forward where plain decoding runs k one-token
+forwards, and a batch puts other rows beside a sequence. If the numbers for a token depend on
+that (matmul kernels chosen by shape, attention split by length), greedy output with
+speculation can differ from greedy output without it at any place where low-precision
+rounding flips an argmax -- measured with bf16 on CPU: 3 of 6 answers differed. This module
+makes the forward batch-invariant (the idea of Thinking Machines' "Defeating Nondeterminism
+in LLM Inference", which vLLM offers on GPUs as VLLM_BATCH_INVARIANT):
+
+* Attention: fp32, over the pool in fixed chunks of ``KV_CHUNK`` positions aligned at
+  position 0, combined in order with an online softmax; a chunk past a row's length adds exact
+  zeros (a bitwise no-op). The products are [M, D] @ [D, C] with at least ``Q_TILE`` query rows
+  where this machine's fp32 kernel computes a row independently of M (measured: AMD EPYC, M >=
+  4), else in fixed tiles of ``Q_TILE`` rows (one shape whatever the batch). Either way a
+  query's output depends only on its own row.
+* Linear layers, norms and the rest: row-wise by construction *if* the matmul kernel computes
+  a row the same way whatever the number of rows. That holds for some kernels (measured: bf16
+  on an AMD EPYC with AVX512-BF16, every shape of SmolLM2) and not for others (fp32 there: a
+  one-row product takes another path than a many-row one), so it is checked on the machine by
+  :func:`rows_are_invariant` before the engine relies on it.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+
+KV_CHUNK = 256
+Q_TILE = 4
+
+
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+              scaling: float) -> torch.Tensor:
+    """q: [B, Hkv, M, D] (M = query heads per kv head x padded tokens), keys / values:
+    [B, Hkv, L, D] views of the pool, mask: [B, 1, M, L] bool. Returns [B, Hkv, M, D] in q's
+    dtype, each query's row computed with the same operations whatever B, M and L are."""
+    b, hkv, m, d = q.shape
+    length = keys.shape[2]
+    tiled = not _block_matmul_invariant(q.device)
+    pad_m = -m % Q_TILE if tiled else max(0, Q_TILE - m)
+    qf = q.float() * scaling
+    if pad_m:
+        qf = torch.cat([qf, qf.new_zeros(b, hkv, pad_m, d)], dim=2)
+        mask = torch.cat([mask, mask.new_zeros(b, 1, pad_m, length)], dim=2)
+    mp = m + pad_m
+    # tiled: fixed [Q_TILE, D] @ [D, C] products; else one product per (row, head), whose rows
+    # this machine's kernel computes independently of M (checked by _block_matmul_invariant)
+    tiles = qf.view(b, hkv, mp // Q_TILE, Q_TILE, d) if tiled else qf.unsqueeze(2)
+    m_run = qf.new_full((*tiles.shape[:-1], 1), float("-inf"))
+    l_run = qf.new_zeros(*tiles.shape[:-1], 1)
+    acc = torch.zeros_like(tiles)
+    mask_t = mask.view(b, 1, *tiles.shape[2:4], length)
+    for start in range(0, length, KV_CHUNK):
+        end = start + KV_CHUNK
+        k = keys[:, :, start:end].float()
+        v = values[:, :, start:end].float()
+        chunk_mask = mask_t[..., start:end]
+        if k.shape[2] < KV_CHUNK:        # the pool's tail: pad to the fixed chunk (masked)
+            fill = KV_CHUNK - k.shape[2]
+            k = torch.cat([k, k.new_zeros(b, hkv, fill, d)], dim=2)
+            v = torch.cat([v, v.new_zeros(b, hkv, fill, d)], dim=2)
+            chunk_mask = torch.cat([chunk_mask, chunk_mask.new_zeros(*chunk_mask.shape[:-1], fill)], dim=-1)
+        scores = torch.matmul(tiles, k.unsqueeze(2).transpose(-1, -2))          # [..., QT | M, C]
+        scores = scores.masked_fill(~chunk_mask, float("-inf"))
+        m_new = torch.maximum(m_run, scores.amax(-1, keepdim=True))
+        # rows with nothing visible yet keep m = -inf: exp(-inf - -inf) is nan, use 0 there
+        safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        alpha = torch.exp(m_run - safe)
+        p = torch.exp(scores - safe)
+        l_run = l_run * alpha + p.sum(-1, keepdim=True)
+        acc = acc * alpha + torch.matmul(p, v.unsqueeze(2))
+        m_run = m_new
+    out = (acc / l_run.clamp_min(1e-30)).reshape(b, hkv, mp, d)[:, :, :m]
+    return out.to(q.dtype)
+
+
+_BLOCK_INVARIANT: dict[str, bool] = {}
+
+
+def _block_matmul_invariant(device: torch.device) -> bool:
+    """Whether fp32 products [M, D] @ [D, C] and [M, C] @ [C, D] compute a row the same for
+    every M >= Q_TILE on this machine (measured once per device type)."""
+    key = device.type
+    if key not in _BLOCK_INVARIANT:
+        gen = torch.Generator().manual_seed(1)
+        ok = True
+        for kdim, n in ((64, KV_CHUNK), (KV_CHUNK, 64), (128, KV_CHUNK), (KV_CHUNK, 128)):
+            a = torch.randn(2, 1200, kdim, generator=gen).to(device)
+            w = torch.randn(2, kdim, n, generator=gen).to(device)
+            ref = torch.matmul(a[:, :Q_TILE], w)
+            for rows in (Q_TILE, 5, 8, 17, 64, 300, 1200):
+                ok &= bool(torch.equal(torch.matmul(a[:, :rows], w)[:, :Q_TILE], ref))
+            ok &= bool(torch.equal(torch.matmul(a[:, 3:3 + 64], w)[:, :Q_TILE], torch.matmul(a[:, 3:3 + Q_TILE], w)))
+        _BLOCK_INVARIANT[key] = ok
+    return _BLOCK_INVARIANT[key]
+
+
+def rows_are_invariant(model: Any, rows: tuple[int, ...] = (2, 3, 5, 8, 16, 17, 33)) -> bool:
+    """Whether every linear layer of ``model`` computes a row the same, bit for bit, whatever
+    other rows share the product, for products of at least two rows (the batch-invariant
+    forward never runs a one-row product: ``pad_single_rows``)."""
+    gen = torch.Generator().manual_seed(0)
+    seen: set[tuple] = set()
+    with torch.inference_mode():
+        for module in model.modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            w = module.weight
+            key = (tuple(w.shape), w.dtype, w.device.type, module.bias is not None)
+            if key in seen:          # the kernel depends on the shape, not on the values
+                continue
+            seen.add(key)
+            x = torch.randn(max(rows) + 3, w.shape[1], generator=gen).to(w.device, w.dtype)
+            ref = torch.nn.functional.linear(x[:2], w, module.bias)[:1]
+            for n in rows:
+                for start in (0, 2):
+                    part = torch.nn.functional.linear(x[start:start + n], w, module.bias)
+                    if start == 0 and not torch.equal(part[:1], ref):
+                        return False
+                    if start == 2 and not torch.equal(part[:1], torch.nn.functional.linear(x[2:4], w, module.bias)[:1]):
+                        return False
+    return True
+
+
+_PADDING = threading.local()
+
+
+def pad_single_rows(model: Any) -> None:
+    """Make every linear layer of ``model`` compute a one-row product as a two-row one (the
+    row twice) while :func:`single_row_padding` is active on this thread: a matmul kernel may
+    take another path for one row than for several (measured: bf16 on an AMD EPYC, where the
+    results then differ in the last bit), and a forward of one token must round like a token in
+    a bigger forward. Other callers of the model (HF generate) are unaffected."""
+    if getattr(model, "_specrag_pads_single_rows", False):
+        return
+
+    def pre(module: Any, args: tuple) -> Any:
+        if getattr(_PADDING, "on", False) and args and args[0].dim() >= 2 and args[0].shape[-2] == 1:
+            x = args[0]
+            return (torch.cat([x, x], dim=-2), *args[1:])
+        return None
+
+    def post(module: Any, args: tuple, out: torch.Tensor) -> Any:
+        if getattr(_PADDING, "on", False) and out.dim() >= 2 and out.shape[-2] == 2 and args[0].shape[-2] == 2:
+            return out[..., :1, :]
+        return None
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(pre)
+            module.register_forward_hook(post)
+    model._specrag_pads_single_rows = True
+
+
+class single_row_padding:
+    """Context: linear layers of models prepared by :func:`pad_single_rows` pad one-row inputs."""
+
+    def __enter__(self) -> None:
+        _PADDING.on = True
+
+    def __exit__(self, *exc: Any) -> None:
+        _PADDING.on = False
