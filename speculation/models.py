@@ -220,7 +220,7 @@ def choose_cpu_dtype(model: Any) -> tuple[Any, dict[str, Any]]:
         else:
             fp32_ms, bf16_ms = _forward_ms(model, invariant=False), _forward_ms(bf16, invariant=True)
             info.update(fp32_ms=fp32_ms, bf16_ms=bf16_ms)
-            if sum(bf16_ms.values()) < sum(fp32_ms.values()):
+            if _request_ms(bf16_ms) < _request_ms(fp32_ms):
                 info.update(dtype="bfloat16", why="bf16 is batch-invariant here and measured faster")
             else:
                 info["why"] = "bf16 measured slower than fp32 here"
@@ -231,9 +231,16 @@ def choose_cpu_dtype(model: Any) -> tuple[Any, dict[str, Any]]:
     return (model.to(torch.bfloat16) if info["dtype"] == "bfloat16" else model), info
 
 
-def _forward_ms(model: Any, invariant: bool) -> dict[str, float]:
-    """Median ms of the forwards a RAG request is made of: a 300-token prefill, a one-token
-    decode step, a 16-token verification, 8 rows x 1 token."""
+def _request_ms(ms: dict[str, float]) -> float:
+    """A RAG request's forwards: one prefill, then 128 tokens by one-token steps, verification
+    steps and steps shared with other rows."""
+    return ms["prefill"] + 64 * ms["decode_1"] + 16 * ms["verify_16"] + 16 * ms["rows_8"]
+
+
+def _forward_ms(model: Any, invariant: bool, context: int = 700) -> dict[str, float]:
+    """Median ms of the forwards a RAG request is made of, at a RAG request's context (k
+    sources in the prompt): the prefill, a one-token decode step, a 16-token verification,
+    8 rows x 1 token."""
     import statistics
     import time
 
@@ -242,14 +249,17 @@ def _forward_ms(model: Any, invariant: bool) -> dict[str, float]:
     from .forward import PooledModel, Row
 
     runner = PooledModel(model, 8, invariant=invariant)
-    ids = torch.randint(0, 1000, (8, 320), generator=torch.Generator().manual_seed(0)).tolist()
-    shapes = {"prefill_300": [Row(0, 0, ids[0][:300], 300)],
-              "decode_1": [Row(0, 300, ids[0][300:301], 0)],
-              "verify_16": [Row(0, 300, ids[0][300:316], 0)],
-              "rows_8": [Row(r, 300, ids[r][300:301], 0) for r in range(8)]}
+    ids = torch.randint(0, 1000, (8, context + 20), generator=torch.Generator().manual_seed(0)).tolist()
+    shapes = {"prefill": [Row(0, 0, ids[0][:context], context)],
+              "decode_1": [Row(0, context, ids[0][context:context + 1], 0)],
+              "verify_16": [Row(0, context, ids[0][context:context + 16], 0)],
+              "rows_8": [Row(r, context, ids[r][context:context + 1], 0) for r in range(8)]}
     out = {}
     with torch.inference_mode():
-        runner.forward([Row(r, 0, ids[r][:300], 300) for r in range(8)])
+        runner.forward([Row(0, 0, ids[0][:context], context)])
+        for store in (runner.pool.keys, runner.pool.values):     # the same context in every slot
+            for layer in store:
+                layer[1:8, :, :context] = layer[0, :, :context]
         for name, rows in shapes.items():
             runner.forward(rows)
             times = []
