@@ -66,7 +66,7 @@ class ModelConfig:
             return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                     "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[self.dtype]
         except KeyError:
-            raise ValueError(f"unknown dtype {self.dtype!r}: use auto, float32, bfloat16 or float16") from None
+            raise ValueError(f"unknown dtype {self.dtype!r}: use auto, fastest, float32, bfloat16 or float16") from None
 
 
 def _package_dir(package: str) -> Path | None:
