@@ -34,6 +34,10 @@ class Draft:
     probs: torch.Tensor | None = None    # [len(tokens), V] draft distributions; None: one-hot
     match_len: int = 0                   # copy drafters: length of the suffix match it continues
 
+    def trimmed(self, k: int) -> "Draft":
+        """The first ``k`` drafted tokens (and their probabilities)."""
+        return Draft(self.tokens[:k], self.source, None if self.probs is None else self.probs[:k], self.match_len)
+
 
 @dataclass
 class AdaptiveLength:

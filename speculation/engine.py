@@ -33,7 +33,7 @@ from .errors import GenerationInputError
 from .forward import SHORT_ROW, PooledModel, Row
 from .kv import SlotTable
 from .text import StopStringStreamer
-from .verify import SamplingParams, speculative_verify, warp_probs
+from .verify import SamplingParams, greedy_accept, speculative_verify, warp_probs
 
 DRAFTERS = ("reference", "prompt_lookup", "draft_model")
 
@@ -562,8 +562,7 @@ class SpeculativeEngine:
     def _assign(plans: list[_RowPlan], drafts: list[Draft | None]) -> None:
         for plan, draft in zip(plans, drafts):
             if draft is not None and draft.tokens:
-                plan.draft = Draft(draft.tokens[:plan.draft_limit], draft.source,
-                                   None if draft.probs is None else draft.probs[:plan.draft_limit], draft.match_len)
+                plan.draft = draft.trimmed(plan.draft_limit)
 
     def _size(self, plans: list[_RowPlan]) -> None:
         """The cost model's draft length for every row of the step (0: no draft)."""
@@ -581,9 +580,7 @@ class SpeculativeEngine:
         deferred: list[_RowPlan] = []
         for p, k in zip(plans, lengths):
             if p.draft is not None:
-                p.draft = None if k == 0 else Draft(p.draft.tokens[:k], p.draft.source,
-                                                    None if p.draft.probs is None else p.draft.probs[:k],
-                                                    p.draft.match_len)
+                p.draft = None if k == 0 else p.draft.trimmed(k)
             elif p.defer and k > 0:
                 p.draft_limit = k
                 deferred.append(p)
@@ -605,11 +602,7 @@ class SpeculativeEngine:
         if greedy:
             predicted = logits.argmax(-1).tolist()
             for plan, off, n in greedy:
-                pred = predicted[off:off + n]
-                k = 0
-                while k < n - 1 and plan.drafted[k] == pred[k]:
-                    k += 1
-                out[id(plan.state)] = (k, pred[k])
+                out[id(plan.state)] = greedy_accept(plan.drafted, predicted[off:off + n])
         sampled = [s for s in spans if not s[0].state.sampling.greedy]
         if sampled:
             picks = []

@@ -230,7 +230,7 @@ def choose_cpu_dtype(model: Any) -> tuple[Any, dict[str, Any]]:
         del bf16
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(info, indent=1))
-    log.info("--dtype auto on this CPU: %s (%s)", info["dtype"], info["why"])
+    log.info("--dtype fastest on this CPU: %s (%s)", info["dtype"], info["why"])
     return (model.to(torch.bfloat16) if info["dtype"] == "bfloat16" else model), info
 
 

@@ -57,15 +57,16 @@ def greedy_verify(draft: list[int], target_logits: torch.Tensor) -> tuple[int, i
 
     Returns (number of draft tokens accepted, the target's next token after them).
     """
-    predicted = target_logits.argmax(-1).tolist()
+    return greedy_accept(draft, target_logits.argmax(-1).tolist())
+
+
+def greedy_accept(draft: list[int], predicted: list[int]) -> tuple[int, int]:
+    """``greedy_verify`` on the target's argmax ids already on the host (a batched step takes
+    the argmax of all its rows at once)."""
     n = 0
     while n < len(draft) and draft[n] == predicted[n]:
         n += 1
     return n, predicted[n]
-
-
-def sample_from(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
 def speculative_verify(
