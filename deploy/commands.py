@@ -1,4 +1,4 @@
-"""``specrag serve`` and ``specrag batch`` (registered into the CLI by ``pipeline.cli``).
+"""``specrag serve``, ``specrag batch`` and ``specrag manifests`` (registered into the CLI by ``pipeline.cli``).
 
 Imports of Ray and the app happen inside the command functions, so ``specrag --help`` and the
 other subcommands do not pay for them.
@@ -55,6 +55,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("-k", "--k", dest="k", type=int, help="sources per question")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_batch)
+
+    m = subparsers.add_parser(
+        "manifests", help="generate the KubeRay RayService and `ray up` cluster YAML from a serve config",
+        description="Write rayservice.yaml, serve-cluster.yaml and ray-cluster.yaml into --out from the "
+                    "serve config and the cluster overrides (default: OUT/overrides.yaml).")
+    m.add_argument("--from", dest="serve_config", default="deploy/serve.yaml", metavar="SERVE.yaml",
+                   help="the Serve config (default: deploy/serve.yaml)")
+    m.add_argument("--out", default="deploy/cluster", metavar="DIR", help="output directory (default: deploy/cluster)")
+    m.add_argument("--overrides", metavar="FILE", help="cluster overrides (default: OUT/overrides.yaml)")
+    m.add_argument("--check", action="store_true", help="write nothing; exit 1 when a file is missing or stale")
+    m.set_defaults(func=cmd_manifests)
 
 
 def _config(args: argparse.Namespace) -> Any:
@@ -176,3 +187,24 @@ def cmd_batch(args: argparse.Namespace) -> int:
           f"mean accepted tokens per forward {s.mean_accepted_per_forward:.2f}", file=sys.stderr)
     print(json.dumps({"summary": s.as_dict(), "out": str(args.out)}))
     return 1 if s.failed else 0
+
+
+def cmd_manifests(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from deploy.manifests import ManifestError, write
+    from pipeline.errors import CLIError
+
+    out = Path(args.out)
+    try:
+        changed = write(Path(args.serve_config), out, Path(args.overrides) if args.overrides else None,
+                        check=args.check)
+    except ManifestError as exc:
+        raise CLIError(str(exc)) from None
+    if args.check:
+        for name in changed:
+            print(f"{out / name}: stale (run specrag manifests --from {args.serve_config} --out {args.out})",
+                  file=sys.stderr)
+        return 1 if changed else 0
+    print(f"wrote {', '.join(str(out / n) for n in changed)}" if changed else f"{out}: up to date")
+    return 0

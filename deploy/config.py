@@ -42,6 +42,9 @@ class DeploymentSettings(BaseModel):
     autoscaling: AutoscalingSettings | None = None
     num_cpus: float = Field(0.5, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    # custom Ray resources each replica needs, e.g. {"generator_node": 1} to place replicas only
+    # on nodes started with that resource (the cluster autoscaler then adds such nodes)
+    resources: dict[str, float] = Field(default_factory=dict)
     max_ongoing_requests: int = Field(8, ge=1)
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
@@ -49,7 +52,8 @@ class DeploymentSettings(BaseModel):
     def serve_options(self) -> dict[str, Any]:
         """Keyword arguments for ``Deployment.options``."""
         opts: dict[str, Any] = {
-            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
+                                  **({"resources": dict(self.resources)} if self.resources else {})},
             "max_ongoing_requests": self.max_ongoing_requests,
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,

@@ -92,6 +92,20 @@ class CostCurve:
                    [[base + per_row * r + per_token * t for t in toks] for r in rows], {"synthetic": True})
 
 
+def tally_positions(reached: list, accepted_at: list, drafted: int, accepted: int,
+                    limit: int | None = None) -> None:
+    """Count one verified draft per draft position: positions 1..accepted+1 (at most ``drafted``,
+    and at most ``limit``) were reached, the first ``accepted`` of them accepted. The one rule
+    behind both the per-request stats and the cost model's acceptance table; lists grow as needed."""
+    n = min(accepted + 1, drafted) if limit is None else min(accepted + 1, drafted, limit)
+    while len(reached) < n:
+        reached.append(0)
+        accepted_at.append(0)
+    for i in range(n):
+        reached[i] += 1
+        accepted_at[i] += i < accepted
+
+
 class Acceptance:
     """Measured acceptance per drafter (and match-length bucket) and draft position: of the
     drafts that reached position i, how many had it accepted. Smoothed toward ``prior``."""
@@ -117,10 +131,7 @@ class Acceptance:
 
     def update(self, drafter: str, match_len: int, drafted: int, accepted: int) -> None:
         tried, acc = self._lists((drafter, self.bucket(match_len)))
-        for i in range(min(accepted + 1, drafted, self.max_positions)):
-            tried[i] += 1
-            if i < accepted:
-                acc[i] += 1
+        tally_positions(tried, acc, drafted, accepted, self.max_positions)
 
     def rates(self, drafter: str, match_len: int, n: int) -> list[float]:
         """Conditional acceptance of positions 1..n."""
@@ -188,20 +199,55 @@ def curve_key(model: Any, dtype: Any, device: Any) -> str:
     """What the cost depends on: architecture, dtype, device, threads, CPU, torch version."""
     import torch
 
+    from .models import cpu_info
+
     cfg = model.config.to_json_string() if hasattr(model.config, "to_json_string") else repr(model.config)
     parts = [cfg, str(dtype), str(device), str(torch.get_num_threads()), torch.__version__,
-             platform.processor() or platform.machine(), _cpu_model()]
+             platform.processor() or platform.machine(), cpu_info()["model"]]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+def fill_context(runner: Any, ids: list[list[int]], slots: int, context: int, extra: int = 0) -> None:
+    """Give slots 0..slots-1 the same cached context of ``context`` tokens: one prefill of
+    ``ids[0]``, its KV copied into the other slots (room for ``extra`` more tokens each)."""
+    from .forward import Row
+
+    runner.forward([Row(0, 0, ids[0][:context], context)])
+    runner.pool.ensure(slots, context + extra)
+    for store in (runner.pool.keys, runner.pool.values):
+        for layer in store:
+            layer[1:slots, :, :context] = layer[0, :, :context]
+
+
+def time_forward(runner: Any, rows: list[Any], repeats: int) -> float:
+    """Median seconds of ``repeats`` forwards over ``rows``, after one warm-up of the shape.
+    Rows write past their slot's length only, so repeating them leaves the context intact."""
+    runner.forward(rows)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        runner.forward(rows)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def rag_forward_ms(model: Any, invariant: bool, context: int = 700) -> dict[str, float]:
+    """Median ms of the forwards a RAG request is made of, at a RAG request's context (k
+    sources in the prompt): the prefill, a one-token decode step, a 16-token verification,
+    8 rows x 1 token (``--dtype fastest`` compares fp32 and bf16 on these)."""
+    import torch
+
+    from .forward import PooledModel, Row
+
+    runner = PooledModel(model, 8, invariant=invariant)
+    ids = torch.randint(0, 1000, (8, context + 20), generator=torch.Generator().manual_seed(0)).tolist()
+    shapes = {"prefill": [Row(0, 0, ids[0][:context], context)],
+              "decode_1": [Row(0, context, ids[0][context:context + 1], 0)],
+              "verify_16": [Row(0, context, ids[0][context:context + 16], 0)],
+              "rows_8": [Row(r, context, ids[r][context:context + 1], 0) for r in range(8)]}
+    with torch.inference_mode():
+        fill_context(runner, ids, 8, context, extra=20)
+        return {name: round(time_forward(runner, rows, 3) * 1e3, 2) for name, rows in shapes.items()}
 
 
 def measure(runner: Any, rows: tuple[int, ...] = CALIBRATION_ROWS, tokens: tuple[int, ...] = CALIBRATION_TOKENS,
@@ -221,26 +267,15 @@ def measure(runner: Any, rows: tuple[int, ...] = CALIBRATION_ROWS, tokens: tuple
     ids = torch.randint(0, vocab, (max(rows), context + max(tokens)), generator=gen).tolist()
     curve_tokens, curve_seconds = [], []
     with torch.inference_mode():
-        # the context each row attends to: one prefill, copied into the other slots
-        runner.forward([Row(0, 0, ids[0][:context], context)])
-        runner.pool.ensure(max(rows), context + max(tokens))
-        for store in (runner.pool.keys, runner.pool.values):
-            for layer in store:
-                layer[1:max(rows), :, :context] = layer[0, :, :context]
+        fill_context(runner, ids, max(rows), context, extra=max(tokens))
         for n_rows in rows:
             xs, ys = [], []
             for t in tokens:
                 if xs and n_rows * t > max_total:
                     break                # beyond: extrapolated from the last two points
-                batch = [Row(r, context, ids[r][context:context + t], 0) for r in range(n_rows)]
-                runner.forward(batch)    # warm-up for this shape
-                times = []
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    runner.forward(batch)
-                    times.append(time.perf_counter() - t0)
                 xs.append(n_rows * t)
-                ys.append(statistics.median(times))
+                ys.append(time_forward(runner, [Row(r, context, ids[r][context:context + t], 0)
+                                                for r in range(n_rows)], repeats))
             curve_tokens.append(xs)
             curve_seconds.append(ys)
     meta = {"context": context, "repeats": repeats, "seconds_to_measure": round(time.perf_counter() - t_start, 2),

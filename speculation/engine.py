@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import torch
 
-from .cost import Acceptance, Candidate, CostCurve, choose_lengths, load_or_measure
+from .cost import Acceptance, Candidate, CostCurve, choose_lengths, load_or_measure, tally_positions
 from .drafters import Draft, Drafter, ModelDrafter, NgramDrafter
 from .errors import GenerationInputError
 from .forward import SHORT_ROW, PooledModel, Row
@@ -113,12 +113,7 @@ class DrafterStats:
         self.steps += 1
         self.drafted += drafted
         self.accepted += accepted
-        while len(self.reached) < drafted:
-            self.reached.append(0)
-            self.accepted_at.append(0)
-        for i in range(min(accepted + 1, drafted)):
-            self.reached[i] += 1
-            self.accepted_at[i] += i < accepted
+        tally_positions(self.reached, self.accepted_at, drafted, accepted)
 
     def merge(self, other: "DrafterStats") -> None:
         self.steps += other.steps

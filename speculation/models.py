@@ -8,6 +8,7 @@ Nothing here ever reaches the network.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -181,13 +182,26 @@ class LoadedModels:
         return str(next(self.target.parameters()).device)
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> dict[str, Any]:
+    """This CPU's model name and feature flags, from /proc/cpuinfo (empty where unreadable)."""
+    info: dict[str, Any] = {"model": "", "flags": frozenset()}
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return info
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not info["model"]:
+            info["model"] = value.strip()
+        elif key.strip() == "flags" and not info["flags"]:
+            info["flags"] = frozenset(value.split())
+    return info
+
+
 def cpu_has_bf16() -> bool:
     """AVX512-BF16 or AMX-BF16: the instructions that make bf16 matmuls fast on a CPU."""
-    try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_info()["flags"])
 
 
 def choose_cpu_dtype(model: Any) -> tuple[Any, dict[str, Any]]:
@@ -200,7 +214,7 @@ def choose_cpu_dtype(model: Any) -> tuple[Any, dict[str, Any]]:
 
     import torch
 
-    from .cost import curve_key
+    from .cost import curve_key, rag_forward_ms
 
     key = curve_key(model, "auto", "cpu")
     path = cache_dir() / "dtype" / f"{key}.json"
@@ -220,7 +234,7 @@ def choose_cpu_dtype(model: Any) -> tuple[Any, dict[str, Any]]:
         if not rows_are_invariant(bf16):
             info["why"] = "bf16 matmuls here are not row-invariant: speculative output could differ"
         else:
-            fp32_ms, bf16_ms = _forward_ms(model, invariant=False), _forward_ms(bf16, invariant=True)
+            fp32_ms, bf16_ms = rag_forward_ms(model, invariant=False), rag_forward_ms(bf16, invariant=True)
             info.update(fp32_ms=fp32_ms, bf16_ms=bf16_ms)
             # a clear margin: two runs of this measurement differ by a few per cent on a shared machine
             if _request_ms(bf16_ms) < 0.9 * _request_ms(fp32_ms):
@@ -238,40 +252,6 @@ def _request_ms(ms: dict[str, float]) -> float:
     """A RAG request's forwards: one prefill, then 128 tokens by one-token steps, verification
     steps and steps shared with other rows."""
     return ms["prefill"] + 64 * ms["decode_1"] + 16 * ms["verify_16"] + 16 * ms["rows_8"]
-
-
-def _forward_ms(model: Any, invariant: bool, context: int = 700) -> dict[str, float]:
-    """Median ms of the forwards a RAG request is made of, at a RAG request's context (k
-    sources in the prompt): the prefill, a one-token decode step, a 16-token verification,
-    8 rows x 1 token."""
-    import statistics
-    import time
-
-    import torch
-
-    from .forward import PooledModel, Row
-
-    runner = PooledModel(model, 8, invariant=invariant)
-    ids = torch.randint(0, 1000, (8, context + 20), generator=torch.Generator().manual_seed(0)).tolist()
-    shapes = {"prefill": [Row(0, 0, ids[0][:context], context)],
-              "decode_1": [Row(0, context, ids[0][context:context + 1], 0)],
-              "verify_16": [Row(0, context, ids[0][context:context + 16], 0)],
-              "rows_8": [Row(r, context, ids[r][context:context + 1], 0) for r in range(8)]}
-    out = {}
-    with torch.inference_mode():
-        runner.forward([Row(0, 0, ids[0][:context], context)])
-        for store in (runner.pool.keys, runner.pool.values):     # the same context in every slot
-            for layer in store:
-                layer[1:8, :, :context] = layer[0, :, :context]
-        for name, rows in shapes.items():
-            runner.forward(rows)
-            times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                runner.forward(rows)
-                times.append(time.perf_counter() - t0)
-            out[name] = round(statistics.median(times) * 1e3, 2)
-    return out
 
 
 def load_models(config: ModelConfig) -> LoadedModels:

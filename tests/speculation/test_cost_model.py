@@ -98,6 +98,7 @@ def test_engine_drafts_long_on_a_flat_curve_and_little_on_a_steep_one():
     assert sum(r.stats.target_forwards for r in outs["flat"]) < sum(r.stats.target_forwards for r in outs["steep"])
 
 
+@pytest.mark.measured_cost
 def test_measured_curve_is_cached_per_machine(tmp_path, monkeypatch):
     """The curve is measured once and read back from the cache (no second measurement)."""
     import speculation.cost as cost
