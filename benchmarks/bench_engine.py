@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/bench_engine.py                 # 24 questions, 128 new tokens
     .venv/bin/python benchmarks/bench_engine.py --quick         # 4 questions, 64 tokens, no memory run
     .venv/bin/python benchmarks/bench_engine.py --bf16          # add bf16 rows (HF greedy and specrag)
+    benchmarks/llamacpp/setup.sh && .venv/bin/python benchmarks/bench_engine.py --llamacpp
+                                                                # add llama.cpp on the same GGUF file
 
 Workload: SmolLM2-135M-Instruct (the default model, fp32 on CPU, batch 1) answers questions about
 real Python standard-library documentation. The doc (``inspect.getdoc`` of a real function, class
@@ -12,6 +14,13 @@ Methods run interleaved per question, in an order that rotates from question to 
 the load from other jobs on this shared machine hits every method alike; we quote medians and the
 median of per-question ratios. Every output is compared token by token with HF greedy; a
 divergence is reported with the target's top-2 logit gap at the first differing position.
+
+llama.cpp (``--llamacpp``): ``llama-cpp-python`` built on this machine by the benchmark's own
+set-up step (``benchmarks/llamacpp/setup.sh``, a venv of its own, not a project dependency), run
+as a subprocess (``benchmarks/llamacpp/worker.py``) on the GGUF file the default model is
+dequantised from (Q4_1), greedy, same prompt token ids, same thread count: the CPU speed anchor.
+Its outputs differ from the fp32 model's (it computes in Q4_1 x Q8), so its identical counts
+are information, not a target.
 
 Peak memory: RSS peak (process tree, polled) of a separate ``specrag generate`` process with the
 default model, reference drafting, one of the questions.
@@ -108,6 +117,37 @@ class ForwardCounter:
         self.n += 1
 
 
+class LlamaCpp:
+    """The llama.cpp anchor: a worker subprocess in benchmarks/llamacpp/.venv, one JSON line per
+    request. ``n`` counts its forwards (one prefill, then one per decoded token)."""
+
+    VENV_PYTHON = ROOT / "benchmarks" / "llamacpp" / ".venv" / "bin" / "python"
+
+    def __init__(self, gguf: Path, threads: int) -> None:
+        if not self.VENV_PYTHON.exists():
+            raise SystemExit("--llamacpp: run benchmarks/llamacpp/setup.sh first (builds llama-cpp-python "
+                             "in benchmarks/llamacpp/.venv)")
+        self.n = 0
+        self.last: dict[str, Any] = {}
+        self.proc = subprocess.Popen([str(self.VENV_PYTHON), str(ROOT / "benchmarks" / "llamacpp" / "worker.py"),
+                                      str(gguf), "--threads", str(threads)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        ready = json.loads(self.proc.stdout.readline())
+        self.version, self.system_info = ready["version"], ready["system_info"]
+        self.gguf_bytes = gguf.stat().st_size
+
+    def __call__(self, prompt: list[int], max_tokens: int, eos: list[int]) -> list[int]:
+        self.proc.stdin.write(json.dumps({"prompt": prompt, "max_tokens": max_tokens, "eos": eos}) + "\n")
+        self.proc.stdin.flush()
+        self.last = json.loads(self.proc.stdout.readline())
+        self.n += self.last["forwards"]
+        return self.last["tokens"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
 def model_bytes(model: Any) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -147,15 +187,11 @@ def machine_info() -> dict[str, Any]:
         info["affinity_cores"] = len(os.sched_getaffinity(0))
     except AttributeError:
         pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags"))
-        info["avx512_bf16"] = "avx512_bf16" in flags
-    except (OSError, StopIteration):
-        pass
+    from speculation.models import cpu_info
+
+    cpu = cpu_info()
+    info["cpu"] = cpu["model"]
+    info.update({flag: flag in cpu["flags"] for flag in ("avx512_bf16", "amx_bf16")})
     import transformers
 
     info["transformers"] = transformers.__version__
@@ -212,6 +248,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="4 questions, 64 tokens, no memory run")
     ap.add_argument("--bf16", action="store_true", help="also run HF greedy and specrag reference in bf16")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--llamacpp", action="store_true",
+                    help="add llama.cpp (llama-cpp-python, built by benchmarks/llamacpp/setup.sh) on the same GGUF file")
     ap.add_argument("--methods", help="comma-separated subset of methods to run (default: all)")
     ap.add_argument("--ungated", action="store_true",
                     help="also run reference drafting from suffix matches down to 1 token (LLMA's n = 1; "
@@ -252,10 +290,16 @@ def main() -> int:
                              max_new_tokens=args.max_tokens, do_sample=False, num_beams=1, **kw)
         return out[0, len(prompt):].tolist()
 
+    timing: dict[str, float] = {}     # the last run's prefill / decode split, where the method reports it
+
     def spec(engine: SpeculativeEngine, prompt: list[int], ref: list[int], speculate: bool = True) -> list[int]:
         req = GenerationRequest(prompt_ids=prompt, references=[ref], max_new_tokens=args.max_tokens,
                                 speculate=speculate)
-        return engine.generate_one(req).token_ids
+        result = engine.generate_one(req)
+        st = result.stats
+        timing.update(prefill_seconds=st.prefill_seconds,
+                      decode_ms_per_token=1000 * st.decode_seconds / max(1, st.generated_tokens - 1))
+        return result.token_ids
 
     # name -> (label, runner, counter, reference-output method to compare with)
     methods: dict[str, tuple[str, Callable[[list[int], list[int]], list[int]], ForwardCounter, str]] = {
@@ -287,6 +331,23 @@ def main() -> int:
                                              lambda p, r: spec(engines["reference_bf16"], p, r), bf16_counter,
                                              "hf_greedy_bf16")
 
+    llama = None
+    if args.llamacpp:
+        from speculation.models import _GGUF_PACKAGES, DEFAULT_MODEL, _package_dir
+
+        package, filename = _GGUF_PACKAGES[DEFAULT_MODEL]
+        llama = LlamaCpp(_package_dir(package) / filename, args.threads)
+        eos = [t for t in [tok.eos_token_id] if t is not None]
+
+        def run_llama(p: list[int], r: list[int]) -> list[int]:
+            out = llama(p, args.max_tokens, eos)
+            timing.update(prefill_seconds=llama.last["prefill_seconds"],
+                          decode_ms_per_token=llama.last["decode_ms_per_token"])
+            return out
+
+        methods["llama_cpp"] = (f"llama.cpp (llama-cpp-python {llama.version}, same Q4_1 GGUF file)", run_llama,
+                                llama, "hf_greedy")
+
     if args.methods:
         keep = [m.strip() for m in args.methods.split(",")]
         unknown = set(keep) - set(methods)
@@ -317,7 +378,9 @@ def main() -> int:
             "command": " ".join([".venv/bin/python", "benchmarks/bench_engine.py"] + sys.argv[1:]),
             "model": "smollm2-135m-instruct (CPU, batch 1; fp32 unless the row says bf16)",
             "memory_bandwidth_gb_s": bandwidth,
-            "model_bytes": {"fp32": model_bytes(model), "bf16": model_bytes(bf16_model) if bf16_model else None},
+            "model_bytes": {"fp32": model_bytes(model), "bf16": model_bytes(bf16_model) if bf16_model else None,
+                            "gguf": llama.gguf_bytes if llama else None},
+            "llama_cpp": {"version": llama.version, "system_info": llama.system_info} if llama else None,
             "max_new_tokens": args.max_tokens, "questions": len(rows), "questions_planned": n_q,
             "partial": partial, "threads": args.threads,
             "machine": {**machine_info(), "load_average_start": [round(x, 2) for x in load_start],
@@ -353,6 +416,8 @@ def main() -> int:
                 if name.startswith("specrag") else None,
                 "ms_per_forward_median": round(statistics.median(
                     1000 * p["seconds"] / p["target_forwards"] for p in per if p["target_forwards"]), 2),
+                "prefill_seconds_median": _median_of(per, "prefill_seconds"),
+                "decode_ms_per_token_median": _median_of(per, "decode_ms_per_token"),
                 "questions": len(per),
                 "divergences": [{"object": r["object"], **p["divergence"]} for p, r in zip(per, rows)
                                 if "divergence" in p],
@@ -368,10 +433,11 @@ def main() -> int:
         for name in order:
             _, runner, cnt, _ = methods[name]
             before = cnt.n
+            timing.clear()
             t = time.perf_counter()
             out = runner(item["prompt"], item["reference"])
             seconds = time.perf_counter() - t
-            res[name] = {"tokens": out, "seconds": seconds, "forwards": cnt.n - before}
+            res[name] = {"tokens": out, "seconds": seconds, "forwards": cnt.n - before, **timing}
         row = {"object": item["object"], "question": item["question"], "prompt_tokens": len(item["prompt"]),
                "reference_tokens": len(item["reference"]), "methods": {}}
         for name, r in res.items():
@@ -382,6 +448,9 @@ def main() -> int:
                      "target_forwards": r["forwards"],
                      "tokens_per_forward": round(len(r["tokens"]) / r["forwards"], 4) if r["forwards"] else 0.0,
                      "identical": div is None}
+            for key in ("prefill_seconds", "decode_ms_per_token"):
+                if key in r:
+                    entry[key] = round(r[key], 4)
             plain = "specrag_plain_bf16" if name.endswith("_bf16") else "specrag_plain"
             if name.startswith("specrag") and plain in res:
                 entry["identical_to_specrag_plain"] = res[plain]["tokens"] == r["tokens"]
@@ -403,7 +472,67 @@ def main() -> int:
         memory = measure_cli_memory(it["object"], it["doc"], it["question"], args.max_tokens)
 
     write(summarise(), memory, partial=False)
+    if llama:
+        llama.close()
     return 0
+
+
+def _median_of(per: list[dict[str, Any]], key: str) -> float | None:
+    vals = [p[key] for p in per if key in p]
+    return round(statistics.median(vals), 4) if vals else None
+
+
+def _opt(v: float | None, fmt: str) -> str:
+    return "" if v is None else format(v, fmt)
+
+
+def _targets(result: dict[str, Any]) -> list[str]:
+    """The issue's targets, each as a measured ratio (per-question medians)."""
+    summ, rows = result["summary"], result["per_question"]
+    if not rows:
+        return []
+
+    def ratio(a: str, b: str, key: str = "tokens_per_second") -> float | None:
+        vals = [r["methods"][a][key] / r["methods"][b][key] for r in rows
+                if a in r["methods"] and b in r["methods"] and r["methods"][b].get(key)]
+        return round(statistics.median(vals), 3) if vals else None
+
+    out = ["", "Targets (median of per-question ratios):", ""]
+    for dt in ("", "_bf16"):
+        spec = [n for n in summ if n.startswith("specrag_") and n.endswith(dt) and "plain" not in n
+                and (dt or not n.endswith("_bf16"))]
+        hf = [n for n in summ if n.startswith("hf_") and n.endswith(dt) and (dt or not n.endswith("_bf16"))]
+        if not spec or f"hf_greedy{dt}" not in summ:
+            continue
+        best = max(spec, key=lambda n: summ[n]["tokens_per_second_median"])
+        fastest_hf = max(hf, key=lambda n: summ[n]["tokens_per_second_median"])
+        label = "bf16" if dt else "fp32"
+        r1, r2 = ratio(best, f"hf_greedy{dt}"), ratio(best, fastest_hf)
+        out.append(f"- {label}: best specrag ({best}) vs HF greedy: **{r1}x** (target >= 2.5x, "
+                   f"{'met' if r1 and r1 >= 2.5 else 'missed'}); vs HF's fastest here ({fastest_hf}): **{r2}x** "
+                   f"(target >= 1.5x, {'met' if r2 and r2 >= 1.5 else 'missed'}); speculative outputs identical to "
+                   f"specrag plain: {summ[best].get('identical_to_specrag_plain')}/{summ[best]['questions']}")
+    if "llama_cpp" in summ:
+        if "specrag_plain" in summ:
+            r = ratio("specrag_plain", "llama_cpp", "decode_ms_per_token")
+            out.append(f"- specrag without speculation vs llama.cpp, ms per decoded token: **{r}x** llama.cpp's "
+                       f"(target <= 3x, {'met' if r and r <= 3 else 'missed'})")
+        spec = [n for n in summ if n.startswith("specrag_") and not n.endswith("_bf16")]
+        if spec:
+            best = max(spec, key=lambda n: summ[n]["tokens_per_second_median"])
+            # llama.cpp's answers have their own lengths: its time for the same number of tokens as
+            # specrag's answer is its prefill plus that many decode steps at its measured rate
+            vals = []
+            for row in rows:
+                a, b = row["methods"].get("llama_cpp"), row["methods"].get(best)
+                if a and b and "prefill_seconds" in a:
+                    equiv = a["prefill_seconds"] + (b["generated_tokens"] - 1) * a["decode_ms_per_token"] / 1000
+                    vals.append(equiv / b["seconds"])
+            r = round(statistics.median(vals), 3) if vals else None
+            out.append(f"- a whole request (prefill of the prompt with its doc + specrag's answer length, up to "
+                       f"{result['max_new_tokens']} tokens): llama.cpp takes **{r}x** the time of {best} "
+                       f"(target > 1, {'met' if r and r > 1 else 'missed'})")
+    return out
 
 
 def _x(ratio: float | None) -> str:
@@ -417,9 +546,10 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"(doc in the prompt and as the reference), up to {result['max_new_tokens']} new tokens.",
         "",
         "| method | tokens/s (median) | tokens per target forward | ms per forward | weight GB/s "
+        "| prefill s (median) | decode ms/token (median) "
         "| vs HF greedy (median ratio) | vs HF prompt lookup (median ratio) | identical to HF greedy "
         "| identical to specrag plain |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     if result.get("partial"):
         lines.insert(1, f"\n**Partial run: {result['questions']} of {result['questions_planned']} questions done.**")
@@ -431,13 +561,15 @@ def render_markdown(result: dict[str, Any]) -> str:
         plain = s.get("identical_to_specrag_plain")
         plain = "" if plain is None else f"{plain}/{s['questions']}"
         ms = s.get("ms_per_forward_median")
-        size = sizes.get("bf16" if name.endswith("_bf16") else "fp32")
+        size = sizes.get("gguf" if name == "llama_cpp" else "bf16" if name.endswith("_bf16") else "fp32")
         # weight bandwidth: the bytes of the weights read once per forward, as gpt-fast prints it
         bw = f"{size / (ms / 1000) / 1e9:.1f}" if size and ms else ""
         lines.append(f"| {s['label']} | {s['tokens_per_second_median']:.1f} | {s['tokens_per_forward_mean']:.2f} "
                      f"| {ms if ms is not None else ''} | {bw} "
+                     f"| {_opt(s.get('prefill_seconds_median'), '.2f')} | {_opt(s.get('decode_ms_per_token_median'), '.1f')} "
                      f"| {s['speedup_vs_hf_greedy_median']:.2f}x | {_x(s['speedup_vs_hf_prompt_lookup_median'])} "
                      f"| {ident} | {plain} |")
+    lines += _targets(result)
     if result.get("memory_bandwidth_gb_s"):
         lines += ["", f"Memory bandwidth of this machine (sum of a 256 MB tensor): "
                       f"{result['memory_bandwidth_gb_s']} GB/s — the limit of a one-token forward's weight bandwidth."]
