@@ -84,15 +84,20 @@ class Retriever:
         self._batched.set_max_batch_size(self._config.retrieval_batch_size)
         self._batched.set_batch_wait_timeout_s(self._config.retrieval_batch_wait_s)
         self._in_flight = 0
+        try:
+            self._replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 - constructed outside Serve (unit tests)
+            self._replica = "local"
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _batched(self, queries: list[tuple[str, int, str]]) -> list[Any]:
         return await self._runner.retrieve_batch(queries)
 
-    async def retrieve(self, question: str, k: int, retriever: str) -> tuple[list[Source], float]:
-        """(sources, seconds the stage took) for one query, batched with concurrent ones. A
-        query that finds no other in flight goes straight to the stage: the batch queue would
-        only add its own hop (~0.5 ms); queries arriving while it runs are batched as usual."""
+    async def retrieve(self, question: str, k: int, retriever: str) -> tuple[list[Source], dict[str, Any]]:
+        """(sources, info) for one query, batched with concurrent ones; ``info``: the seconds the
+        stage took, this replica's id, the call's retrieval-cache hits / misses. A query that
+        finds no other in flight goes straight to the stage: the batch queue would only add its
+        own hop (~0.5 ms); queries arriving while it runs are batched as usual."""
         self._in_flight += 1
         try:
             if self._in_flight == 1 and self._config.retrieval_batch_wait_s == 0:
@@ -103,7 +108,8 @@ class Retriever:
             self._in_flight -= 1
         if isinstance(out, Exception):
             raise out
-        return out
+        sources, info = out
+        return sources, {**info, "replica": self._replica}
 
     async def retrieve_many(self, questions: list[str], k: int, retriever: str = "dense") -> list[list[Source]]:
         return await self._runner.retrieve_many(questions, k, retriever)
@@ -167,7 +173,7 @@ class HandleBackend:
         self._generator = generator
         self._stream_handle = generator.options(stream=True)
 
-    async def retrieve(self, question: str, k: int, retriever: str) -> tuple[list[Source], float]:
+    async def retrieve(self, question: str, k: int, retriever: str) -> tuple[list[Source], dict[str, Any]]:
         return await self._retriever.retrieve.remote(question, k, retriever)
 
     async def generate(self, request: AskRequest, sources: list[Source] | None) -> AskResult:

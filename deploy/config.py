@@ -25,6 +25,10 @@ class AutoscalingSettings(BaseModel):
     target_ongoing_requests: float = Field(2.0, gt=0)
     upscale_delay_s: float = Field(10.0, ge=0)
     downscale_delay_s: float = Field(60.0, ge=0)
+    # window the ongoing-request average is taken over (Serve's default 30 s), and how often
+    # metrics are taken (None: Serve's default, 10 s; Serve wants the window longer than it)
+    look_back_period_s: float = Field(30.0, gt=0)
+    metrics_interval_s: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingSettings:
@@ -59,7 +63,7 @@ class DeploymentSettings(BaseModel):
             "health_check_timeout_s": self.health_check_timeout_s,
         }
         if self.autoscaling is not None:
-            opts["autoscaling_config"] = self.autoscaling.model_dump()
+            opts["autoscaling_config"] = self.autoscaling.model_dump(exclude_none=True)
         else:
             opts["num_replicas"] = self.num_replicas
         return opts

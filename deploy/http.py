@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 class Backend(Protocol):
     """What the HTTP layer needs from the deployments below it."""
 
-    async def retrieve(self, question: str, k: int, retriever: str) -> tuple[list[Source], float]:
-        """The sources and the seconds the retrieval stage spent on them."""
+    async def retrieve(self, question: str, k: int, retriever: str) -> tuple[list[Source], dict[str, Any]]:
+        """The sources and what the retrieval call reports: ``seconds`` the stage spent on
+        them, the ``replica`` that answered, ``cache_hits`` / ``cache_misses``."""
         ...
 
     async def generate(self, request: AskRequest, sources: list[Source] | None) -> AskResult:
@@ -69,10 +70,37 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
+class RequireKey:
+    """ASGI middleware: with an API key configured, every ``/v1/*`` request without
+    ``Authorization: Bearer <key>`` is a 401, before routing and body validation (so a request
+    without the key learns nothing about the API, not even that its body is malformed)."""
+
+    def __init__(self, app: Any, api_key: str, metrics: ServiceMetrics) -> None:
+        self.app, self._key, self._metrics = app, api_key.encode(), metrics
+
+    def _authorised(self, scope: dict) -> bool:
+        for name, value in scope.get("headers") or ():
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._key)
+        return False
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/") and not self._authorised(scope):
+            self._metrics.error("authentication_error")
+            self._metrics.request(scope["path"], 401, 0.0)
+            err = ServiceError(401, "authentication_error", "missing or invalid API key (Authorization: Bearer <key>)")
+            await _error(err, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def create_api(backend: Backend, settings: HttpSettings, metrics: ServiceMetrics | None = None) -> FastAPI:
     metrics = metrics or ServiceMetrics()
     app = FastAPI(title="specrag", version="0.1.0", docs_url="/docs", redoc_url=None)
     accepted = settings.accepted_models | {settings.model_name}
+    if settings.api_key:
+        app.add_middleware(RequireKey, api_key=settings.api_key, metrics=metrics)
 
     # -- error shapes: {"error": {"message", "type"}} everywhere --------------------------------
     @app.exception_handler(RequestValidationError)
@@ -96,14 +124,6 @@ def create_api(backend: Backend, settings: HttpSettings, metrics: ServiceMetrics
         metrics.error(err.type)
         return _error(err)
 
-    def _check_auth(request: Request) -> None:
-        if not settings.api_key:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
-            raise ServiceError(401, "authentication_error", "missing or invalid API key (Authorization: Bearer <key>)")
-
     # -- endpoints ------------------------------------------------------------------------------
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -124,10 +144,6 @@ def create_api(backend: Backend, settings: HttpSettings, metrics: ServiceMetrics
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
-        try:
-            _check_auth(request)
-        except ServiceError as err:
-            return _error(err)
         names = [settings.model_name] + sorted(accepted - {settings.model_name})
         return JSONResponse({"object": "list", "data": [
             {"id": n, "object": "model", "created": 0, "owned_by": "specrag"} for n in names]})
@@ -137,7 +153,6 @@ def create_api(backend: Backend, settings: HttpSettings, metrics: ServiceMetrics
         t0 = time.perf_counter()
         endpoint = "/v1/chat/completions"
         try:
-            _check_auth(request)
             if body.model and body.model not in accepted:
                 raise ServiceError(404, "model_not_found",
                                    f"model {body.model!r} is not served here; available: {sorted(accepted)}")
@@ -146,9 +161,11 @@ def create_api(backend: Backend, settings: HttpSettings, metrics: ServiceMetrics
                                     default_max_tokens=settings.default_max_tokens)
             sources: list[Source] | None = None
             seconds: dict[str, float] = {}
+            served_by: dict[str, Any] = {}
             if not ask.retrieval.iterative:
-                sources, seconds["retrieval"] = await backend.retrieve(ask.question, ask.retrieval.k,
-                                                                       ask.retrieval.retriever)
+                sources, served_by = await backend.retrieve(ask.question, ask.retrieval.k, ask.retrieval.retriever)
+                served_by = dict(served_by)
+                seconds["retrieval"] = served_by.pop("seconds", 0.0)
                 seconds["retrieve_endpoint"] = time.perf_counter() - t0
             model = body.model or settings.model_name
             if body.stream:
@@ -160,7 +177,7 @@ def create_api(backend: Backend, settings: HttpSettings, metrics: ServiceMetrics
                 metrics.first_token(time.perf_counter() - t0)
                 return StreamingResponse(
                     _stream_body(first, it, model=model, include_usage=include_usage, t0=t0,
-                                 seconds=seconds, endpoint=endpoint),
+                                 seconds=seconds, served_by=served_by, endpoint=endpoint),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 )
@@ -169,7 +186,7 @@ def create_api(backend: Backend, settings: HttpSettings, metrics: ServiceMetrics
             metrics.result(result)
             metrics.request(endpoint, 200, time.perf_counter() - t0)
             return JSONResponse(oa.completion_body(result, model=model, completion_id=oa.new_completion_id(),
-                                                   extra_seconds=seconds))
+                                                   extra_seconds=seconds, extra_retrieval=served_by))
         except StopAsyncIteration:
             err = ServiceError(500, "internal_error", "the generator ended without a result")
             log.error("stream ended without a result")
@@ -184,7 +201,7 @@ def create_api(backend: Backend, settings: HttpSettings, metrics: ServiceMetrics
 
     async def _stream_body(first: str | AskResult, it: AsyncIterator[str | AskResult], *, model: str,
                            include_usage: bool, t0: float, seconds: dict[str, float],
-                           endpoint: str) -> AsyncIterator[bytes]:
+                           served_by: dict[str, Any], endpoint: str) -> AsyncIterator[bytes]:
         cid, created = oa.new_completion_id(), int(time.time())
         yield _sse(oa.chunk(model=model, completion_id=cid, created=created,
                             delta={"role": "assistant", "content": ""}))
@@ -224,7 +241,7 @@ def create_api(backend: Backend, settings: HttpSettings, metrics: ServiceMetrics
         if result is not None:
             seconds["total_endpoint"] = time.perf_counter() - t0
             extra = {"sources": oa.public_sources(result.sources),
-                     "metrics": oa.response_metrics(result, seconds)}
+                     "metrics": oa.response_metrics(result, seconds, served_by)}
             yield _sse(oa.chunk(model=model, completion_id=cid, created=created, delta={},
                                 finish_reason=result.finish_reason, **({} if include_usage else extra)))
             if include_usage:

@@ -145,10 +145,14 @@ def public_sources(sources: list[Source]) -> list[dict[str, Any]]:
     return [_jsonable(replace(s, token_ids=None).public() if s.token_ids else s.public()) for s in sources]
 
 
-def response_metrics(result: AskResult, extra_seconds: dict[str, float] | None = None) -> dict[str, Any]:
-    """``metrics: {speculation, retrieval, seconds}`` from the pipeline's stats."""
+def response_metrics(result: AskResult, extra_seconds: dict[str, float] | None = None,
+                     extra_retrieval: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``metrics: {speculation, retrieval, seconds}`` from the pipeline's stats; the serving
+    layer adds what it measured (``extra_seconds``) and which Retriever replica answered and
+    whether the retrieval cache had the query (``extra_retrieval``)."""
     stats = dict(result.stats or {})
-    retrieval = stats.pop("retrievals", None) or stats.pop("retrieval", None) or {}
+    retrieval = dict(stats.pop("retrievals", None) or stats.pop("retrieval", None) or {})
+    retrieval.update(extra_retrieval or {})
     seconds = dict(stats.pop("seconds", None) or {})
     if extra_seconds:  # measured by the serving layer: retrieval in its own deployment, end to end
         seconds.update({k: round(v, 4) for k, v in extra_seconds.items()})
@@ -168,7 +172,8 @@ def new_completion_id() -> str:
 
 
 def completion_body(result: AskResult, *, model: str, completion_id: str, created: int | None = None,
-                    extra_seconds: dict[str, float] | None = None) -> dict[str, Any]:
+                    extra_seconds: dict[str, float] | None = None,
+                    extra_retrieval: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -182,7 +187,7 @@ def completion_body(result: AskResult, *, model: str, completion_id: str, create
         }],
         "usage": usage(result),
         "sources": public_sources(result.sources),
-        "metrics": response_metrics(result, extra_seconds),
+        "metrics": response_metrics(result, extra_seconds, extra_retrieval),
     }
 
 

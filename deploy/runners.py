@@ -93,27 +93,38 @@ class RetrievalRunner:
         except Exception as exc:  # noqa: BLE001 - converted so it pickles across Ray
             raise to_service_error(exc) from None
 
-    async def retrieve_batch(self, queries: list[tuple[str, int, str]]) -> list[tuple[list[Source], float] | ServiceError]:
-        """One stage call per distinct (k, retriever) in the batch; per query (sources, seconds
-        of that stage call) or the error. The seconds let the ingress report retrieval compute
-        apart from the time spent between deployments."""
-        results: list[tuple[list[Source], float] | ServiceError | None] = [None] * len(queries)
+    async def retrieve_batch(self, queries: list[tuple[str, int, str]]) -> list[tuple[list[Source], dict] | ServiceError]:
+        """One stage call per distinct (k, retriever) in the batch; per query (sources, info) or
+        the error. ``info``: the ``seconds`` of that stage call (the ingress reports retrieval
+        compute apart from the time spent between deployments) and, with a retrieval cache, the
+        call's ``cache_hits`` / ``cache_misses``."""
+        results: list[tuple[list[Source], dict] | ServiceError | None] = [None] * len(queries)
         groups: dict[tuple[int, str], list[int]] = defaultdict(list)
         for i, (_, k, retriever) in enumerate(queries):
             groups[(int(k), str(retriever))].append(i)
         for (k, retriever), idxs in groups.items():
             try:
-                t0 = time.perf_counter()
-                found = await self._run("retrieve", [queries[i][0] for i in idxs], k, retriever)
-                seconds = time.perf_counter() - t0
+                qs = [queries[i][0] for i in idxs]
+
+                def call() -> tuple[Any, float, Any, Any]:
+                    counts = getattr(self.stage, "cache_counts", None)
+                    before = counts() if counts else None
+                    t0 = time.perf_counter()
+                    found = self.stage.retrieve(qs, k, retriever)
+                    return found, time.perf_counter() - t0, before, counts() if counts else None
+
+                found, seconds, before, after = await self._call(call)
+                info: dict[str, Any] = {"seconds": seconds}
+                if before is not None and after is not None:
+                    info.update(cache_hits=after[0] - before[0], cache_misses=after[1] - before[1])
                 for i, sources in zip(idxs, found):
-                    results[i] = (list(sources), seconds)
+                    results[i] = (list(sources), info)
             except ServiceError as err:
                 for i in idxs:
                     results[i] = err
         return results  # type: ignore[return-value]
 
-    async def retrieve(self, question: str, k: int, retriever: str) -> tuple[list[Source], float]:
+    async def retrieve(self, question: str, k: int, retriever: str) -> tuple[list[Source], dict]:
         (out,) = await self.retrieve_batch([(question, k, retriever)])
         if isinstance(out, ServiceError):
             raise out
@@ -243,8 +254,9 @@ class LocalBackend:
         self.retrieval = RetrievalRunner(retrieval_stage)
         self.generation = GenerationRunner(generation_stage, concurrency)
 
-    async def retrieve(self, question: str, k: int, retriever: str) -> tuple[list[Source], float]:
-        return await self.retrieval.retrieve(question, k, retriever)
+    async def retrieve(self, question: str, k: int, retriever: str) -> tuple[list[Source], dict]:
+        sources, info = await self.retrieval.retrieve(question, k, retriever)
+        return sources, {**info, "replica": "local"}
 
     async def generate(self, request: AskRequest, sources: list[Source] | None) -> AskResult:
         return await self.generation.generate(request, sources)

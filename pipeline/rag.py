@@ -67,6 +67,11 @@ class RetrievalStage:
         hits = self.retriever.retrieve(list(queries), k, retriever, query_vecs=query_vecs)
         return [[to_source(h) for h in row] for row in hits]
 
+    def cache_counts(self) -> tuple[int, int] | None:
+        """This process's retrieval-cache (hits, misses) so far; None without a cache (no Redis)."""
+        cache = getattr(self.retriever, "cache", None)
+        return None if cache is None else (cache.hits, cache.misses)
+
     def embed_queries(self, queries: list[str], retriever: str = "dense") -> Any:
         """Query embeddings for ``retrieve(query_vecs=)`` / ``score_local(query_vec=)``; None for
         ``bm25``, which embeds nothing."""

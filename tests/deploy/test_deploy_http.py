@@ -54,6 +54,7 @@ def test_non_streaming_shape(client):
     assert body["usage"]["completion_tokens"] == 8
     assert body["sources"][0]["id"] == "d1" and "token_ids" not in body["sources"][0]
     assert set(body["metrics"]) == {"speculation", "retrieval", "seconds"}
+    assert body["metrics"]["retrieval"]["replica"] == "local"     # who answered (a Retriever replica id over Serve)
 
 
 def test_streaming_equals_non_streaming_and_framing(client):

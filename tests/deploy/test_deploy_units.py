@@ -58,6 +58,19 @@ def test_serve_yaml_validates_and_builds():
     build_app(args)  # binds without a cluster
 
 
+def test_custom_resources_and_autoscaling_window_reach_serve():
+    """A Generator pinned to nodes with a custom resource, and Serve's look-back window: both
+    are in the options the deployment is built with (and pass Serve's own config model)."""
+    from ray.serve.config import AutoscalingConfig
+
+    cfg = ServeConfig.model_validate({"generator": {"resources": {"generator_node": 1},
+                                                    "autoscaling": {"max_replicas": 2, "look_back_period_s": 2, "metrics_interval_s": 0.5}}})
+    opts = cfg.generator.serve_options()
+    assert opts["ray_actor_options"]["resources"] == {"generator_node": 1}
+    assert AutoscalingConfig(**opts["autoscaling_config"]).look_back_period_s == 2
+    assert "resources" not in ServeConfig().generator.serve_options()["ray_actor_options"]
+
+
 def test_config_rejects_unknown_keys_and_bad_bounds():
     with pytest.raises(ValueError):
         ServeConfig.model_validate({"nope": 1})
