@@ -136,3 +136,22 @@ def chat(url: str, question: str, *, api_key: str | None = None, **extra) -> Any
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.5):
+    """Poll ``predicate`` until it returns something true (returned) or fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"{what} not within {timeout_s:.0f}s")
+
+
+def running_replicas(app: str, deployment: str) -> int:
+    """RUNNING replicas of a deployment, from Serve's own status API."""
+    from ray import serve
+
+    states = serve.status().applications[app].deployments[deployment].replica_states
+    return int(states.get("RUNNING", 0))

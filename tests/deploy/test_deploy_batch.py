@@ -1,11 +1,12 @@
-"""``specrag batch`` on Ray Data with the real pipeline: 20 questions, a run killed part-way
-(SIGKILL to the whole process group, Ray included), a resumed run, every id exactly once,
-malformed input lines reported by line number."""
+"""``specrag batch`` on Ray Data with the real pipeline: 20 questions, runs killed twice at
+random points (SIGKILL to the whole process group, Ray included), a resumed run, every id
+exactly once and no torn line, malformed input lines reported by line number."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import time
@@ -33,6 +34,11 @@ def _questions(path):
     path.write_text("\n".join(lines) + "\n")
 
 
+def read_jsonl_complete(path):
+    """The answers whose lines are whole (a kill may leave a torn tail, which a resume drops)."""
+    return [json.loads(line) for line in path.read_bytes().split(b"\n")[:-1]]
+
+
 def _batch_cmd(qfile, out, index, *extra):
     return [str(BIN / "specrag"), "batch", str(qfile), "--out", str(out), "--index", str(index),
             "--redis-url", REDIS_URL, "--max-tokens", "4", "--k", "1", "--num-cpus", "2", "--no-progress", *extra]
@@ -47,21 +53,39 @@ def test_batch_killed_and_resumed_answers_every_id_once(index, tmp_path):
     qfile, out = tmp_path / "questions.jsonl", tmp_path / "answers.jsonl"
     _questions(qfile)
 
-    # 1) start, wait for a few answers, kill -9 the whole process group mid-run
-    proc = subprocess.Popen(_batch_cmd(qfile, out, index, "--concurrency", "2"), cwd=REPO, env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if out.exists() and out.read_bytes().count(b"\n") >= 3:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the batch finished before it could be killed: " + (proc.stdout.read() or "")[-3000:]
-    stop_process_group(proc, signal.SIGKILL, timeout=30)
-    first = read_jsonl(out)
-    assert 3 <= len(first) < N
-    # simulate the worst case on top: a torn last line left by the kill
-    with open(out, "ab") as f:
-        f.write(b'{"id": "q99", "question": "torn')
+    seed = random.randrange(10**6)
+    rng = random.Random(seed)
+    print(f"\nkill points drawn with seed {seed}")
+
+    # 1) twice: start (resuming what is there), wait a random number of new answers and a random
+    # extra delay, kill -9 the whole process group mid-run
+    done_before = 0
+    for attempt in range(2):
+        proc = subprocess.Popen(_batch_cmd(qfile, out, index, "--concurrency", "2"), cwd=REPO,
+                                env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        want = done_before + rng.randint(1, 4)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.exists() and out.read_bytes().count(b"\n") >= want:
+                break
+            time.sleep(0.1)
+        time.sleep(rng.uniform(0.0, 1.5))
+        assert proc.poll() is None, ("the batch finished before it could be killed: "
+                                     + (proc.stdout.read() or "")[-3000:])
+        stop_process_group(proc, signal.SIGKILL, timeout=30)
+        lines = out.read_bytes().split(b"\n")
+        complete = [json.loads(line) for line in lines[:-1]]   # every line but a torn tail parses
+        ids = [r["id"] for r in complete]
+        assert len(ids) == len(set(ids)), f"kill {attempt + 1}: an id written twice"
+        assert done_before < len(complete) < N, (attempt, done_before, len(complete))
+        print(f"kill {attempt + 1}: {len(complete)} answers on disk, torn tail {len(lines[-1])} bytes")
+        done_before = len(complete)
+        if attempt == 0:
+            # the worst case on top: a torn last line left by the kill (the resume cuts it off)
+            with open(out, "ab") as f:
+                f.write(b'{"id": "q99", "question": "torn')
+    first = read_jsonl_complete(out)
 
     # 2) resume: skips what is done, answers the rest
     done = subprocess.run(_batch_cmd(qfile, out, index), cwd=REPO, env=subprocess_env(),
@@ -75,6 +99,7 @@ def test_batch_killed_and_resumed_answers_every_id_once(index, tmp_path):
     assert "questions.jsonl:12: skipped malformed line" in done.stderr
     assert "tokens/s" in done.stderr and "mean accepted tokens per forward" in done.stderr
 
+    assert out.read_bytes().endswith(b"\n"), "the last line is torn"
     rows = read_jsonl(out)
     ids = [r["id"] for r in rows]
     assert sorted(ids) == [f"q{i:02d}" for i in range(N)]   # every id exactly once

@@ -6,6 +6,7 @@ cache, answers compared with the in-process pipeline. One Serve app for the whol
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 
 import pytest
@@ -265,7 +266,8 @@ def test_cancelled_stream_frees_its_slot(service):
 
 
 def test_redis_outage_is_503_and_recovers(service, index, tmp_path):
-    """A second app on a private redis-server: stop it -> 503 (not 500), restart -> 200 again,
+    """A second app on a private redis-server, under a steady load: stop Redis -> every request
+    in that window fails fast with 503 (not 500, no hang), restart -> everything answers again,
     with no restart of the service."""
     import shutil
 
@@ -295,17 +297,37 @@ def test_redis_outage_is_503_and_recovers(service, index, tmp_path):
         raise AssertionError("private redis-server did not start")
 
     proc = start_redis()
+    load_stop = threading.Event()
+    log: list[tuple[float, float, int, str]] = []      # (start, seconds, status, error type)
+
+    def load(worker: int) -> None:
+        i = 0
+        while not load_stop.is_set():
+            i += 1
+            q = f"{QUESTIONS[(worker + i) % len(QUESTIONS)]} (load {worker}.{i})"   # never cached
+            t = time.monotonic()
+            r = chat(base, q, api_key=API_KEY, max_tokens=2)
+            kind = r.json().get("error", {}).get("type", "") if r.status_code != 200 else ""
+            log.append((t, time.monotonic() - t, r.status_code, kind))
+
     try:
         cfg = _config(index, url)
         serve.run(build_app(cfg.model_dump(mode="json")), name="outage", route_prefix="/outage")
         base = service + "/outage"
         first = chat(base, QUESTIONS[0], api_key=API_KEY, max_tokens=4)
         assert first.status_code == 200, first.text
+        workers = [threading.Thread(target=load, args=(w,), daemon=True) for w in range(3)]
+        for w in workers:
+            w.start()
+        time.sleep(3)                                   # load running against a healthy store
+        t_down = time.monotonic()
         stop_process_group(proc, sig=15, timeout=10)
-        down = chat(base, QUESTIONS[1], api_key=API_KEY, max_tokens=4)   # a query not yet cached
+        time.sleep(4)                                   # requests keep arriving while Redis is down
+        down = chat(base, QUESTIONS[1] + " (down)", api_key=API_KEY, max_tokens=4)
         assert down.status_code == 503, down.text
         assert down.json()["error"]["type"] == "service_unavailable"
         assert httpx.get(base + "/health", timeout=30).status_code == 503
+        t_up = time.monotonic()
         proc = start_redis()  # empty: the store refills itself from the index directory
         deadline = time.monotonic() + 30
         while True:
@@ -314,8 +336,26 @@ def test_redis_outage_is_503_and_recovers(service, index, tmp_path):
                 break
             time.sleep(1)
         assert again.status_code == 200, again.text
+        t_ok = time.monotonic()
         assert httpx.get(base + "/health", timeout=30).status_code == 200
+        time.sleep(3)                                   # the load answers again after the restart
+        load_stop.set()
+        for w in workers:
+            w.join(60)
+        statuses = {s for _, _, s, _ in log}
+        assert statuses <= {200, 503}, sorted(statuses)
+        assert all(kind == "service_unavailable" for _, _, s, kind in log if s == 503)
+        # requests made while Redis was down fail fast (no hang on a dead socket)
+        during = [(sec, s) for t, sec, s, _ in log if t_down + 0.5 < t < t_up]
+        assert during and all(s == 503 for _, s in during), during
+        assert max(sec for sec, _ in during) < 10, during
+        after = [s for t, _, s, _ in log if t > t_ok]
+        assert after and set(after) == {200}, after
+        print(f"\nload during the outage: {len(during)} requests, all 503, slowest "
+              f"{max(sec for sec, _ in during):.2f} s; answering again {t_ok - t_up:.1f} s after the restart, "
+              f"then {len(after)} answered")
     finally:
+        load_stop.set()
         try:
             serve.delete("outage")
         finally:
