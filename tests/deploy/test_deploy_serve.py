@@ -338,15 +338,16 @@ def test_redis_outage_is_503_and_recovers(service, index, tmp_path):
         assert again.status_code == 200, again.text
         t_ok = time.monotonic()
         assert httpx.get(base + "/health", timeout=30).status_code == 200
-        time.sleep(3)                                   # the load answers again after the restart
+        time.sleep(6)                                   # the load answers again after the restart
         load_stop.set()
         for w in workers:
             w.join(60)
         statuses = {s for _, _, s, _ in log}
         assert statuses <= {200, 503}, sorted(statuses)
         assert all(kind == "service_unavailable" for _, _, s, kind in log if s == 503)
-        # requests made while Redis was down fail fast (no hang on a dead socket)
-        during = [(sec, s) for t, sec, s, _ in log if t_down + 0.5 < t < t_up]
+        # requests made while Redis was down (not those racing its restart, which may wait for the
+        # store to refill and then answer) fail fast with 503: no hang on a dead socket
+        during = [(sec, s) for t, sec, s, _ in log if t_down + 0.5 < t < t_up - 1.0]
         assert during and all(s == 503 for _, s in during), during
         assert max(sec for sec, _ in during) < 10, during
         after = [s for t, _, s, _ in log if t > t_ok]
