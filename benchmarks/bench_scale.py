@@ -182,7 +182,8 @@ def markdown(res: dict) -> str:
                      f"| {r['tokens_per_s']} | {r['p50_s']} | {r['p99_s']} |")
     if len(res["fixed"]) == 2 and res["fixed"][0]["tokens_per_s"]:
         lines += ["", f"2 replicas / 1 replica, tokens/s: {res['fixed'][1]['tokens_per_s'] / res['fixed'][0]['tokens_per_s']:.2f}x "
-                      "(on 2 cores a second replica adds no compute: one engine loop already batches every request)."]
+                      "(each replica runs torch on one thread, `torch_threads: 1`: a second replica puts the "
+                      "second core to work; one engine loop per replica batches its own requests)."]
     r = res.get("ramp")
     if r:
         peak_r = max((s["replicas"] for s in r["samples"]), default=0)
@@ -232,6 +233,7 @@ def main() -> int:
     ap.add_argument("-k", type=int, default=2)
     ap.add_argument("--ramp", default="1:15,4:20,8:40,0:45", help="load phases, concurrency:seconds")
     ap.add_argument("--skip-ramp", action="store_true")
+    ap.add_argument("--ramp-only", action="store_true", help="keep the fixed-replica rows of the last results")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args()
@@ -246,7 +248,10 @@ def main() -> int:
     build_index(index_dir, args.corpus)
     load_start = [round(x, 2) for x in os.getloadavg()]
     fixed = []
-    for replicas in (1, 2):
+    previous = args.out / "scale.json"
+    if args.ramp_only and previous.exists():
+        fixed = json.loads(previous.read_text())["fixed"]
+    for replicas in () if args.ramp_only else (1, 2):
         print(f"{replicas} Generator replica(s) ...", file=sys.stderr, flush=True)
         fixed.append(fixed_replicas(index_dir, replicas, args.requests, args.concurrency, args.max_tokens, args.k))
         print(json.dumps(fixed[-1]), file=sys.stderr, flush=True)

@@ -9,8 +9,8 @@ makes the forward batch-invariant (the idea of Thinking Machines' "Defeating Non
 in LLM Inference", which vLLM offers on GPUs as VLLM_BATCH_INVARIANT):
 
 * Attention: fp32, over the pool in fixed chunks of ``KV_CHUNK`` positions aligned at
-  position 0, combined in order with an online softmax; a chunk past a row's length adds exact
-  zeros (a bitwise no-op). The products are [M, D] @ [D, C] with at least ``Q_TILE`` query rows
+  position 0: the softmax against the row's exact maximum, per-chunk sums and products, the
+  chunks added in order; a chunk past a row's length adds exact zeros (a bitwise no-op). The products are [M, D] @ [D, C] with at least ``Q_TILE`` query rows
   where this machine's fp32 kernel computes a row independently of M (measured: AMD EPYC, M >=
   4), else in fixed tiles of ``Q_TILE`` rows (one shape whatever the batch). Either way a
   query's output depends only on its own row.
@@ -36,7 +36,14 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: t
               scaling: float) -> torch.Tensor:
     """q: [B, Hkv, M, D] (M = query heads per kv head x padded tokens), keys / values:
     [B, Hkv, L, D] views of the pool, mask: [B, 1, M, L] bool. Returns [B, Hkv, M, D] in q's
-    dtype, each query's row computed with the same operations whatever B, M and L are."""
+    dtype, each query's row computed with the same operations whatever B, M and L are.
+
+    All chunks at once: the scores of every (query tile, chunk) pair in one product of fixed
+    [Q_TILE | M, D] @ [D, KV_CHUNK] matrices, the softmax against the row's exact maximum over
+    every visible position (a max is order-free), per-chunk sums and P @ V products of fixed
+    shape, then the chunks added in order. A chunk past a row's length is all -inf scores: it
+    adds exact zeros. Fewer, larger operations than a loop over chunks (this is the part of the
+    forward that costs what bf16 saves)."""
     b, hkv, m, d = q.shape
     length = keys.shape[2]
     tiled = not _block_matmul_invariant(q.device)
@@ -46,34 +53,33 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: t
         qf = torch.cat([qf, qf.new_zeros(b, hkv, pad_m, d)], dim=2)
         mask = torch.cat([mask, mask.new_zeros(b, 1, pad_m, length)], dim=2)
     mp = m + pad_m
+    k = keys.float()
+    v = values.float()
+    fill = -length % KV_CHUNK
+    if fill:                            # the pool's tail: pad to whole chunks (masked)
+        k = torch.cat([k, k.new_zeros(b, hkv, fill, d)], dim=2)
+        v = torch.cat([v, v.new_zeros(b, hkv, fill, d)], dim=2)
+        mask = torch.cat([mask, mask.new_zeros(b, 1, mp, fill)], dim=-1)
+    n = (length + fill) // KV_CHUNK
     # tiled: fixed [Q_TILE, D] @ [D, C] products; else one product per (row, head), whose rows
     # this machine's kernel computes independently of M (checked by _block_matmul_invariant)
-    tiles = qf.view(b, hkv, mp // Q_TILE, Q_TILE, d) if tiled else qf.unsqueeze(2)
-    m_run = qf.new_full((*tiles.shape[:-1], 1), float("-inf"))
-    l_run = qf.new_zeros(*tiles.shape[:-1], 1)
-    acc = torch.zeros_like(tiles)
-    mask_t = mask.view(b, 1, *tiles.shape[2:4], length)
-    for start in range(0, length, KV_CHUNK):
-        end = start + KV_CHUNK
-        k = keys[:, :, start:end].float()
-        v = values[:, :, start:end].float()
-        chunk_mask = mask_t[..., start:end]
-        if k.shape[2] < KV_CHUNK:        # the pool's tail: pad to the fixed chunk (masked)
-            fill = KV_CHUNK - k.shape[2]
-            k = torch.cat([k, k.new_zeros(b, hkv, fill, d)], dim=2)
-            v = torch.cat([v, v.new_zeros(b, hkv, fill, d)], dim=2)
-            chunk_mask = torch.cat([chunk_mask, chunk_mask.new_zeros(*chunk_mask.shape[:-1], fill)], dim=-1)
-        scores = torch.matmul(tiles, k.unsqueeze(2).transpose(-1, -2))          # [..., QT | M, C]
-        scores = scores.masked_fill(~chunk_mask, float("-inf"))
-        m_new = torch.maximum(m_run, scores.amax(-1, keepdim=True))
-        # rows with nothing visible yet keep m = -inf: exp(-inf - -inf) is nan, use 0 there
-        safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        alpha = torch.exp(m_run - safe)
-        p = torch.exp(scores - safe)
-        l_run = l_run * alpha + p.sum(-1, keepdim=True)
-        acc = acc * alpha + torch.matmul(p, v.unsqueeze(2))
-        m_run = m_new
-    out = (acc / l_run.clamp_min(1e-30)).reshape(b, hkv, mp, d)[:, :, :m]
+    t, qt = (mp // Q_TILE, Q_TILE) if tiled else (1, mp)
+    tiles = qf.view(b, hkv, 1, t, qt, d)
+    kc = k.view(b, hkv, n, 1, KV_CHUNK, d)
+    vc = v.view(b, hkv, n, 1, KV_CHUNK, d)
+    visible = mask.reshape(b, 1, t, qt, n, KV_CHUNK).permute(0, 1, 4, 2, 3, 5)      # [b, 1, n, t, qt, C]
+    scores = torch.matmul(tiles, kc.transpose(-1, -2)).masked_fill_(~visible, float("-inf"))
+    top = scores.amax(-1, keepdim=True).amax(2, keepdim=True)                    # [b, hkv, 1, t, qt, 1]
+    # rows with nothing visible (padding) keep -inf: subtract 0 there instead (p = 0, finite)
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    p = torch.exp(scores - top)
+    sums = p.sum(-1, keepdim=True)                                               # [b, hkv, n, t, qt, 1]
+    parts = torch.matmul(p, vc)                                                  # [b, hkv, n, t, qt, D]
+    acc, total = parts[:, :, 0], sums[:, :, 0]
+    for c in range(1, n):               # in chunk order, whatever n is
+        acc = acc + parts[:, :, c]
+        total = total + sums[:, :, c]
+    out = (acc / total.clamp_min(1e-30)).reshape(b, hkv, mp, d)[:, :, :m]
     return out.to(q.dtype)
 
 
