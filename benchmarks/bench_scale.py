@@ -207,7 +207,7 @@ def plot(res: dict, path: Path) -> None:
     t = [x["t"] for x in s]
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.step(t, [x["replicas"] for x in s], where="post", label="Generator replicas (serve.status)")
-    ax.step(t, [x["nodes"] for x in s], where="post", linestyle="--", label="worker nodes (ray.nodes())")
+    ax.step(t, [x["nodes"] for x in s], where="post", linestyle="--", label="alive worker nodes")
     ax.set_xlabel("seconds")
     ax.set_ylabel("count")
     ax.set_ylim(0, 3)

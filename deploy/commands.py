@@ -112,6 +112,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def _term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
+    import faulthandler
+
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: for a service that seems stuck
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     signal.signal(signal.SIGTERM, _term)
     print(f"specrag serve: starting Ray and loading models ({config.model_name}) ...", file=sys.stderr, flush=True)
     try:

@@ -86,10 +86,12 @@ class LocalAutoscalingCluster:
 
 
 def alive_nodes(resource: str | None = None) -> int:
-    """Alive worker nodes (with ``resource``, only those that have it), from the GCS's node
-    table (``ray.nodes()``: needs no dashboard)."""
-    import ray
+    """Alive worker nodes (with ``resource``, only those that have it), from Ray's state API
+    (served by the head's dashboard, which ``ray start --head`` runs)."""
+    from ray.util.state import list_nodes
 
-    return sum(1 for n in ray.nodes()
-               if n.get("Alive") and "node:__internal_head__" not in (n.get("Resources") or {})
-               and (resource is None or resource in (n.get("Resources") or {})))
+    # the state API counts dead nodes against its page and, by default, raises when a page is
+    # short (seen as a node was being removed): ask for a large page, take what is there
+    nodes = list_nodes(filters=[("state", "=", "ALIVE")], limit=10_000, raise_on_missing_output=False)
+    return sum(1 for n in nodes
+               if not n.is_head_node and (resource is None or resource in (n.resources_total or {})))
