@@ -92,6 +92,15 @@ def drop_redis_namespace(name: str, url: str = REDIS_URL) -> None:
         pass
 
 
+def sigint_as_in_a_terminal() -> None:
+    """``preexec_fn`` for a service the test stops with Ctrl-C (SIGINT): SIGINT handled as in a
+    terminal. A test run started in the background by a non-interactive shell (``cmd &``)
+    inherits SIGINT ignored, and Python then never turns SIGINT into KeyboardInterrupt in the
+    children either (seen: `specrag serve` ignoring the test's Ctrl-C in such a CI run)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def stop_process_group(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 60.0) -> int:
     """Send ``sig`` to the process's group, wait, then SIGKILL whatever is left."""
     try:
