@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_serve import QUESTIONS, build_index, pct  # noqa: E402
+from bench_serve import QUESTIONS, add_index_args, ensure_index, pct  # noqa: E402
 
 
 def _closed_loop(send, questions: list[str], concurrency: int) -> dict:
@@ -210,8 +210,7 @@ def plot(res: dict, path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--corpus", default="python-docs:functools,json,textwrap,pathlib")
-    ap.add_argument("--index", type=Path)
+    add_index_args(ap)
     ap.add_argument("--levels", default="1,2,4,8,16")
     ap.add_argument("--requests", type=int, default=8,
                     help="requests per concurrency level (at least the concurrency)")
@@ -228,10 +227,7 @@ def main() -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    from speculation.models import cache_dir
-
-    index_dir = args.index or cache_dir() / "indexes" / ("bench-serve-" + args.corpus.replace(":", "-").replace(",", "-"))
-    build_index(index_dir, args.corpus)
+    index_dir = ensure_index(args)
     levels = [int(x) for x in args.levels.split(",")]
     questions = (QUESTIONS * (args.requests // len(QUESTIONS) + 1))[:args.requests]
     load_start = [round(x, 2) for x in os.getloadavg()]

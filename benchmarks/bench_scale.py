@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_serve import QUESTIONS, build_index, pct  # noqa: E402
+from bench_serve import QUESTIONS, add_index_args, ensure_index, pct  # noqa: E402
 
 APP = "specrag"
 NODE_RESOURCE = "generator_node"
@@ -225,8 +225,7 @@ def plot(res: dict, path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--corpus", default="python-docs:functools,json,textwrap,pathlib")
-    ap.add_argument("--index", type=Path)
+    add_index_args(ap)
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -242,10 +241,7 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from speculation.models import cache_dir
-
-    index_dir = args.index or cache_dir() / "indexes" / ("bench-serve-" + args.corpus.replace(":", "-").replace(",", "-"))
-    build_index(index_dir, args.corpus)
+    index_dir = ensure_index(args)
     load_start = [round(x, 2) for x in os.getloadavg()]
     fixed = []
     previous = args.out / "scale.json"

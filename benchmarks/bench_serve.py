@@ -68,6 +68,24 @@ def summarize(xs: list[float]) -> dict[str, float]:
             "mean_ms": round(statistics.fmean(xs) * 1000, 2), "n": len(xs)}
 
 
+DEFAULT_CORPUS = "python-docs:functools,json,textwrap,pathlib"
+
+
+def add_index_args(ap: argparse.ArgumentParser) -> None:
+    """--corpus / --index, shared by the serving, batching and scale benchmarks."""
+    ap.add_argument("--corpus", default=DEFAULT_CORPUS)
+    ap.add_argument("--index", type=Path, help="index dir (default: built under the cache)")
+
+
+def ensure_index(args: argparse.Namespace) -> Path:
+    """``--index``, or the corpus's index under the cache, built on first use."""
+    from speculation.models import cache_dir
+
+    index_dir = args.index or cache_dir() / "indexes" / ("bench-serve-" + args.corpus.replace(":", "-").replace(",", "-"))
+    build_index(index_dir, args.corpus)
+    return index_dir
+
+
 def build_index(index_dir: Path, corpus: str) -> None:
     if (index_dir / "manifest.json").exists():
         return
@@ -383,8 +401,7 @@ def markdown(res: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--corpus", default="python-docs:functools,json,textwrap,pathlib")
-    ap.add_argument("--index", type=Path, help="index dir (default: built under the cache)")
+    add_index_args(ap)
     ap.add_argument("--requests", type=int, default=20)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--batch-questions", type=int, default=16)
@@ -397,10 +414,7 @@ def main() -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    from speculation.models import cache_dir
-
-    index_dir = args.index or cache_dir() / "indexes" / ("bench-serve-" + args.corpus.replace(":", "-").replace(",", "-"))
-    build_index(index_dir, args.corpus)
+    index_dir = ensure_index(args)
     questions = (QUESTIONS * ((args.requests // len(QUESTIONS)) + 1))[: args.requests]
     threads = torch.get_num_threads()
     load_start = [round(x, 2) for x in os.getloadavg()]
