@@ -205,7 +205,7 @@ def measure_cli_memory(dotted: str, doc: str, question: str, max_tokens: int) ->
     with tempfile.TemporaryDirectory() as tmp:
         ref = Path(tmp) / "doc.txt"
         ref.write_text(doc, encoding="utf-8")
-        cmd = [sys.executable, "-m", "pipeline.cli", "generate", "--prompt", user_message(dotted, doc, question),
+        cmd = [sys.executable, "-m", "deploy.cli", "generate", "--prompt", user_message(dotted, doc, question),
                "--reference", str(ref), "--max-tokens", str(max_tokens), "--json"]
         cli = Path(sys.executable).with_name("specrag")
         if cli.exists():

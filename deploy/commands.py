@@ -1,4 +1,4 @@
-"""``specrag serve``, ``specrag batch`` and ``specrag manifests`` (registered into the CLI by ``pipeline.cli``).
+"""``specrag serve``, ``specrag batch`` and ``specrag manifests`` (registered by ``deploy.cli``).
 
 Imports of Ray and the app happen inside the command functions, so ``specrag --help`` and the
 other subcommands do not pay for them.
@@ -85,7 +85,7 @@ def _config(args: argparse.Namespace) -> Any:
 
 
 def _check_cli(args: argparse.Namespace) -> None:
-    from pipeline.cli import CLIError
+    from pipeline.errors import CLIError
 
     for name in ("port", "direct_port"):
         v = getattr(args, name, None)
@@ -96,7 +96,7 @@ def _check_cli(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pipeline.cli import CLIError
+    from pipeline.errors import CLIError
 
     _check_cli(args)
     config = _config(args)
@@ -160,7 +160,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     _check_cli(args)
     from pathlib import Path
 
-    from pipeline.cli import CLIError
+    from pipeline.errors import CLIError
 
     if not Path(args.questions).is_file():
         raise CLIError(f"no such file: {args.questions}")

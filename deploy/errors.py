@@ -1,47 +1,38 @@
 """Turning exceptions into HTTP errors.
 
-Exceptions raised inside a Ray replica travel to the caller pickled; exception classes with
-keyword-only constructor arguments (``PromptTooLongError``) do not survive that round trip
-(Ray hands back an ``UnserializableException``). So the deployments convert every error a user
-can act on into a :class:`ServiceError` *before* it leaves the replica, and the ingress maps
-those to a status. Classification is by class name along the MRO, which keeps this module free
-of imports from the layers below (``retrieval`` may not even be installed).
+The layers below give their user-facing errors their status where they are defined: the base
+classes ``SpeculationError``, ``RetrievalError`` and ``PipelineError`` (and any subclass that
+differs) carry ``http_status`` and ``error_type``, and may define ``public_message()``. Here
+they are matched by ``isinstance``, as are the Redis and Ray errors that mean "retry later".
+
+Exceptions raised inside a Ray replica travel to the caller pickled; the deployments convert
+every error a user can act on into a :class:`ServiceError` (plain positional args) *before* it
+leaves the replica, and the ingress maps those to a status.
 """
 
 from __future__ import annotations
 
 import logging
 
+from pipeline.errors import PipelineError
+from retrieval.errors import RetrievalError
+from speculation.errors import SpeculationError
+
 log = logging.getLogger(__name__)
 
-# class name -> (HTTP status, OpenAI-style error type)
-_STATUS_BY_CLASS: dict[str, tuple[int, str]] = {
-    # pipeline
-    "QuestionError": (400, "invalid_request_error"),
-    "PromptTooLongError": (400, "invalid_request_error"),
-    # speculation
-    "GenerationInputError": (400, "invalid_request_error"),
-    "ModelNotFoundError": (404, "model_not_found"),
-    "TokenizerMismatchError": (503, "service_unavailable"),
-    # retrieval: the server's store or index is not usable right now
-    "StoreUnavailableError": (503, "service_unavailable"),
-    "IndexNotFoundError": (503, "service_unavailable"),
-    "IndexMismatchError": (503, "service_unavailable"),
-    "EmptyCorpusError": (503, "service_unavailable"),
-    "RetrievalError": (503, "service_unavailable"),
-    # redis-py, should a connection error escape the retrieval layer unwrapped
-    "ConnectionError": (503, "service_unavailable"),
-    "TimeoutError": (503, "service_unavailable"),
-    # the remaining user-facing bases
-    "PipelineError": (400, "invalid_request_error"),
-    "SpeculationError": (400, "invalid_request_error"),
-    # Ray: a replica died or is overloaded; retrying later helps
-    "BackPressureError": (503, "service_unavailable"),
-    "RayActorError": (503, "service_unavailable"),
-    "ActorDiedError": (503, "service_unavailable"),
-    "ActorUnavailableError": (503, "service_unavailable"),
-    "DeploymentUnavailableError": (503, "service_unavailable"),
-}
+USER_ERRORS: tuple[type[Exception], ...] = (PipelineError, RetrievalError, SpeculationError)
+RETRY_LATER = "the service is overloaded or restarting a replica; retry later"
+
+
+def _transient_types() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """(Redis connection errors, Ray's replica-died / overloaded errors), imported when first
+    needed: classifying our own errors loads neither."""
+    import redis.exceptions
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    return ((redis.exceptions.ConnectionError, redis.exceptions.TimeoutError),
+            (RayActorError, BackPressureError, DeploymentUnavailableError))
 
 
 class ServiceError(Exception):
@@ -73,43 +64,21 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
-def _message(exc: BaseException) -> str:
-    msg = str(exc).strip()
-    name = type(exc).__name__
-    if name == "PromptTooLongError":
-        limits = []
-        for attr in ("prompt_tokens", "context_tokens", "max_tokens"):
-            value = getattr(exc, attr, None)
-            if value is not None and attr not in msg and str(value) not in msg:
-                limits.append(f"{attr}={value}")
-        if limits:
-            msg = f"{msg} ({', '.join(limits)})"
-    if name in {"StoreUnavailableError", "IndexNotFoundError", "IndexMismatchError",
-                "EmptyCorpusError", "RetrievalError", "ConnectionError", "TimeoutError"}:
-        msg = f"retrieval unavailable: {msg or name}; retry later"
-    if name in {"BackPressureError", "RayActorError", "ActorDiedError", "ActorUnavailableError",
-                "DeploymentUnavailableError"}:
-        msg = "the service is overloaded or restarting a replica; retry later"
-    return msg or name
-
-
 def classify(exc: BaseException) -> ServiceError | None:
     """The ServiceError for an exception a user can act on; None for an unexpected bug."""
     exc = _unwrap(exc)
     if isinstance(exc, ServiceError):
         return exc
-    for cls in type(exc).__mro__:
-        hit = _STATUS_BY_CLASS.get(cls.__name__)
-        if hit is None:
-            continue
-        # builtins.ConnectionError / TimeoutError are too broad to trust from anywhere but redis
-        # or ray; everything else in the table is ours.
-        if cls.__name__ in {"ConnectionError", "TimeoutError"} and not (
-            type(exc).__module__.startswith(("redis", "ray")) or cls.__module__.startswith("redis")
-        ):
-            continue
-        status, kind = hit
-        return ServiceError(status, kind, _message(exc))
+    if isinstance(exc, USER_ERRORS):
+        public = getattr(exc, "public_message", None)
+        message = public() if callable(public) else str(exc).strip()
+        return ServiceError(exc.http_status, exc.error_type, message or type(exc).__name__)
+    redis_types, ray_types = _transient_types()
+    if isinstance(exc, redis_types):
+        # should a connection error escape the retrieval layer unwrapped
+        return ServiceError(503, "service_unavailable", f"retrieval unavailable: {str(exc).strip() or type(exc).__name__}; retry later")
+    if isinstance(exc, ray_types):
+        return ServiceError(503, "service_unavailable", RETRY_LATER)
     return None
 
 

@@ -14,8 +14,10 @@ Contract used by ``deploy``:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from retrieval.hit import Hit as Source  # one record for a retrieved chunk, in every layer
 
 
 @dataclass
@@ -46,22 +48,6 @@ class AskRequest:
     seed: int | None = None
     retrieval: RetrievalOptions = field(default_factory=RetrievalOptions)
     speculation: SpeculationOptions = field(default_factory=SpeculationOptions)
-
-
-@dataclass
-class Source:
-    id: str
-    title: str
-    source: str
-    score: float
-    text: str
-    token_ids: list[int] | None = None   # generator-tokenized text, used as drafting reference
-
-    def public(self) -> dict[str, Any]:
-        """The fields shown to users (no token ids)."""
-        d = asdict(self)
-        d.pop("token_ids")
-        return d
 
 
 @dataclass

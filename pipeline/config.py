@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from retrieval.config import from_environment
+
 
 def default_index_dir() -> Path:
     """Where the embedded default index of the built-in ``python-docs`` corpus lives."""
@@ -20,10 +22,12 @@ class PipelineConfig(BaseModel):
     built on first use."""
 
     index_dir: str | None = None
-    redis_url: str | None = None
+    # defaults from SPECRAG_REDIS_URL / SPECRAG_EMBEDDING_MODEL (retrieval.config.from_environment)
+    redis_url: str | None = Field(default_factory=lambda: from_environment("redis_url"))
     model: str = "smollm2-135m-instruct"
     draft_model: str | None = None
-    embedding_model: str | None = None       # None: the one recorded in the index manifest
+    # None: the one recorded in the index manifest
+    embedding_model: str | None = Field(default_factory=lambda: from_environment("embedding_model"))
     device: str = "auto"
     dtype: str = "auto"
     k: int = Field(4, ge=1, le=50)

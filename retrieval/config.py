@@ -1,6 +1,7 @@
 """Configuration of the retrieval layer: one object per concern, built from CLI flags or env.
 
-Environment variables (read only by :meth:`RetrievalConfig.from_env`, never at import time):
+Environment variables (read by :func:`from_environment` when a default is needed, never at
+import time; an explicit flag or config value wins):
 
 - ``SPECRAG_REDIS_URL``: Redis URL used for the document store and the retrieval cache.
 - ``SPECRAG_EMBEDDING_MODEL``: sentence-transformers model name or path.
@@ -71,11 +72,11 @@ class RetrievalConfig:
     connect_timeout_s: float = 3.0
     extra: dict[str, str] = field(default_factory=dict)
 
-    @classmethod
-    def from_env(cls, **overrides: object) -> "RetrievalConfig":
-        env = {
-            "redis_url": os.environ.get("SPECRAG_REDIS_URL") or None,
-            "embedding_model": os.environ.get("SPECRAG_EMBEDDING_MODEL") or None,
-        }
-        env.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**env)  # type: ignore[arg-type]
+
+ENVIRONMENT = {"redis_url": "SPECRAG_REDIS_URL", "embedding_model": "SPECRAG_EMBEDDING_MODEL"}
+
+
+def from_environment(setting: str) -> str | None:
+    """The documented environment variable for ``setting`` (a key of :data:`ENVIRONMENT`), or
+    None when it is unset or blank: the default of the CLI flags and of ``PipelineConfig``."""
+    return os.environ.get(ENVIRONMENT[setting], "").strip() or None

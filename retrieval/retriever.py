@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -40,6 +39,7 @@ from .cache import Ranked, RetrievalCache
 from .config import RetrievalConfig, RetrieverKind
 from .embeddings import Embedder, canonical_model_name
 from .errors import IndexMismatchError, IndexNotFoundError, RetrievalError, UnknownChunkError
+from .hit import Hit
 from .manifest import Manifest, read_ids, tokenizer_name
 from .sparse import BM25Index, top_k_rows
 from .store import SQLITE_NAME, DocStore, RedisDocStore, SQLiteDocStore, StoredChunk
@@ -47,24 +47,6 @@ from .store import SQLITE_NAME, DocStore, RedisDocStore, SQLiteDocStore, StoredC
 logger = logging.getLogger(__name__)
 
 RETRIEVERS = ("dense", "bm25", "hybrid")
-
-
-@dataclass
-class Hit:
-    """One retrieved chunk. ``token_ids`` are the generator-tokenized text (drafting reference)."""
-
-    id: str
-    score: float
-    title: str
-    source: str
-    text: str
-    token_ids: list[int] = field(default_factory=list)
-
-    def public(self) -> dict[str, Any]:
-        """The fields shown to users (the CLI's ``--json`` hit): no token ids."""
-        d = asdict(self)
-        d.pop("token_ids")
-        return d
 
 
 class Retriever:
@@ -305,4 +287,4 @@ class Retriever:
 
 
 def _hit(c: StoredChunk, score: float) -> Hit:
-    return Hit(c.id, score, c.title, c.source, c.text, c.token_ids)
+    return Hit(id=c.id, title=c.title, source=c.source, score=float(score), text=c.text, token_ids=list(c.token_ids))

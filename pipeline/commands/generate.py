@@ -105,7 +105,5 @@ def run(args: argparse.Namespace) -> int:
     if stream is None:
         sys.stdout.write(result.text)
     print()
-    print(f"[{stats.generated_tokens} tokens, {stats.tokens_per_second:.1f} tok/s, "
-          f"{stats.target_forwards} target forwards, {stats.mean_accepted_per_forward:.2f} tokens/forward, "
-          f"accepted {stats.accepted_tokens}/{stats.draft_tokens} drafted]", file=sys.stderr)
+    print(f"[{stats.summary()}]", file=sys.stderr)
     return 0

@@ -5,7 +5,7 @@ The JSON shapes printed with ``--json`` are a contract other tools parse:
 - ingest: ``{"files", "chunks", "new_chunks", "skipped_files": [{"path", "reason"}], "seconds"}``
 - search: ``{"hits": [{"id", "score", "title", "source", "text"}]}``
 
-Errors of the retrieval layer (RetrievalError) are printed by ``pipeline.cli`` as one line, exit 1.
+Errors of the retrieval layer (RetrievalError) are printed by ``deploy.cli`` as one line, exit 1.
 Heavy imports happen inside the handlers so ``specrag --help`` stays fast.
 """
 
@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+
+from retrieval.config import from_environment
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,10 +27,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     ing.add_argument("paths", nargs="+", metavar="PATH|python-docs")
     ing.add_argument("--index", required=True, metavar="DIR", help="index directory")
-    ing.add_argument("--redis-url", default=os.environ.get("SPECRAG_REDIS_URL"),
-                     help="also write chunks to this Redis (shared document store)")
-    ing.add_argument("--embedding-model", default=None,
-                     help="sentence-transformers model name or path (default all-MiniLM-L6-v2)")
+    ing.add_argument("--redis-url", default=from_environment("redis_url"),
+                     help="also write chunks to this Redis (shared document store; default $SPECRAG_REDIS_URL)")
+    ing.add_argument("--embedding-model", default=from_environment("embedding_model"),
+                     help="sentence-transformers model name or path (default $SPECRAG_EMBEDDING_MODEL, "
+                          "else all-MiniLM-L6-v2)")
     ing.add_argument("--index-type", choices=("flat", "ivf", "hnsw"), default="flat")
     ing.add_argument("--chunk-tokens", type=int, default=256, metavar="N", help="chunk size in generator tokens")
     ing.add_argument("--chunk-overlap", type=int, default=32, metavar="N")
@@ -44,8 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     se.add_argument("--index", required=True, metavar="DIR")
     se.add_argument("-k", type=int, default=4)
     se.add_argument("--retriever", choices=("dense", "bm25", "hybrid"), default="dense")
-    se.add_argument("--redis-url", default=os.environ.get("SPECRAG_REDIS_URL"))
-    se.add_argument("--embedding-model", default=None, help="must match the index's (checked)")
+    se.add_argument("--redis-url", default=from_environment("redis_url"), help="default $SPECRAG_REDIS_URL")
+    se.add_argument("--embedding-model", default=from_environment("embedding_model"),
+                    help="must match the index's (checked; default $SPECRAG_EMBEDDING_MODEL, else the index's)")
     se.add_argument("--json", action="store_true")
     se.set_defaults(func=run_search)
 

@@ -8,16 +8,13 @@ import time
 
 from pipeline.api import AskRequest, AskResult, Source
 from pipeline.errors import PromptTooLongError, QuestionError
+from retrieval.errors import StoreUnavailableError
 
 CORPUS = [
     ("d1", "lru_cache", "functools.rst", "functools.lru_cache memoizes a function; maxsize=None means unbounded."),
     ("d2", "pathlib", "pathlib.rst", "pathlib.Path offers object-oriented filesystem paths."),
     ("d3", "itertools", "itertools.rst", "itertools.chain iterates over several iterables in turn."),
 ]
-
-
-class StoreUnavailableError(Exception):
-    """Same name as retrieval.errors.StoreUnavailableError: classified by name (503)."""
 
 
 def _check(question: str) -> None:
@@ -82,7 +79,7 @@ class GenerationStage:
                    "seconds": {"generate": 0.001}},
         )
 
-    def answer(self, request: AskRequest, on_text=None) -> AskResult:
+    def answer(self, request: AskRequest, on_text=None, cancelled=None) -> AskResult:
         sources = self.retrieval.retrieve([request.question], request.retrieval.k, request.retrieval.retriever)[0]
         return self.generate(request, sources, on_text=on_text)
 
@@ -98,5 +95,5 @@ class RAGPipeline:
     def generate(self, request, sources, on_text=None):
         return self.generation.generate(request, sources, on_text=on_text)
 
-    def answer(self, request, on_text=None):
-        return self.generation.answer(request, on_text=on_text)
+    def answer(self, request, on_text=None, cancelled=None):
+        return self.generation.answer(request, on_text=on_text, cancelled=cancelled)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pipeline.cli import main
+from deploy.cli import main
 
 pytestmark = pytest.mark.slow
 MODULES = "python-docs:json,textwrap,heapq"
