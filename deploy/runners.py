@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable
 
 from pipeline.api import AskRequest, AskResult, Source
+from pipeline.errors import RequestStopped
 
 from .errors import ServiceError, to_service_error
 
@@ -169,9 +170,9 @@ class GenerationRunner:
         self._pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="specrag-generate")
 
     def _call(self, request: AskRequest, sources: list[Source] | None,
-              on_text: Callable[[str], None] | None) -> AskResult:
+              on_text: Callable[[str], None] | None, cancelled: Callable[[], bool] | None = None) -> AskResult:
         if sources is None:
-            return self.stage.answer(request, on_text=on_text)
+            return self.stage.answer(request, on_text=on_text, cancelled=cancelled)
         return self.stage.generate(request, sources, on_text=on_text)
 
     async def generate(self, request: AskRequest, sources: list[Source] | None) -> AskResult:
@@ -202,14 +203,14 @@ class GenerationRunner:
         def work() -> None:
             started.append(time.perf_counter())
             try:
-                result = self._call(request, sources, on_text)
+                result = self._call(request, sources, on_text, cancelled.is_set)
                 if first_text and isinstance(getattr(result, "stats", None), dict):
                     # the stage's own time to its first text, so the serving layer's share of
                     # the client's time to first token can be told apart per request
                     seconds = result.stats.setdefault("seconds", {})
                     if isinstance(seconds, dict):
                         seconds["first_text"] = round(first_text[0] - started[0], 4)
-            except _Cancelled:
+            except (_Cancelled, RequestStopped):
                 loop.call_soon_threadsafe(queue.put_nowait, ("cancelled", None))
             except ServiceError as err:
                 loop.call_soon_threadsafe(queue.put_nowait, ("error", err))

@@ -19,21 +19,28 @@ Modes (all give the same tokens; the first is the reference output):
 
 Exactness: a speculated chunk is used only until its verification; any mismatch rolls back, so
 every committed stride was generated with the chunk the real retriever returns for its query.
+
+Streaming: text is sent as strides commit -- every stride in the baseline, the verified prefix
+after each verification in the speculative mode -- so a rolled-back stride is never sent and
+text sent is never retracted. Stop strings and EOS are applied as tokens commit (generation
+stops there); ``cancelled`` is polled before every stride.
 """
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from .api import AskRequest, AskResult, Source
+from .errors import RequestStopped
+from .generation import RequestBuilder, answer_stats, check_question
 from .prompts import iterative_prompt
 from .scheduler import StrideScheduler
-
 
 NO_DOC = Source(id="", title="", source="", score=0.0, text="")   # a retriever that found nothing
 
@@ -47,21 +54,19 @@ class _Stride:
     query: str
     doc: Source
     answer_start: int        # answer length when the stride began
-    state: Any               # engine SequenceState that generated it
-    gen_start: int           # len(state.generated) when the stride began
+    answer_end: int          # ... and when it ended
     vec: Any = None          # the query's embedding, computed once for speculation and verification
 
 
 @dataclass
 class IterativeOptions:
-    stride: int = 4
-    query_tokens: int = 32
+    """How the iterative answer runs. What a request sets (stride, query length, speculation
+    stride, asynchronous verification, prefetch) is read from its ``RetrievalOptions``; these
+    are the mode switches and the knobs a request does not expose."""
+
     speculative_retrieval: bool = True
     kv_reuse: bool = True
     token_speculation: bool = True
-    speculation_stride: int | str = "auto"
-    async_verification: bool = True
-    prefetch: int = 20
     # token speculation drafts from the cached chunks too (most recent first, up to this many tokens)
     reference_tokens: int = 4096
     # KV reuse keeps the sequences of this many most recently used chunks
@@ -74,30 +79,32 @@ class IterativeOptions:
     seed_with_first_retrieval: bool = True
 
     @classmethod
-    def from_request(cls, request: AskRequest) -> "IterativeOptions":
-        r, spec = request.retrieval, request.speculation.enabled
-        return cls(stride=r.stride, query_tokens=r.query_tokens, speculative_retrieval=spec, kv_reuse=spec,
-                   token_speculation=spec, speculation_stride=r.speculation_stride,
-                   async_verification=r.async_verification, prefetch=r.prefetch)
+    def for_request(cls, request: AskRequest) -> "IterativeOptions":
+        spec = request.speculation.enabled
+        return cls(speculative_retrieval=spec, kv_reuse=spec, token_speculation=spec)
 
 
 class IterativeAnswer:
-    """One iterative answer. ``stage`` is a GenerationStage; ``retrieval`` has ``retrieve`` and
-    ``score_local``."""
+    """One iterative answer.
 
-    def __init__(self, stage: Any, retrieval: Any, request: AskRequest,
-                 options: IterativeOptions | None = None) -> None:
-        if request.retrieval.stride < 1 or request.retrieval.query_tokens < 1:
-            from .errors import QuestionError
+    ``engine`` is the stage's engine (``begin``/``run``/``truncate``/``extend``/``release``,
+    ``eos_ids``), ``retrieval`` has ``retrieve`` and ``score_local`` (and, in this process,
+    ``embed_queries``), ``requests`` builds the engine requests."""
 
-            raise QuestionError("stride and query_tokens must be at least 1")
-        self.stage, self.retrieval, self.request = stage, retrieval, request
-        self.opt = options or IterativeOptions.from_request(request)
-        self.engine = stage.engine
-        self.tok = stage.tokenizer
+    def __init__(self, engine: Any, tokenizer: Any, retrieval: Any, requests: RequestBuilder,
+                 request: AskRequest, options: IterativeOptions | None = None) -> None:
+        check_question(request)
+        self.engine, self.tok, self.retrieval, self.requests = engine, tokenizer, retrieval, requests
+        if request.temperature > 0 and request.seed is None:
+            # one key for the draws of all this answer's sequences: the sampler keys them by
+            # answer position, so every stride, rolled back or re-prefilled, draws the same
+            request = replace(request, seed=secrets.randbits(63))
+        self.request = request
+        self.params = request.retrieval
+        self.opt = options or IterativeOptions.for_request(request)
         self.question_ids = self.tok.encode(request.question, add_special_tokens=False)
-        self.answer: list[int] = []
-        self.finished = False
+        self.answer: list[int] = []            # committed tokens, then those of unverified strides
+        self.finished = False                  # the generated answer reached EOS or its budget
         self.finish_reason = "length"
         self.states: dict[int, Any] = {}       # every engine state used, for the stats
         self.counts = {"real": 0, "speculated": 0, "verified": 0, "mismatched": 0, "batches": 0}
@@ -106,22 +113,29 @@ class IterativeAnswer:
         # embed each query once and reuse the vector for local scoring and verification; only for a
         # retrieval stage in this process (a remote one embeds where the model lives)
         self._vectors = callable(getattr(type(retrieval), "embed_queries", None))
-        fixed = None if self.opt.speculation_stride == "auto" else int(self.opt.speculation_stride)
-        self.scheduler = StrideScheduler(fixed=fixed, asynchronous=self.opt.async_verification)
+        fixed = None if self.params.speculation_stride == "auto" else int(self.params.speculation_stride)
+        self.scheduler = StrideScheduler(fixed=fixed, asynchronous=self.params.async_verification)
         self.cache: dict[str, Source] = {}
         self.doc_states: OrderedDict[str, tuple[Any, int]] = OrderedDict()   # chunk id -> (sequence, head length)
         # strides that prefilled a new sequence / continued the previous stride's / resumed an earlier one
         self.chunk_sequences = {"new": 0, "continued": 0, "resumed": 0}
         self.sources_used: dict[str, Source] = {}
+        # the committed answer: what has been verified, streamed through the stop-string filter
+        self.committed = 0
+        self.kept: list[int] = []
+        self.done = False                      # committed text reached EOS, a stop string or the budget
+        self._streamer: Any = None
+        self._on_text: Callable[[str], None] | None = None
+        self._cancelled: Callable[[], bool] | None = None
 
     # ---- building blocks ---------------------------------------------------------------------
     def _query(self, answer_len: int) -> str:
-        ids = (self.question_ids + self.answer[:answer_len])[-self.opt.query_tokens:]
+        ids = (self.question_ids + self.answer[:answer_len])[-self.params.query_tokens:]
         return self.tok.decode(ids, skip_special_tokens=True)
 
     def _real(self, queries: list[str], k: int, vecs: list[Any] | None = None) -> list[list[Source]]:
         t0 = time.perf_counter()
-        retriever = self.request.retrieval.retriever
+        retriever = self.params.retriever
         if vecs is not None and all(v is not None for v in vecs):
             import numpy as np
 
@@ -141,7 +155,7 @@ class IterativeAnswer:
         ids = list(self.cache)
         if not ids:
             return NO_DOC, None
-        retriever = self.request.retrieval.retriever
+        retriever = self.params.retriever
         vec = self.retrieval.embed_queries([query], retriever) if self._vectors else None
         vec = None if vec is None else vec[0]
         if vec is not None:
@@ -165,7 +179,7 @@ class IterativeAnswer:
         for source in reversed(list(self.cache.values())):
             if source.id == doc.id or not source.id:
                 continue
-            ids = self.stage.reference_ids(source)
+            ids = self.requests.reference_ids(source)
             if total + len(ids) > self.opt.reference_tokens:
                 break
             refs.append(ids)
@@ -180,24 +194,29 @@ class IterativeAnswer:
         for s in sources:
             self.cache.setdefault(s.id, s)
 
-    def _run_stride(self, doc: Source) -> _Stride:
+    def _check_cancelled(self) -> None:
+        if self._cancelled is not None and self._cancelled():
+            raise RequestStopped("the client went away")
+
+    def _run_stride(self, doc: Source, query: str = "", vec: Any = None) -> _Stride:
         """Generate one stride with ``doc`` before the question. With KV reuse, a chunk used
         before (by the previous stride or any earlier one) continues its own sequence: the
         answer tokens it has not seen are fed with the next step's draft in one forward (none
         when the previous stride had the same chunk); only a new chunk costs a full prefill."""
+        self._check_cancelled()
         start = len(self.answer)
         budget = self.request.max_tokens - start
         state = self._resume(doc, start) if self.opt.kv_reuse else None
         if state is not None:
             gen_start = len(state.generated)
-            state.pause_at = gen_start + self.opt.stride
+            state.pause_at = gen_start + self.params.stride
             self.engine.run([state])
         else:
             head = iterative_prompt(self.tok, self.request.question, doc)
-            req = self.stage.engine_request(self.request, head + self.answer, self._references(doc), budget, stop=[])
-            req.speculate = self.opt.token_speculation
-            req.pause_at = self.opt.stride
-            req.draft_past_pause = self.opt.draft_across_strides and self.opt.kv_reuse
+            req = self.requests.engine_request(
+                self.request, head + self.answer, self._references(doc), budget, stop=[],
+                speculate=self.opt.token_speculation, pause_at=self.params.stride,
+                draft_past_pause=self.opt.draft_across_strides and self.opt.kv_reuse, answer_start=len(head))
             (state,) = self.engine.begin([req])
             self.engine.run([state])
             gen_start = 0
@@ -209,13 +228,11 @@ class IterativeAnswer:
                     self.doc_states.popitem(last=False)
         if doc.id in self.doc_states:
             self.doc_states.move_to_end(doc.id)
-        new = state.generated[gen_start:]
-        self.answer.extend(new)
-        stride = _Stride(query="", doc=doc, answer_start=start, state=state, gen_start=gen_start)
+        self.answer.extend(state.generated[gen_start:])
         if state.finished or len(self.answer) >= self.request.max_tokens:
             self.finished = True
             self.finish_reason = state.finish_reason or "length"
-        return stride
+        return _Stride(query=query, doc=doc, answer_start=start, answer_end=len(self.answer), vec=vec)
 
     def _resume(self, doc: Source, start: int) -> Any:
         """The sequence last generated with ``doc``, brought to ``self.answer[:start]``: cut
@@ -240,15 +257,47 @@ class IterativeAnswer:
         self.chunk_sequences["continued" if common == len(had) == start else "resumed"] += 1
         return state
 
-    def _rollback(self, stride: _Stride) -> None:
-        """Forget ``stride`` and everything after it."""
+    def _commit(self, upto: int) -> None:
+        """The answer up to ``upto`` is verified: stream it, applying EOS, stop strings and
+        the token budget as the tokens commit. What follows a stop is dropped."""
+        eos = self.engine.eos_ids
+        for t in self.answer[self.committed:upto]:
+            self.committed += 1
+            self.kept.append(t)
+            if t in eos:
+                self.done, self.finish_reason = True, "stop"
+                break
+            delta = self._streamer.push(t)
+            if delta and self._on_text is not None:
+                self._on_text(delta)
+            if self._streamer.stopped:
+                self.done, self.finish_reason = True, "stop"
+                break
+            if len(self.kept) >= self.request.max_tokens:
+                self.done, self.finish_reason = True, "length"
+                break
+        if self.done:
+            del self.answer[self.committed:]
+        elif self.finished and self.committed >= len(self.answer):
+            self.done = True
+
+    def _roll_back(self, stride: _Stride) -> None:
+        """Forget ``stride`` and everything after it (the sequences are cut back when next used,
+        by ``_resume``)."""
         del self.answer[stride.answer_start:]
         self.finished = False
         self.finish_reason = "length"
 
     # ---- the loops -----------------------------------------------------------------------------
-    def run(self, on_text: Callable[[str], None] | None = None) -> AskResult:
+    def run(self, on_text: Callable[[str], None] | None = None,
+            cancelled: Callable[[], bool] | None = None) -> AskResult:
+        """The answer; ``on_text`` gets the text as strides commit. ``cancelled`` True (polled
+        before every stride) raises :class:`RequestStopped`."""
+        from speculation.text import StopStringStreamer
+
         t0 = time.perf_counter()
+        self._streamer = StopStringStreamer(self.tok, self.request.stop)
+        self._on_text, self._cancelled = on_text, cancelled
         try:
             if self.opt.speculative_retrieval:
                 self._run_speculative()
@@ -257,125 +306,114 @@ class IterativeAnswer:
         finally:
             for state in self.states.values():     # the chunks' KV slots go back to the pool
                 self.engine.release(state)
-        return self._result(t0, on_text)
+        last = self._streamer.finish()
+        if on_text is not None and last:
+            on_text(last)
+        return self._result(t0)
 
     def _run_baseline(self) -> None:
-        while not self.finished:
+        """In-Context RALM: retrieve for real, generate a stride, commit it."""
+        while not self.done:
             query = self._query(len(self.answer))
             doc = _top1(self._real([query], 1)[0])
             self._use(doc)
-            self._run_stride(doc)
+            stride = self._run_stride(doc, query)
+            self._commit(stride.answer_end)
 
     def _run_speculative(self) -> None:
-        anchor: _Stride | None = None       # the last verified stride
-        pending: list[_Stride] = []
+        """RaLMSpec as a loop of four steps:
+
+        1. speculate: generate strides on chunks chosen from the local cache, as many as the
+           scheduler's stride (the first stride retrieves for real: it seeds the cache);
+        2. verify: one batched real retrieval for their queries (in a background thread,
+           overlapped with one more speculative stride, when asynchronous);
+        3. commit the strides whose chunk the real retriever returned, up to the first mismatch;
+        4. roll back at a mismatch: forget that stride and the ones after it, redo it with the
+           true chunk (verified by construction) and commit it."""
         if self.opt.seed_cache:
             self._add_to_cache(self.opt.seed_cache)
-        pool = ThreadPoolExecutor(max_workers=1) if self.opt.async_verification else None
+        prefetch = max(1, self.params.prefetch)
+        pool = ThreadPoolExecutor(max_workers=1) if self.params.async_verification else None
         try:
-            # the first retrieval is real: it seeds the cache and its stride is verified
             query = self._query(0)
-            first = self._real([query], max(1, self.opt.prefetch))[0]
+            first = self._real([query], prefetch)[0]
             if self.opt.seed_with_first_retrieval:
                 self._add_to_cache(first)
-            anchor = self._run_stride(_top1(first))
-            anchor.query = query
             self._use(_top1(first))
-            while True:
+            self._commit(self._run_stride(_top1(first), query).answer_end)
+            pending: list[_Stride] = []
+            while not self.done:
+                # 1. speculate
                 target = self.scheduler.next_stride()
                 while not self.finished and len(pending) < target:
                     pending.append(self._speculative_stride())
                 if not pending:
                     break
-                verification: Future | None = None
-                t_verify = time.perf_counter()
-                queries = [p.query for p in pending]
-                vecs = [p.vec for p in pending]
-                if pool is not None:
-                    verification = pool.submit(self._real, queries, max(1, self.opt.prefetch), vecs)
-                    extra = None
-                    if not self.finished:   # overlap one more speculative stride with the verification
-                        extra = self._speculative_stride()
-                    truth = verification.result()
-                else:
-                    extra = None
-                    truth = self._real(queries, max(1, self.opt.prefetch), vecs)
-                verify_seconds = time.perf_counter() - t_verify
-                for hits in truth:
-                    self._add_to_cache(hits)
-                m = next((i for i, (p, hits) in enumerate(zip(pending, truth)) if p.doc.id != _top1(hits).id), None)
-                matched = len(pending) if m is None else m
+                # 2. verify (overlapping one more speculative stride)
+                truth, extra, matched = self._verify(pending, pool, prefetch)
+                m = None if matched == len(pending) else matched
                 self.counts["verified"] += matched
-                self.scheduler.observe_verification(verify_seconds, matched, len(pending))
                 for p in pending[:matched]:
                     self._use(p.doc)
+                # 3. commit the verified prefix
+                self._commit(pending[matched - 1].answer_end if matched else pending[0].answer_start)
                 if m is None:
-                    anchor = pending[-1]
-                    pending = [extra] if extra is not None else []
+                    pending = [extra] if extra is not None and not self.done else []
                     continue
-                # mismatch at stride m: roll back to it and redo it with the true chunk
-                self.counts["mismatched"] += 1
-                bad = pending[m]
-                self._rollback(bad)      # the sequences are cut back when next used (_resume)
-                true_doc = _top1(truth[m])
-                redo = self._run_stride(true_doc)
-                redo.query, redo.vec = bad.query, bad.vec
-                self._use(true_doc)
-                anchor, pending = redo, []
-                if self.finished:
+                if self.done:
                     break
+                # 4. roll back to the mismatch and redo it with the true chunk
+                self.counts["mismatched"] += 1
+                bad, true_doc = pending[m], _top1(truth[m])
+                self._roll_back(bad)
+                self._use(true_doc)
+                self._commit(self._run_stride(true_doc, bad.query, bad.vec).answer_end)
+                pending = []
         finally:
             if pool is not None:
                 pool.shutdown(wait=True)
+
+    def _verify(self, pending: list[_Stride], pool: ThreadPoolExecutor | None,
+                prefetch: int) -> tuple[list[list[Source]], _Stride | None, int]:
+        """The real top-``prefetch`` for every pending stride's query (added to the cache), the
+        speculative stride generated meanwhile (asynchronous verification only), and how many
+        pending strides had the true top-1 chunk before the first that did not."""
+        t0 = time.perf_counter()
+        queries, vecs = [p.query for p in pending], [p.vec for p in pending]
+        extra = None
+        if pool is not None:
+            verification: Future = pool.submit(self._real, queries, prefetch, vecs)
+            if not self.finished:
+                extra = self._speculative_stride()
+            truth = verification.result()
+        else:
+            truth = self._real(queries, prefetch, vecs)
+        for hits in truth:
+            self._add_to_cache(hits)
+        matched = next((i for i, (p, hits) in enumerate(zip(pending, truth)) if p.doc.id != _top1(hits).id),
+                       len(pending))
+        self.scheduler.observe_verification(time.perf_counter() - t0, matched, len(pending))
+        return truth, extra, matched
 
     def _speculative_stride(self) -> _Stride:
         t0 = time.perf_counter()
         query = self._query(len(self.answer))
         doc, vec = self._speculate(query)
-        stride = self._run_stride(doc)
-        stride.query, stride.vec = query, vec
+        stride = self._run_stride(doc, query, vec)
         self.scheduler.observe_step(time.perf_counter() - t0)
         return stride
 
     # ---- result ------------------------------------------------------------------------------
-    def _result(self, t0: float, on_text: Callable[[str], None] | None) -> AskResult:
+    def _result(self, t0: float) -> AskResult:
         from speculation.engine import GenerationStats
-        from speculation.text import StopStringStreamer
 
-        from .rag import engine_stats
-
-        answer = self.answer[:self.request.max_tokens]
-        streamer = StopStringStreamer(self.tok, self.request.stop)
-        kept: list[int] = []
-        eos = self.engine.eos_ids
-        finish = "length" if len(answer) >= self.request.max_tokens else self.finish_reason
-        for t in answer:
-            kept.append(t)
-            if t in eos:
-                finish = "stop"
-                break
-            if on_text is not None:
-                delta = streamer.push(t)
-                if delta:
-                    on_text(delta)
-            else:
-                streamer.push(t)
-            if streamer.stopped:
-                finish = "stop"
-                break
-        last = streamer.finish()
-        if on_text is not None and last:
-            on_text(last)
         total = GenerationStats()
         for state in self.states.values():
             total.merge(state.stats)
-        stats = engine_stats(total)
-        stats["retrievals"] = dict(self.counts)
-        stats["speculation_strides"] = list(self.scheduler.rounds)
-        stats["chunk_sequences"] = dict(self.chunk_sequences)
-        stats["seconds"] = {"retrieval": round(self.seconds["retrieval"], 4),
-                            "prefill": round(total.prefill_seconds, 4), "decode": round(total.decode_seconds, 4),
-                            "total": round(time.perf_counter() - t0, 4)}
-        return AskResult(answer=streamer.text, token_ids=kept, sources=list(self.sources_used.values()),
-                         finish_reason="stop" if finish == "stop" else "length",
+        stats = answer_stats(total, self.counts, self.seconds["retrieval"], time.perf_counter() - t0,
+                             speculation_strides=list(self.scheduler.rounds),
+                             chunk_sequences=dict(self.chunk_sequences))
+        return AskResult(answer=self._streamer.text, token_ids=list(self.kept),
+                         sources=list(self.sources_used.values()),
+                         finish_reason="stop" if self.finish_reason == "stop" else "length",
                          prompt_tokens=len(self.question_ids), stats=stats)

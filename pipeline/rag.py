@@ -14,7 +14,9 @@ from typing import Any, Callable
 
 from .api import AskRequest, AskResult, Source
 from .config import PipelineConfig, default_index_dir
-from .errors import PipelineError, QuestionError
+from .errors import PipelineError
+from .generation import RequestBuilder, answer_stats, check_question
+from .iterative import IterativeAnswer, IterativeOptions
 from .prompts import one_shot_prompt
 
 log = logging.getLogger(__name__)
@@ -43,11 +45,6 @@ def ensure_default_index(config: PipelineConfig, show_progress: bool = True) -> 
     return index_dir
 
 
-def to_source(hit: Any) -> Source:
-    return Source(id=hit.id, title=hit.title, source=hit.source, score=float(hit.score), text=hit.text,
-                  token_ids=list(hit.token_ids) if hit.token_ids is not None else None)
-
-
 class RetrievalStage:
     """Index + document store + cache behind the batched calls the pipeline needs."""
 
@@ -64,8 +61,7 @@ class RetrievalStage:
     def retrieve(self, queries: list[str], k: int, retriever: str = "dense",
                  query_vecs: Any = None) -> list[list[Source]]:
         """Top-``k`` per query; ``query_vecs`` (from :meth:`embed_queries`) skips the embedding."""
-        hits = self.retriever.retrieve(list(queries), k, retriever, query_vecs=query_vecs)
-        return [[to_source(h) for h in row] for row in hits]
+        return self.retriever.retrieve(list(queries), k, retriever, query_vecs=query_vecs)
 
     def cache_counts(self) -> tuple[int, int] | None:
         """This process's retrieval-cache (hits, misses) so far; None without a cache (no Redis)."""
@@ -105,6 +101,7 @@ class GenerationStage:
         self.models = models or load_models(ModelConfig(model=config.model, draft_model=config.draft_model,
                                                         device=config.device, dtype=config.dtype))
         self.tokenizer = self.models.tokenizer
+        self.requests = RequestBuilder(self.tokenizer)
         core = SpeculativeEngine(self.models.target, self.tokenizer, self.models.draft,
                                  EngineConfig(max_draft_tokens=config.max_draft_tokens, max_batch=config.max_batch,
                                               max_tokens_per_step=config.max_tokens_per_step,
@@ -136,74 +133,44 @@ class GenerationStage:
                            # measured conditional acceptance by drafter/match length and draft position
                            "acceptance": self.engine.acceptance.table()}}
 
-    # ---- helpers shared with the iterative mode --------------------------------------------
-    def engine_request(self, request: AskRequest, prompt_ids: list[int], references: list[list[int]],
-                       max_new_tokens: int, stop: list[str] | None = None) -> Any:
-        from speculation.engine import GenerationRequest
-        from speculation.verify import SamplingParams
-
-        return GenerationRequest(
-            prompt_ids=prompt_ids, references=references, max_new_tokens=max_new_tokens,
-            sampling=SamplingParams(temperature=request.temperature, top_p=request.top_p),
-            stop=list(request.stop if stop is None else stop), seed=request.seed,
-            speculate=request.speculation.enabled, max_draft_tokens=request.speculation.max_draft_tokens,
-        )
-
-    def reference_ids(self, source: Source) -> list[int]:
-        if source.token_ids is None:
-            source.token_ids = self.tokenizer.encode(source.text, add_special_tokens=False)
-        return source.token_ids
-
-    @staticmethod
-    def check_question(request: AskRequest) -> None:
-        if not request.question or not request.question.strip():
-            raise QuestionError("the question is empty")
-        if request.max_tokens < 1:
-            raise QuestionError(f"max_tokens must be at least 1 (got {request.max_tokens})")
-
     # ---- one-shot --------------------------------------------------------------------------
     def generate(self, request: AskRequest, sources: list[Source], on_text: TextCallback | None = None,
                  retrieval_seconds: float = 0.0) -> AskResult:
         """Answer from the given sources: a prompt with numbered sources, their token ids as
         drafting references."""
         t0 = time.perf_counter()
-        self.check_question(request)
+        check_question(request)
         prompt_ids, used = one_shot_prompt(self.tokenizer, request.question, sources, self.context_tokens,
                                            request.max_tokens)
-        req = self.engine_request(request, prompt_ids, [self.reference_ids(s) for s in used], request.max_tokens)
+        req = self.requests.engine_request(request, prompt_ids, [self.requests.reference_ids(s) for s in used],
+                                           request.max_tokens)
         callback = (lambda _s, _ids, delta: delta and on_text(delta)) if on_text else None
         result = self.engine.generate_one(req, callback)
-        st = result.stats
-        stats = engine_stats(st)
-        stats["retrievals"] = {"real": 1 if sources else 0, "speculated": 0, "verified": 0, "mismatched": 0,
-                               "batches": 1 if sources else 0}
-        stats["seconds"] = {"retrieval": round(retrieval_seconds, 4), "prefill": round(st.prefill_seconds, 4),
-                            "decode": round(st.decode_seconds, 4),
-                            "total": round(time.perf_counter() - t0 + retrieval_seconds, 4)}
+        n = 1 if sources else 0
+        stats = answer_stats(result.stats, {"real": n, "speculated": 0, "verified": 0, "mismatched": 0, "batches": n},
+                             retrieval_seconds, time.perf_counter() - t0 + retrieval_seconds)
         return AskResult(answer=result.text, token_ids=result.token_ids, sources=used,
                          finish_reason="length" if result.finish_reason == "length" else "stop",
                          prompt_tokens=len(prompt_ids), stats=stats)
 
-    def answer(self, request: AskRequest, on_text: TextCallback | None = None) -> AskResult:
-        """Retrieve, then generate; iterative retrieval (with RaLMSpec) when the request asks."""
-        self.check_question(request)
+    def iterative(self, request: AskRequest, options: IterativeOptions | None = None,
+                  retrieval: Any = None) -> IterativeAnswer:
+        """An iterative answer on this stage's engine (``options`` None: the request's mode;
+        ``retrieval`` None: this stage's)."""
+        return IterativeAnswer(self.engine, self.tokenizer, retrieval or self.retrieval, self.requests, request, options)
+
+    def answer(self, request: AskRequest, on_text: TextCallback | None = None,
+               cancelled: Callable[[], bool] | None = None) -> AskResult:
+        """Retrieve, then generate; iterative retrieval (with RaLMSpec) when the request asks.
+        ``cancelled`` (iterative mode) is polled before every stride: True stops the answer."""
+        check_question(request)
         if self.retrieval is None:
             raise PipelineError("this generation stage has no retrieval stage to answer with")
         if request.retrieval.iterative:
-            from .iterative import IterativeAnswer
-
-            return IterativeAnswer(self, self.retrieval, request).run(on_text)
+            return self.iterative(request).run(on_text, cancelled)
         t0 = time.perf_counter()
         sources = self.retrieval.retrieve([request.question], request.retrieval.k, request.retrieval.retriever)[0]
         return self.generate(request, sources, on_text, retrieval_seconds=time.perf_counter() - t0)
-
-
-def engine_stats(st: Any) -> dict[str, Any]:
-    """The engine's numbers in the pipeline's stats dict (its seconds go under "seconds")."""
-    d = st.to_dict()
-    for key in ("prompt_tokens", "prefill_seconds", "decode_seconds"):
-        d.pop(key, None)
-    return d
 
 
 class RAGPipeline:
@@ -221,8 +188,9 @@ class RAGPipeline:
     def generate(self, request: AskRequest, sources: list[Source], on_text: TextCallback | None = None) -> AskResult:
         return self.generation.generate(request, sources, on_text)
 
-    def answer(self, request: AskRequest, on_text: TextCallback | None = None) -> AskResult:
-        return self.generation.answer(request, on_text)
+    def answer(self, request: AskRequest, on_text: TextCallback | None = None,
+               cancelled: Callable[[], bool] | None = None) -> AskResult:
+        return self.generation.answer(request, on_text, cancelled)
 
     def close(self) -> None:
         self.generation.close()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import heapq
+import itertools
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
@@ -219,16 +220,19 @@ def fill_context(runner: Any, ids: list[list[int]], slots: int, context: int, ex
             layer[1:slots, :, :context] = layer[0, :, :context]
 
 
-def time_forward(runner: Any, rows: list[Any], repeats: int) -> float:
-    """Median seconds of ``repeats`` forwards over ``rows``, after one warm-up of the shape.
-    Rows write past their slot's length only, so repeating them leaves the context intact."""
-    runner.forward(rows)
+def time_forward(runner: Any, rows: list[Any], repeats: int, warm_up: bool = True,
+                 summary: Callable[[list[float]], float] = statistics.median) -> float:
+    """Median (or ``summary``) seconds of ``repeats`` forwards over ``rows``, after one warm-up
+    of the shape. Rows write past their slot's length only, so repeating them leaves the
+    context intact."""
+    if warm_up:
+        runner.forward(rows)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         runner.forward(rows)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return summary(times)
 
 
 def rag_forward_ms(model: Any, invariant: bool, context: int = 700) -> dict[str, float]:
@@ -251,10 +255,15 @@ def rag_forward_ms(model: Any, invariant: bool, context: int = 700) -> dict[str,
 
 
 def measure(runner: Any, rows: tuple[int, ...] = CALIBRATION_ROWS, tokens: tuple[int, ...] = CALIBRATION_TOKENS,
-            context: int = CALIBRATION_CONTEXT, repeats: int = 2, max_total: int = 128) -> CostCurve:
+            context: int = CALIBRATION_CONTEXT, passes: int = 3, max_total: int = 128) -> CostCurve:
     """Time the forward over ``rows`` x ``tokens`` per row at a cached context of ``context``
-    tokens per row (median of ``repeats``), on the runner's own pool; shapes past ``max_total``
-    tokens are left to extrapolation (they are rarely chosen and the dearest to measure)."""
+    tokens per row, on the runner's own pool; shapes past ``max_total`` tokens are left to
+    extrapolation (they are rarely chosen and the dearest to measure).
+
+    Robust to a busy machine (the curve is cached and decides every draft length after): the
+    grid is timed in ``passes`` interleaved passes and each shape keeps its fastest time (load
+    only ever adds time), and a row count's times are made non-decreasing in tokens (feeding
+    more tokens never costs less; an inversion is noise)."""
     import torch
 
     from .forward import Row
@@ -265,20 +274,25 @@ def measure(runner: Any, rows: tuple[int, ...] = CALIBRATION_ROWS, tokens: tuple
     vocab = int(runner.model.config.get_text_config().vocab_size if hasattr(runner.model.config, "get_text_config")
                 else runner.model.config.vocab_size)
     ids = torch.randint(0, vocab, (max(rows), context + max(tokens)), generator=gen).tolist()
-    curve_tokens, curve_seconds = [], []
+    grid: list[list[int]] = []        # per row count, the tokens per row measured
+    for n_rows in rows:
+        ts: list[int] = []
+        for t in tokens:
+            if ts and n_rows * t > max_total:
+                break                    # beyond: extrapolated from the last two points
+            ts.append(t)
+        grid.append(ts)
+    best = [[float("inf")] * len(ts) for ts in grid]
     with torch.inference_mode():
         fill_context(runner, ids, max(rows), context, extra=max(tokens))
-        for n_rows in rows:
-            xs, ys = [], []
-            for t in tokens:
-                if xs and n_rows * t > max_total:
-                    break                # beyond: extrapolated from the last two points
-                xs.append(n_rows * t)
-                ys.append(time_forward(runner, [Row(r, context, ids[r][context:context + t], 0)
-                                                for r in range(n_rows)], repeats))
-            curve_tokens.append(xs)
-            curve_seconds.append(ys)
-    meta = {"context": context, "repeats": repeats, "seconds_to_measure": round(time.perf_counter() - t_start, 2),
+        for n in range(passes):
+            for i, (n_rows, ts) in enumerate(zip(rows, grid)):
+                for j, t in enumerate(ts):
+                    batch = [Row(r, context, ids[r][context:context + t], 0) for r in range(n_rows)]
+                    best[i][j] = min(best[i][j], time_forward(runner, batch, 1, warm_up=n == 0))
+    curve_tokens = [[n_rows * t for t in ts] for n_rows, ts in zip(rows, grid)]
+    curve_seconds = [list(itertools.accumulate(ys, max)) for ys in best]
+    meta = {"context": context, "passes": passes, "seconds_to_measure": round(time.perf_counter() - t_start, 2),
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     return CostCurve(list(rows), curve_tokens, curve_seconds, meta)
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import torch
 
-from .verify import SamplingParams, warp_probs
+from .verify import SamplingParams, draws, sample_at, warp_probs
 
 if TYPE_CHECKING:
     from .engine import SequenceState
@@ -31,12 +31,11 @@ if TYPE_CHECKING:
 class Draft:
     tokens: list[int]
     source: str                          # drafter name, for per-drafter stats
-    probs: torch.Tensor | None = None    # [len(tokens), V] draft distributions; None: one-hot
     match_len: int = 0                   # copy drafters: length of the suffix match it continues
 
     def trimmed(self, k: int) -> "Draft":
-        """The first ``k`` drafted tokens (and their probabilities)."""
-        return Draft(self.tokens[:k], self.source, None if self.probs is None else self.probs[:k], self.match_len)
+        """The first ``k`` drafted tokens."""
+        return Draft(self.tokens[:k], self.source, self.match_len)
 
 
 @dataclass
@@ -197,8 +196,8 @@ class NgramDrafter:
 
 class ModelDrafter:
     """A small causal LM sharing the target's tokenizer. Greedy drafts when the request is
-    greedy; otherwise samples from its warped distribution and returns those probabilities
-    (q in the rejection rule). Drafts for all rows of a step together: one batched forward of
+    greedy; otherwise draws each token from its warped distribution q at the uniform the target
+    will use at that position (``verify.keyed_uniforms``). Drafts for all rows of a step together: one batched forward of
     the draft model per drafted position, over its own KV pool (a sequence uses the slot it has
     in the target's pool), rolled back to the committed tokens by setting a length."""
 
@@ -230,7 +229,7 @@ class ModelDrafter:
         from .forward import Row
 
         drafts: list[Draft | None] = [None] * len(states)
-        # per drafting row: [index, state, k, feed, start, tokens, probs]
+        # per drafting row: [index, state, k, feed, start, tokens]
         active: list[list[Any]] = []
         for i, (state, limit) in enumerate(zip(states, limits)):
             st = state.drafter_state[self.name]
@@ -242,30 +241,28 @@ class ModelDrafter:
             while keep < bound and cached[keep] == state.tokens[keep]:
                 keep += 1
             del cached[keep:]
-            active.append([i, state, k, state.tokens[keep:], keep, [], []])
+            active.append([i, state, k, state.tokens[keep:], keep, []])
         while active:
             logits = self.runner.forward([Row(s.slot, start, feed, len(feed) - 1)
-                                          for _, s, _, feed, start, _, _ in active])
+                                          for _, s, _, feed, start, _ in active])
             greedy = logits.argmax(-1).tolist()
             still: list[list[Any]] = []
             for j, row in enumerate(active):
-                i, state, k, feed, start, tokens, probs = row
+                i, state, k, feed, start, tokens = row
                 st = state.drafter_state[self.name]
                 st["cached"].extend(feed)
                 params: SamplingParams = state.sampling
                 if params.greedy:
                     tok = greedy[j]
-                else:
-                    p = warp_probs(logits[j], params)
-                    tok = int(torch.multinomial(p, 1, generator=state.generator).item())
-                    probs.append(p)
+                else:   # the target's draw at this position, from q: drafts agree where the CDFs do
+                    tok = int(sample_at(warp_probs(logits[j:j + 1], params), draws(state, 1, len(tokens)))[0])
                 tokens.append(tok)
                 if len(tokens) < k:
                     row[3], row[4] = [tok], start + len(feed)
                     still.append(row)
                 else:
                     # the last drafted token was never fed: the cache covers state.tokens + tokens[:-1]
-                    drafts[i] = Draft(tokens, self.name, torch.stack(probs) if probs else None)
+                    drafts[i] = Draft(tokens, self.name)
             active = still
         return drafts
 

@@ -33,7 +33,7 @@ from .errors import GenerationInputError
 from .forward import SHORT_ROW, PooledModel, Row
 from .kv import SlotTable
 from .text import StopStringStreamer
-from .verify import SamplingParams, greedy_accept, speculative_verify, warp_probs
+from .verify import SamplingParams, draws, greedy_accept, sample_at, warp_probs
 
 DRAFTERS = ("reference", "prompt_lookup", "draft_model")
 
@@ -98,6 +98,10 @@ class GenerationRequest:
     pause_at: int | None = None             # initial SequenceState.pause_at (the prefill respects it)
     # draft and verify past a pause; the verified tokens there wait in SequenceState.ahead
     draft_past_pause: bool = False
+    # index in prompt_ids where the answer starts (None: after the prompt). Sampling keys its
+    # random draw for a token by its answer position, so sequences that carry the same answer
+    # (iterative strides, rolled back or re-prefilled) draw the same numbers at the same place
+    answer_start: int | None = None
 
 
 @dataclass
@@ -154,8 +158,10 @@ class GenerationStats:
         seconds = self.prefill_seconds + self.decode_seconds
         return self.generated_tokens / seconds if seconds > 0 else 0.0
 
-    def to_dict(self) -> dict[str, Any]:
-        """The numbers every caller reports (CLI --json, the pipeline's stats, HTTP metrics)."""
+    def to_dict(self, timings: bool = True) -> dict[str, Any]:
+        """The numbers every caller reports (CLI --json, the pipeline's stats, HTTP metrics).
+        ``timings`` False leaves out the prompt size and the prefill/decode seconds, which the
+        pipeline reports under its own "seconds"."""
         d = asdict(self)
         d["prefill_seconds"] = round(self.prefill_seconds, 4)
         d["decode_seconds"] = round(self.decode_seconds, 4)
@@ -166,7 +172,16 @@ class GenerationStats:
         d["mean_step_seconds"] = (round((self.prefill_seconds + self.decode_seconds) / self.target_forwards, 5)
                                   if self.target_forwards else 0.0)
         d["acceptance_rate"] = round(self.accepted_tokens / self.draft_tokens, 4) if self.draft_tokens else 0.0
+        if not timings:
+            for key in ("prompt_tokens", "prefill_seconds", "decode_seconds"):
+                del d[key]
         return d
+
+    def summary(self) -> str:
+        """One line for a terminal."""
+        return (f"{self.generated_tokens} tokens, {self.tokens_per_second:.1f} tok/s, {self.target_forwards} "
+                f"target forwards, {self.mean_accepted_per_forward:.2f} tokens/forward, accepted "
+                f"{self.accepted_tokens}/{self.draft_tokens} drafted")
 
     def merge(self, other: "GenerationStats") -> None:
         """Add another run's counts (the iterative pipeline runs several sequences per answer)."""
@@ -183,7 +198,8 @@ class SequenceState:
     tokens: list[int]                       # prompt + generated; tokens[-1] is pending
     n_prompt: int
     sampling: SamplingParams
-    generator: torch.Generator | None
+    seed: int | None                        # sampling: the key of the per-position draws (None: greedy)
+    answer_start: int                       # index in tokens of answer position 0 (the draws' keys)
     streamer: StopStringStreamer
     drafters: tuple[str, ...]               # engine drafters this sequence uses, in order
     max_draft: int
@@ -352,15 +368,17 @@ class SpeculativeEngine:
                 f"prompt of {len(request.prompt_ids)} tokens + {request.max_new_tokens} new tokens exceeds "
                 f"the model's context of {self.context_tokens} tokens"
             )
-        generator = None
+        if request.answer_start is not None and not 0 <= request.answer_start <= len(request.prompt_ids):
+            raise GenerationInputError(f"answer_start {request.answer_start} is outside the prompt")
+        seed = None
         if not request.sampling.greedy:
-            # one generator per request, on the model's device; torch's global RNG is never touched
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(request.seed if request.seed is not None else secrets.randbits(63))
+            # the request's key for its per-position draws; torch's global RNG is never touched
+            seed = request.seed if request.seed is not None else secrets.randbits(63)
         chain = self._chain(request)
         state = SequenceState(
             request=request, tokens=list(request.prompt_ids), n_prompt=len(request.prompt_ids),
-            sampling=request.sampling, generator=generator,
+            sampling=request.sampling, seed=seed,
+            answer_start=len(request.prompt_ids) if request.answer_start is None else request.answer_start,
             streamer=StopStringStreamer(self.tokenizer, request.stop), drafters=chain,
             max_draft=request.max_draft_tokens or self.config.max_draft_tokens,
             references=[list(r) for r in request.references], stats=GenerationStats(prompt_tokens=len(request.prompt_ids)),
@@ -600,17 +618,15 @@ class SpeculativeEngine:
                 out[id(plan.state)] = greedy_accept(plan.drafted, predicted[off:off + n])
         sampled = [s for s in spans if not s[0].state.sampling.greedy]
         if sampled:
-            picks = []
-            for plan, off, n in sampled:
-                state = plan.state
-                probs = warp_probs(logits[off:off + n], state.sampling)
-                draft_probs = plan.draft.probs if plan.draft is not None else None
-                if draft_probs is not None:
-                    draft_probs = draft_probs.to(probs.device)
-                picks.append(torch.stack([torch.as_tensor(v, device=probs.device) for v in
-                                          speculative_verify(plan.drafted, probs, draft_probs, state.generator)]))
-            for (plan, _, _), (k, nxt) in zip(sampled, torch.stack(picks).tolist()):
-                out[id(plan.state)] = (int(k), int(nxt))
+            # every sampled row's tokens at once: row i of a span samples the token at index
+            # len(tokens) + i, drawn at its answer position's keyed uniform
+            probs = torch.cat([warp_probs(logits[off:off + n], plan.state.sampling) for plan, off, n in sampled])
+            uniforms = [u for plan, _, n in sampled for u in draws(plan.state, n)]
+            tokens = sample_at(probs, uniforms).tolist()
+            at = 0
+            for plan, _, n in sampled:
+                out[id(plan.state)] = greedy_accept(plan.drafted, tokens[at:at + n])
+                at += n
         return out
 
     # ---- driving loops --------------------------------------------------------------------

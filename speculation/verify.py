@@ -1,14 +1,24 @@
 """Verification of drafted tokens: pure functions over logits.
 
 Greedy: the longest draft prefix equal to the target's argmax is accepted, then the target's own
-token follows. Sampling: the speculative-sampling rule of Leviathan et al. / Chen et al., which
-makes the output distributed exactly as the target's (warped) distribution p whatever the
-draft distribution q is. A draft copied from a document is deterministic: q is one-hot.
+token follows.
+
+Sampling is made deterministic per position, so that it verifies the same way: the token at
+answer position j is the inverse CDF of the target's (warped) distribution p_j at a uniform
+u_j that is a pure function of (seed, j) (:func:`keyed_uniforms`). Each u_j is uniform and the
+u_j are independent, so every token is distributed exactly as p_j given the tokens before it;
+and because u_j does not depend on how the answer was reached, speculation -- any drafts, any
+draft lengths, rollbacks, re-prefills -- gives the very tokens the plain loop gives for the same
+seed. A draft is accepted while it equals those sampled tokens. For a copied (one-hot) draft
+the acceptance probability is p(x), as in the speculative-sampling rule of Leviathan et al.; a
+draft model draws its own tokens at the same u_j from its q (inverse-CDF coupling), so drafts
+agree with the target wherever the two CDFs put u_j in the same token.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -69,46 +79,38 @@ def greedy_accept(draft: list[int], predicted: list[int]) -> tuple[int, int]:
     return n, predicted[n]
 
 
-def speculative_verify(
-    draft: list[int],
-    target_probs: torch.Tensor,
-    draft_probs: torch.Tensor | None,
-    generator: torch.Generator | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The speculative-sampling rule, without a host synchronisation.
+_MASK64 = (1 << 64) - 1
 
-    target_probs: [len(draft) + 1, V] warped target distributions p.
-    draft_probs:  [len(draft), V] warped draft distributions q, or None for a deterministic
-                  (copied) draft, i.e. q = one-hot at the drafted token.
-    Accept draft x_i with probability min(1, p(x_i) / q(x_i)); at the first rejection i sample
-    from normalise(max(0, p_i - q_i)); if all are accepted, sample a bonus token from p.
-    One uniform is drawn per draft position (those after the first rejection are unused, which
-    leaves the distribution unchanged) and the sampled index is chosen on the device, so the
-    caller syncs once per step for all rows.
-    Returns (number accepted, next token) as 0-d tensors on the probabilities' device.
-    """
-    device = target_probs.device
-    k = len(draft)
-    vocab = target_probs.shape[-1]
-    # q with a zero row after the drafts: the "residual" at position k is then p_k itself
-    q = torch.zeros(k + 1, vocab, device=device, dtype=target_probs.dtype)
-    if k:
-        x = torch.tensor(draft, device=device)
-        if draft_probs is None:
-            q[torch.arange(k, device=device), x] = 1.0
-        else:
-            q[:k] = draft_probs.to(q.dtype)
-        rows = torch.arange(k, device=device)
-        p_x, q_x = target_probs[rows, x], q[rows, x]
-        ratio = torch.where(q_x > 0, p_x / q_x.clamp_min(1e-30), (p_x > 0).to(p_x.dtype))
-        u = torch.rand(k, generator=generator, device=device)
-        n = (u < ratio.clamp(max=1.0)).to(torch.long).cumprod(0).sum()
-    else:
-        n = torch.zeros((), dtype=torch.long, device=device)
-    p_n = target_probs.index_select(0, n.view(1))[0]
-    residual = (p_n - q.index_select(0, n.view(1))[0]).clamp_min(0.0)
-    total = residual.sum()
-    # p == q exactly: a rejection has probability zero; sample from p rather than divide by 0
-    residual = torch.where(total > 0, residual, p_n)
-    nxt = torch.multinomial(residual / residual.sum(), 1, generator=generator)[0]
-    return n, nxt
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def keyed_uniforms(seed: int, positions: list[int]) -> list[float]:
+    """A uniform in [0, 1) for each answer position: a pure function of (seed, position)
+    (SplitMix64 of the pair, 53 bits), so a position draws the same number however often and
+    in whichever sequence it is generated."""
+    base = _splitmix64(seed & _MASK64)
+    return [(_splitmix64(base ^ (pos & _MASK64)) >> 11) * (1.0 / (1 << 53)) for pos in positions]
+
+
+def draws(state: Any, n: int, ahead: int = 0) -> list[float]:
+    """The keyed uniforms of a sampled sequence's next ``n`` tokens, ``ahead`` tokens past its
+    end (a draft model drafting): answer positions ``len(tokens) + ahead - answer_start`` on."""
+    first = len(state.tokens) + ahead - state.answer_start
+    return keyed_uniforms(state.seed or 0, list(range(first, first + n)))
+
+
+def sample_at(probs: torch.Tensor, uniforms: list[float]) -> torch.Tensor:
+    """Inverse-CDF sampling: row i's token is the first whose cumulative probability exceeds
+    ``uniforms[i]`` (scaled by the row's total). A zero-probability token is never chosen.
+    probs: [n, V]; returns [n] token ids on the probabilities' device (no host sync)."""
+    cdf = probs.double().cumsum(-1)    # float64: a uniform of 53 bits is never rounded to 1
+    total = cdf[:, -1]
+    x = torch.tensor(uniforms, dtype=cdf.dtype, device=cdf.device) * total
+    # strictly below the total, so the first cdf value above x exists and has a positive step
+    x = torch.minimum(x, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, x.unsqueeze(-1), right=True).squeeze(-1)

@@ -26,16 +26,15 @@ def _ask(*args):
 def test_speculative_iterative_equals_baseline_with_real_models(small_indexes, index_kind, retriever):
     from pipeline.api import AskRequest, RetrievalOptions
     from pipeline.config import PipelineConfig
-    from pipeline.iterative import IterativeAnswer, IterativeOptions
+    from pipeline.iterative import IterativeOptions
     from pipeline.rag import RAGPipeline
 
     pipe = RAGPipeline(PipelineConfig(index_dir=str(small_indexes[index_kind])))
     for q in QUESTIONS:
         req = AskRequest(q, max_tokens=24, retrieval=RetrievalOptions(k=1, retriever=retriever, iterative=True))
-        base = IterativeAnswer(pipe.generation, pipe.retrieval, req,
-                               IterativeOptions(speculative_retrieval=False, kv_reuse=False,
-                                                token_speculation=False)).run()
-        spec = IterativeAnswer(pipe.generation, pipe.retrieval, req, IterativeOptions()).run()
+        base = pipe.generation.iterative(req, IterativeOptions(speculative_retrieval=False, kv_reuse=False,
+                                                                token_speculation=False)).run()
+        spec = pipe.generation.iterative(req, IterativeOptions()).run()
         assert spec.token_ids == base.token_ids, (q, base.answer, spec.answer)
         assert spec.stats["retrievals"]["speculated"] > 0
         assert spec.stats["prefills"] <= base.stats["prefills"]

@@ -1,5 +1,7 @@
-"""Iterative retrieval: speculative (RaLMSpec) output == baseline output, token for token, for
-flat, HNSW and BM25; rollbacks forced by a cache seeded with wrong chunks."""
+"""Iterative retrieval: every mode's output (baseline, KV reuse, RaLMSpec with and without token
+speculation) == an independent In-Context RALM loop on Hugging Face ``generate``
+(``ralm_oracle``), token for token, for flat, HNSW and BM25; rollbacks forced by a cache
+seeded with wrong chunks."""
 
 from __future__ import annotations
 
@@ -7,24 +9,17 @@ import pytest
 
 from pipeline.api import AskRequest, RetrievalOptions
 from pipeline.config import PipelineConfig
-from pipeline.iterative import IterativeAnswer, IterativeOptions
+from pipeline.iterative import IterativeOptions
 from pipeline.rag import GenerationStage, RetrievalStage
+from questions import ITERATIVE_QUESTIONS as QUESTIONS
+from ralm_oracle import logit_gap_at, ralm_oracle
 
-QUESTIONS = [
-    "How do I pretty-print JSON with indentation?", "What does textwrap.dedent remove?",
-    "How do I merge several sorted inputs?", "What is a heap queue?", "How does functools.partial work?",
-    "What does lru_cache do?", "How do I chain iterables together?", "How can I group consecutive items?",
-    "What does bisect_left return?", "How do I insert into a sorted list?", "How do I parse a JSON string?",
-    "What does json.dumps sort_keys do?", "How do I wrap long text to a width?", "What does reduce do?",
-    "How do I get the n largest elements?", "How does itertools.product work?", "What is total_ordering?",
-    "How do I shorten text with a placeholder?", "What does cycle do?", "How do I decode JSON to objects?",
-    "What is singledispatch?",
-]
 BASELINE = IterativeOptions(speculative_retrieval=False, kv_reuse=False, token_speculation=False)
+# mode -> (options, what the request sets)
 MODES = {
-    "kv_reuse": IterativeOptions(speculative_retrieval=False, kv_reuse=True, token_speculation=False),
-    "speculative": IterativeOptions(),
-    "speculative_sync_s3": IterativeOptions(async_verification=False, speculation_stride=3),
+    "kv_reuse": (IterativeOptions(speculative_retrieval=False, kv_reuse=True, token_speculation=False), {}),
+    "speculative": (IterativeOptions(), {}),
+    "speculative_sync_s3": (IterativeOptions(), {"async_verification": False, "speculation_stride": 3}),
 }
 
 
@@ -33,10 +28,21 @@ def _stages(index_dir, models):
     return retrieval, GenerationStage(PipelineConfig(index_dir=str(index_dir)), retrieval=retrieval, models=models)
 
 
-def _answer(gen, retrieval, question, retriever, options, max_tokens=16):
+def _answer(gen, retrieval, question, retriever, options, max_tokens=16, **params):
     req = AskRequest(question, max_tokens=max_tokens,
-                     retrieval=RetrievalOptions(k=1, retriever=retriever, iterative=True, stride=4, query_tokens=32))
-    return IterativeAnswer(gen, retrieval, req, options).run()
+                     retrieval=RetrievalOptions(k=1, retriever=retriever, iterative=True, stride=4, query_tokens=32,
+                                                **params))
+    return gen.iterative(req, options, retrieval=retrieval).run()
+
+
+def _same(oracle, got, what, models, retrieval, question, retriever):
+    """Token-for-token equality with the oracle; a difference reports the oracle's logit gap there."""
+    if got == oracle:
+        return
+    at = next(i for i, (a, b) in enumerate(zip(oracle + [-1], got + [-2])) if a != b)
+    gap = logit_gap_at(models.target, models.tokenizer, retrieval, question, oracle, at, retriever=retriever)
+    pytest.fail(f"{what}: first difference from the In-Context RALM oracle at token {at} "
+                f"(oracle's top-2 logit gap there {gap:.3g})")
 
 
 @pytest.mark.parametrize("index_kind, retriever", [("flat", "dense"), ("hnsw", "dense"), ("flat", "bm25")])
@@ -45,14 +51,16 @@ def test_speculative_iterative_equals_baseline(small_indexes, tiny_models, index
     totals = {name: {"speculated": 0, "mismatched": 0} for name in MODES}
     names = list(MODES)
     for n, question in enumerate(QUESTIONS):
+        oracle = ralm_oracle(tiny_models.target, tiny_models.tokenizer, retrieval, question, retriever=retriever)
         base = _answer(gen, retrieval, question, retriever, BASELINE)
         assert base.stats["retrievals"]["speculated"] == 0
+        _same(oracle, base.token_ids, f"{index_kind}/{retriever}/baseline question {n}", tiny_models, retrieval,
+              question, retriever)
         for name in (names[n % len(names)],):          # each mode on a third of the questions
-            opts = MODES[name]
-            res = _answer(gen, retrieval, question, retriever, opts)
-            assert res.token_ids == base.token_ids, (
-                f"{index_kind}/{retriever}/{name} question {n}: first difference at token "
-                f"{next(i for i, (a, b) in enumerate(zip(base.token_ids + [-1], res.token_ids + [-2])) if a != b)}")
+            opts, params = MODES[name]
+            res = _answer(gen, retrieval, question, retriever, opts, **params)
+            _same(oracle, res.token_ids, f"{index_kind}/{retriever}/{name} question {n}", tiny_models, retrieval,
+                  question, retriever)
             for key in totals[name]:
                 totals[name][key] += res.stats["retrievals"][key]
             if name == "kv_reuse":
@@ -71,9 +79,9 @@ def test_rollback_with_a_cache_seeded_with_wrong_chunks(small_indexes, tiny_mode
         truth_ids = {s.id for s in base.sources}
         wrong = [s for s in wrong_pool if s.id not in truth_ids]
         assert wrong
-        opts = IterativeOptions(seed_cache=wrong, seed_with_first_retrieval=False, prefetch=1,
-                                speculation_stride=2, async_verification=True)
-        res = _answer(gen, retrieval, question, "dense", opts, max_tokens=20)
+        opts = IterativeOptions(seed_cache=wrong, seed_with_first_retrieval=False)
+        res = _answer(gen, retrieval, question, "dense", opts, max_tokens=20, prefetch=1, speculation_stride=2,
+                      async_verification=True)
         assert res.token_ids == base.token_ids
         mismatches += res.stats["retrievals"]["mismatched"]
     assert mismatches >= 2, "the forced-mismatch runs never rolled back"
@@ -94,13 +102,13 @@ def test_query_embedded_once_and_cached_chunks_drafted_from(small_indexes, tiny_
 
     monkeypatch.setattr(embedder, "encode", counting_encode)
     prefills: list[tuple[list[int], list[list[int]]]] = []
-    engine_request = gen.engine_request
+    engine_request = gen.requests.engine_request
 
     def spy(request, prompt_ids, references, *args, **kwargs):
         prefills.append((prompt_ids, references))
         return engine_request(request, prompt_ids, references, *args, **kwargs)
 
-    monkeypatch.setattr(gen, "engine_request", spy)
+    monkeypatch.setattr(gen.requests, "engine_request", spy)
     question = QUESTIONS[0]
     base = _answer(gen, retrieval, question, "dense", BASELINE, max_tokens=24)
     assert sum(encoded) == base.stats["retrievals"]["real"]        # the baseline: one per stride
@@ -108,7 +116,7 @@ def test_query_embedded_once_and_cached_chunks_drafted_from(small_indexes, tiny_
     encoded.clear()
     prefills.clear()
     res = _answer(gen, retrieval, question, "dense",
-                  IterativeOptions(async_verification=False, speculation_stride=2), max_tokens=24)
+                  IterativeOptions(), max_tokens=24, async_verification=False, speculation_stride=2)
     assert res.token_ids == base.token_ids
     r = res.stats["retrievals"]
     assert r["speculated"] >= 2 and r["verified"] >= 1
@@ -159,11 +167,12 @@ def test_kv_reuse_resumes_an_earlier_chunks_sequence(small_indexes, tiny_models)
     resumed = 0
     for question in QUESTIONS[:6]:
         base = _answer(gen, scripted, question, "dense", BASELINE, max_tokens=40)
-        for opts in (MODES["kv_reuse"], MODES["speculative"]):
-            res = _answer(gen, scripted, question, "dense", opts, max_tokens=40)
+        for name in ("kv_reuse", "speculative"):
+            opts, params = MODES[name]
+            res = _answer(gen, scripted, question, "dense", opts, max_tokens=40, **params)
             assert res.token_ids == base.token_ids, question
             seqs = res.stats["chunk_sequences"]
-            if opts is MODES["kv_reuse"]:
+            if name == "kv_reuse":
                 assert res.stats["prefills"] == seqs["new"] <= 3
                 assert seqs["new"] + seqs["continued"] + seqs["resumed"] == base.stats["prefills"]
             resumed += seqs["resumed"]

@@ -107,7 +107,7 @@ def test_measured_curve_is_cached_per_machine(tmp_path, monkeypatch):
     calls = []
     real = cost.measure
     monkeypatch.setattr(cost, "measure", lambda runner, **kw: calls.append(1) or real(runner, rows=(1, 2),
-                                                                                         tokens=(1, 4), repeats=1))
+                                                                                         tokens=(1, 4), passes=1))
     first = _engine()
     second = _engine()
     assert len(calls) == 1

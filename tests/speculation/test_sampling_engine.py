@@ -1,6 +1,8 @@
 """Seeded sampling through the whole engine, one request at a time and many in one batch: with
-speculation, tokens are distributed exactly as without it. The first token comes from the prefill, so the check is on tokens 2 and 3 -- the
-ones produced by draft + verify -- against their exact distribution computed from the target."""
+speculation, a seed gives the very tokens it gives without speculation, and tokens are
+distributed exactly as the target's distribution says. The first token comes from the prefill,
+so the distribution check is on tokens 2 and 3 -- the ones produced by draft + verify --
+against their exact distribution computed from the target."""
 
 import itertools
 
@@ -93,35 +95,39 @@ def test_speculative_sampling_matches_target_distribution(setup, name, batched):
     assert _pvalue(counts, joint) > 1e-3
 
 
-def test_seeded_sampling_is_reproducible(setup):
-    """A seed fixes the tokens for a given sequence of draft lengths: always without
-    speculation, and with the fixed policy (its lengths depend on the request alone). The cost
-    model sizes drafts from acceptance measured across requests, so there a seed is best effort
-    (as OpenAI's is); the distribution is exact either way."""
+@pytest.mark.parametrize("batched", [False, True], ids=["alone", "batched"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_a_seed_gives_the_same_tokens_with_and_without_speculation(setup, name, batched):
+    """The draws are keyed by position, so speculation (any drafts, any draft lengths, the cost
+    model's included) cannot change a seeded answer."""
     target, draft, _ = setup
-    req = GenerationRequest(PROMPT, [], max_new_tokens=20, sampling=PARAMS, seed=7)
-    engine = SpeculativeEngine(target, TinyTokenizer(VOCAB), draft,
-                               EngineConfig(drafters=("draft_model",), draft_policy="fixed"))
-    assert engine.generate_one(req).token_ids == engine.generate_one(req).token_ids
-    plain = GenerationRequest(PROMPT, [], max_new_tokens=20, sampling=PARAMS, seed=7, speculate=False)
-    engine = SpeculativeEngine(target, TinyTokenizer(VOCAB), draft, EngineConfig(drafters=("draft_model",)))
-    assert engine.generate_one(plain).token_ids == engine.generate_one(plain).token_ids
+    drafters, refs = CONFIGS[name]
+    engine = SpeculativeEngine(target, TinyTokenizer(VOCAB), draft, EngineConfig(drafters=drafters))
+    seeds = range(40)
+    plain = [engine.generate_one(GenerationRequest(PROMPT, refs, max_new_tokens=24, sampling=PARAMS, seed=s,
+                                                   speculate=False)).token_ids for s in seeds]
+    spec_requests = [GenerationRequest(PROMPT, refs, max_new_tokens=24, sampling=PARAMS, seed=s) for s in seeds]
+    if batched:
+        loop = EngineLoop(engine)
+        spec = [h.result().token_ids for h in [loop.submit(r) for r in spec_requests]]
+        loop.close()
+    else:
+        spec = [engine.generate_one(r).token_ids for r in spec_requests]
+    assert spec == plain
+    assert len({tuple(t) for t in plain}) > 20            # the seeds do give different answers
+    stats = engine.generate_one(spec_requests[0]).stats
+    assert stats.draft_tokens > 0, "nothing was drafted: the test proves nothing"
 
 
-def test_chi_square_rejects_a_wrong_residual(setup, monkeypatch):
-    """Test of the test: resampling from p instead of max(0, p - q) on rejection must fail it."""
+def test_chi_square_rejects_draws_that_ignore_the_position(setup, monkeypatch):
+    """Test of the test: one uniform for every position of a request (the draws repeat) must
+    fail the joint distribution check."""
     target, draft, joint = setup
+    same = engine_mod.draws
 
-    def wrong(draft_tokens, target_probs, draft_probs, generator):
-        for i, x in enumerate(draft_tokens):
-            p = target_probs[i]
-            q = draft_probs[i] if draft_probs is not None else torch.nn.functional.one_hot(torch.tensor(x), VOCAB).float()
-            if float(torch.rand((), generator=generator)) < min(1.0, float(p[x] / q[x])):
-                continue
-            return i, int(torch.multinomial(p, 1, generator=generator))   # the bug
-        return len(draft_tokens), int(torch.multinomial(target_probs[len(draft_tokens)], 1, generator=generator))
+    def repeated(state, n, ahead=0):
+        return same(state, 1)[:1] * n
 
-    monkeypatch.setattr(engine_mod, "speculative_verify", wrong)
+    monkeypatch.setattr(engine_mod, "draws", repeated)
     engine = SpeculativeEngine(target, TinyTokenizer(VOCAB), draft, EngineConfig(drafters=("draft_model",)))
     assert _pvalue(_sampled_joint(engine, []), joint) < 1e-3
-    assert _pvalue(_sampled_joint(engine, [], batched=True), joint) < 1e-3

@@ -3,7 +3,7 @@
 import torch
 from scipy.stats import chisquare
 
-from speculation.verify import SamplingParams, greedy_verify, speculative_verify, warp_probs
+from speculation.verify import SamplingParams, greedy_verify, keyed_uniforms, sample_at, warp_probs
 
 
 def one_hot_logits(tokens, vocab=6):
@@ -39,46 +39,36 @@ def test_warp_temperature_topk_topp():
 
 
 P = torch.tensor([[0.5, 0.2, 0.2, 0.1], [0.1, 0.6, 0.2, 0.1]])   # target, 2 positions
-Q = torch.tensor([[0.1, 0.1, 0.7, 0.1]])                         # draft far from target
 
 
-def _first_token_counts(verify, draft, draft_probs, n=20000, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    counts = torch.zeros(4)
-    for _ in range(n):
-        # the drafted token itself is sampled from q (or fixed, for a copied draft)
-        x = draft if draft is not None else int(torch.multinomial(draft_probs[0], 1, generator=gen))
-        n_acc, nxt = verify([x], P, None if draft is not None else draft_probs, gen)
-        counts[x if n_acc == 1 else nxt] += 1
-    return counts
+def test_keyed_uniforms_are_a_function_of_seed_and_position():
+    a = keyed_uniforms(7, list(range(1000)))
+    assert a == keyed_uniforms(7, list(range(1000)))                   # same key, same numbers
+    assert keyed_uniforms(7, [500, 3]) == [a[500], a[3]]               # whatever the order asked
+    assert a != keyed_uniforms(8, list(range(1000)))
+    assert all(0.0 <= u < 1.0 for u in a) and len(set(a)) == len(a)
+    counts = torch.histc(torch.tensor(keyed_uniforms(1, list(range(20000)))), bins=20, min=0, max=1)
+    assert chisquare(counts.numpy()).pvalue > 1e-3                      # uniform
 
 
-def _wrong_residual_verify(draft, target_probs, draft_probs, generator):
-    """The classic bug: on rejection, resample from p instead of max(0, p - q)."""
-    x = draft[0]
-    q = draft_probs[0] if draft_probs is not None else torch.nn.functional.one_hot(torch.tensor(x), 4).float()
-    if float(torch.rand((), generator=generator)) < min(1.0, float(target_probs[0, x] / q[x])):
-        return 1, 0
-    return 0, int(torch.multinomial(target_probs[0], 1, generator=generator))
-
-
-def test_speculative_sampling_output_distributed_as_target():
+def test_sampling_at_keyed_uniforms_is_distributed_as_p():
     n = 20000
-    for draft, q in ((None, Q), (2, None)):          # sampled draft model; copied (one-hot) draft
-        counts = _first_token_counts(speculative_verify, draft, q, n)
-        assert chisquare(counts.numpy(), (P[0] * n).numpy()).pvalue > 1e-3
+    for row in P:
+        tokens = sample_at(row.expand(n, -1), keyed_uniforms(3, list(range(n))))
+        counts = torch.bincount(tokens, minlength=4).float()
+        assert chisquare(counts.numpy(), (row * n).numpy()).pvalue > 1e-3
 
 
-def test_chi_square_detects_wrong_residual():
-    """Test of the test: the same check must reject the wrong residual."""
+def test_chi_square_detects_a_biased_sampler():
+    """Test of the test: inverse CDF at u ** 2 (biased towards the first tokens) must fail it."""
     n = 20000
-    for draft, q in ((None, Q), (2, None)):
-        counts = _first_token_counts(_wrong_residual_verify, draft, q, n)
-        assert chisquare(counts.numpy(), (P[0] * n).numpy()).pvalue < 1e-6
+    u = [x * x for x in keyed_uniforms(3, list(range(n)))]
+    counts = torch.bincount(sample_at(P[0].expand(n, -1), u), minlength=4).float()
+    assert chisquare(counts.numpy(), (P[0] * n).numpy()).pvalue < 1e-6
 
 
-def test_bonus_token_sampled_from_last_position_when_all_accepted():
-    target = torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
-    gen = torch.Generator().manual_seed(1)
-    n_acc, nxt = speculative_verify([2], target, None, gen)
-    assert (int(n_acc), int(nxt)) == (1, 3)
+def test_zero_probability_tokens_are_never_sampled():
+    probs = torch.tensor([[0.0, 0.3, 0.0, 0.7, 0.0, 0.0]]).expand(4, -1)
+    tokens = sample_at(probs, [0.0, 0.2, 0.9999999999999999, 1.0 - 2 ** -53]).tolist()
+    assert tokens == [1, 1, 3, 3]
+    assert sample_at(torch.tensor([[0.0, 1.0, 0.0]]), [0.99999])[0] == 1
