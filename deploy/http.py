@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.api import AskRequest, AskResult, Source
@@ -139,8 +139,8 @@ def create_api(backend: Backend, settings: HttpSettings, metrics: ServiceMetrics
         return JSONResponse({"status": "ok", "model": settings.model_name, **info})
 
     @app.get("/metrics")
-    async def prometheus_metrics() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:

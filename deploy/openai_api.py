@@ -1,8 +1,12 @@
 """OpenAI-compatible HTTP schemas and the translation to and from the pipeline's types.
 
-Only the fields specrag honours are modelled; unknown fields are accepted and ignored (plain
-OpenAI clients send things like ``user`` or ``logprobs: false``), except where ignoring them
-would silently change the answer (``n`` > 1, ``tools``), which is a 400.
+Only the request fields specrag honours are modelled; unknown fields are accepted and ignored
+(plain OpenAI clients send things like ``user`` or ``logprobs: false``), except where ignoring
+them would silently change the answer (``n`` > 1, ``tools``), which is a 400.
+
+Responses and stream chunks are built from the ``openai`` package's own types, so a field that
+drifts from what OpenAI clients parse fails where the body is made; they allow extra fields, which
+carry ours (``sources``, ``metrics``).
 """
 
 from __future__ import annotations
@@ -12,6 +16,11 @@ import uuid
 from dataclasses import asdict, is_dataclass, replace
 from typing import Any, Literal
 
+from openai.types import CompletionUsage
+from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
+from openai.types.chat.chat_completion import Choice
+from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
+from openai.types.chat.chat_completion_chunk import ChoiceDelta
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.api import AskRequest, AskResult, RetrievalOptions, SpeculationOptions, Source
@@ -159,12 +168,12 @@ def response_metrics(result: AskResult, extra_seconds: dict[str, float] | None =
     return {"speculation": _jsonable(stats), "retrieval": _jsonable(retrieval), "seconds": _jsonable(seconds)}
 
 
-def usage(result: AskResult) -> dict[str, int]:
-    return {
-        "prompt_tokens": int(result.prompt_tokens),
-        "completion_tokens": int(result.completion_tokens),
-        "total_tokens": int(result.prompt_tokens + result.completion_tokens),
-    }
+def usage(result: AskResult) -> CompletionUsage:
+    return CompletionUsage(
+        prompt_tokens=int(result.prompt_tokens),
+        completion_tokens=int(result.completion_tokens),
+        total_tokens=int(result.prompt_tokens + result.completion_tokens),
+    )
 
 
 def new_completion_id() -> str:
@@ -174,32 +183,24 @@ def new_completion_id() -> str:
 def completion_body(result: AskResult, *, model: str, completion_id: str, created: int | None = None,
                     extra_seconds: dict[str, float] | None = None,
                     extra_retrieval: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": created or int(time.time()),
-        "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": result.answer},
-            "finish_reason": result.finish_reason,
-            "logprobs": None,
-        }],
-        "usage": usage(result),
-        "sources": public_sources(result.sources),
-        "metrics": response_metrics(result, extra_seconds, extra_retrieval),
-    }
+    """The non-streaming body; ``to_dict`` leaves out the optional fields not set here."""
+    return ChatCompletion(
+        id=completion_id,
+        object="chat.completion",
+        created=created or int(time.time()),
+        model=model,
+        choices=[Choice(index=0, message=ChatCompletionMessage(role="assistant", content=result.answer),
+                        finish_reason=result.finish_reason, logprobs=None)],
+        usage=usage(result),
+        sources=public_sources(result.sources),
+        metrics=response_metrics(result, extra_seconds, extra_retrieval),
+    ).to_dict()
 
 
 def chunk(*, model: str, completion_id: str, created: int, delta: dict[str, Any] | None = None,
           finish_reason: str | None = None, empty_choices: bool = False, **extra: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "id": completion_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [] if empty_choices else [{"index": 0, "delta": delta or {}, "finish_reason": finish_reason,
-                                             "logprobs": None}],
-    }
-    body.update(extra)
-    return body
+    """One SSE chunk; ``extra``: ``usage`` (a field of the type) and our own fields."""
+    choices = [] if empty_choices else [ChunkChoice(index=0, delta=ChoiceDelta(**(delta or {})),
+                                                    finish_reason=finish_reason, logprobs=None)]
+    return ChatCompletionChunk(id=completion_id, object="chat.completion.chunk", created=created, model=model,
+                               choices=choices, **extra).to_dict()
