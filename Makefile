@@ -34,10 +34,11 @@ demo-generate: $(STAMP)
 	  --max-tokens 96
 
 # OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning, which matters when
-# the test's Ray workers, models and embedder share 2 cores
+# the test's Ray workers, models and embedder share 2 cores; --durations: the 15 slowest tests
+# at the end of every run (CI's .ci/run runs this target)
 test: $(STAMP)
 	scripts/ensure_redis.sh
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q --durations=15
 
 clean-venv:
 	rm -rf $(VENV)

@@ -52,23 +52,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 RESULTS = ROOT / "benchmarks" / "results"
 
-QUESTIONS = [
-    "How do I pretty-print JSON with indentation?", "What does textwrap.dedent remove?",
-    "How do I merge several sorted inputs?", "What is a heap queue?", "How does functools.partial work?",
-    "What does lru_cache do?", "How do I chain iterables together?", "How can I group consecutive items?",
-    "What does bisect_left return?", "How do I insert into a sorted list?", "How do I parse a JSON string?",
-    "How do I run a subprocess and capture its output?", "How do I wrap long text to a width?",
-    "What does functools.reduce do?", "How do I get the n largest elements?", "How does itertools.product work?",
-    "How do I parse command-line arguments?", "How do I read a CSV file?", "How do I compute a SHA-256 hash?",
-    "How do I make a temporary directory?", "How do I match a regular expression at the start of a string?",
-    "How do I copy a directory tree?", "How do I get the current date and time?", "What is a named tuple?",
-    "How do I count hashable items?", "How do I create a thread pool?", "How do I serialize objects with pickle?",
-    "How do I compress data with gzip?", "How do I format a date as a string?", "How do I walk a directory?",
-    "How do I log messages to a file?", "What does a dataclass generate?", "How do I use a context manager?",
-    "How do I open a SQLite database?", "How do I measure the execution time of code?",
-    "How do I generate random numbers?", "How do I encode bytes in base64?", "What is an abstract base class?",
-    "How do I send an HTTP request?", "How do I compare two sequences for differences?",
-]
+from questions import RALMSPEC_QUESTIONS as QUESTIONS  # noqa: E402
 
 MODES = ["baseline", "kv_reuse", "spec_sync", "spec_async", "all"]
 MODE_LABELS = {
@@ -82,14 +66,15 @@ RETRIEVERS = {"flat": ("flat", "dense"), "hnsw": ("hnsw", "dense"), "bm25": ("fl
 
 
 def mode_options(name: str) -> Any:
+    """(IterativeOptions, whether the request verifies asynchronously) of a mode."""
     from pipeline.iterative import IterativeOptions
 
     return {
-        "baseline": IterativeOptions(speculative_retrieval=False, kv_reuse=False, token_speculation=False),
-        "kv_reuse": IterativeOptions(speculative_retrieval=False, kv_reuse=True, token_speculation=False),
-        "spec_sync": IterativeOptions(token_speculation=False, async_verification=False),
-        "spec_async": IterativeOptions(token_speculation=False),
-        "all": IterativeOptions(),
+        "baseline": (IterativeOptions(speculative_retrieval=False, kv_reuse=False, token_speculation=False), True),
+        "kv_reuse": (IterativeOptions(speculative_retrieval=False, kv_reuse=True, token_speculation=False), True),
+        "spec_sync": (IterativeOptions(token_speculation=False), False),
+        "spec_async": (IterativeOptions(token_speculation=False), True),
+        "all": (IterativeOptions(), True),
     }[name]
 
 
@@ -377,7 +362,6 @@ def run_benchmark(args: argparse.Namespace) -> None:
 
     from pipeline.api import AskRequest, RetrievalOptions
     from pipeline.config import PipelineConfig
-    from pipeline.iterative import IterativeAnswer
     from pipeline.rag import GenerationStage, RetrievalStage
     from speculation.models import ModelConfig, load_models
 
@@ -414,9 +398,11 @@ def run_benchmark(args: argparse.Namespace) -> None:
 
     def one(question: str, retriever: str, mode: str, max_tokens: int = args.max_tokens) -> Any:
         kind, metric = RETRIEVERS[retriever]
+        options, asynchronous = mode_options(mode)
         req = AskRequest(question, max_tokens=max_tokens,
-                         retrieval=RetrievalOptions(k=1, retriever=metric, iterative=True, stride=4, query_tokens=32))
-        return IterativeAnswer(gen, stages[kind], req, mode_options(mode)).run()
+                         retrieval=RetrievalOptions(k=1, retriever=metric, iterative=True, stride=4, query_tokens=32,
+                                                    async_verification=asynchronous))
+        return gen.iterative(req, options, retrieval=stages[kind]).run()
 
     # warm-up (model, embedder, BM25 load, first-call allocations), not recorded
     for retriever in retrievers:

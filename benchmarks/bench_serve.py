@@ -38,20 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-QUESTIONS = [
-    "What does functools.lru_cache do?",
-    "How do I serialize a Python object to a JSON string?",
-    "What is functools.partial used for?",
-    "How can json.loads parse floats as Decimal?",
-    "What does functools.wraps do?",
-    "How do I pretty-print JSON with indentation?",
-    "What is functools.reduce?",
-    "What does json.dump write to?",
-    "What is functools.cached_property?",
-    "How do I make json.dumps sort keys?",
-    "What does functools.total_ordering do?",
-    "What is json.JSONDecodeError?",
-]
+from questions import SERVE_QUESTIONS as QUESTIONS  # noqa: E402
 
 
 def pct(xs: list[float], q: float) -> float:

@@ -4,12 +4,16 @@ import os
 import sys
 from pathlib import Path
 
+# The one place the tests go offline: set here for the test process, inherited from it by every
+# process a test starts (deploy_helpers.subprocess_env starts from os.environ).
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# test helpers (tiny models) importable as plain modules
+# test helpers (tiny models) and the question lists shared with the benchmarks
+# (benchmarks/questions.py) importable as plain modules
 sys.path.insert(0, str(Path(__file__).parent / "speculation"))
+sys.path.append(str(Path(__file__).parents[1] / "benchmarks"))   # last: shadows nothing
 
 
 import pytest  # noqa: E402

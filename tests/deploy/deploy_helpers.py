@@ -16,18 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from questions import SERVE_QUESTIONS
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 REDIS_URL = os.environ.get("SPECRAG_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PYDOCS = "python-docs:functools,json"
 
-QUESTIONS = [
-    "What does functools.lru_cache do?",
-    "How do I serialize a Python object to a JSON string?",
-    "What is functools.partial used for?",
-    "How can json.loads parse floats as Decimal?",
-]
+QUESTIONS = SERVE_QUESTIONS[:4]   # the ones PYDOCS answers (the serving benchmarks ask them all)
 
 
 def pipeline_missing() -> str | None:
@@ -62,9 +58,10 @@ def free_port() -> int:
 
 
 def subprocess_env() -> dict[str, str]:
+    """The test process's environment (offline: tests/conftest.py), no Ray usage reports,
+    unbuffered output (tests read it as it comes), and a local Ray of its own."""
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -131,6 +128,19 @@ def wait_http_ok(url: str, timeout: float, proc: subprocess.Popen | None = None)
             pass
         time.sleep(1.0)
     raise AssertionError(f"{url} not ready within {timeout:.0f}s")
+
+
+BANNER_END = "from openai import OpenAI"   # in the last example `specrag serve` prints
+
+
+def wait_banner(log: Path, timeout_s: float = 15.0) -> str:
+    """The output of a `specrag serve` writing to ``log`` once its banner (the ready-to-paste
+    examples, printed right after /health turns green) is there; fails if it does not come."""
+    def banner() -> str:
+        text = log.read_text()
+        return text if BANNER_END in text else ""
+
+    return wait_for(banner, timeout_s, f"the banner of `specrag serve` in {log}")
 
 
 def chat(url: str, question: str, *, api_key: str | None = None, **extra) -> Any:

@@ -5,7 +5,6 @@ exactly once and no torn line, malformed input lines reported by line number."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -92,9 +91,11 @@ def test_batch_killed_and_resumed_answers_every_id_once(index, tmp_path):
                           capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-4000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])["summary"]
-    assert summary["already_done"] == len(first)
-    assert summary["answered"] == N - len(first)
-    assert summary["failed"] == 0 and summary["malformed"] == 2
+    # (seen failing once in a full CI run, never alone: the message carries what to look at)
+    why = f"seed {seed}, {len(first)} answers before the resume; summary {summary}; stderr: {done.stderr[-3000:]}"
+    assert summary["already_done"] == len(first), why
+    assert summary["answered"] == N - len(first), why
+    assert summary["failed"] == 0 and summary["malformed"] == 2, why
     assert "questions.jsonl:6: skipped malformed line" in done.stderr
     assert "questions.jsonl:12: skipped malformed line" in done.stderr
     assert "tokens/s" in done.stderr and "mean accepted tokens per forward" in done.stderr
@@ -108,12 +109,13 @@ def test_batch_killed_and_resumed_answers_every_id_once(index, tmp_path):
         assert r["answer"].strip() and r["sources"]
     # the resumed run's one actor had its questions in flight together: they shared forwards
     resumed = [r for r in rows if r["id"] not in {f["id"] for f in first}]
-    assert max(r["metrics"]["speculation"]["mean_rows_per_step"] for r in resumed) > 1.5
+    assert max(r["metrics"]["speculation"]["mean_rows_per_step"] for r in resumed) > 1.5, (
+        why, [r["metrics"]["speculation"]["mean_rows_per_step"] for r in resumed])
 
-    # 3) a third run has nothing to do
+    # 3) a third run has nothing to do: it leaves the answers file byte for byte as it was
+    answers = out.read_bytes()
     again = subprocess.run(_batch_cmd(qfile, out, index), cwd=REPO, env=subprocess_env(),
                            capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0
+    assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout.strip().splitlines()[-1])["summary"]["already_done"] == N
-    assert len(read_jsonl(out)) == N
-    assert os.path.getsize(out) == len(out.read_bytes())
+    assert out.read_bytes() == answers, "the third run rewrote the answers file"

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 
 import httpx
 import pytest
 import yaml
 
 from deploy_helpers import (BIN, QUESTIONS, REDIS_URL, REPO, chat, free_port, requires_pipeline,
-                            sigint_as_in_a_terminal, stop_process_group, subprocess_env, wait_http_ok)
+                            sigint_as_in_a_terminal, stop_process_group, subprocess_env, wait_banner,
+                            wait_http_ok)
 
 pytestmark = [requires_pipeline, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -62,12 +62,7 @@ def test_specrag_serve_prints_examples_and_stops_on_ctrl_c(index, tmp_path):
         preexec_fn=sigint_as_in_a_terminal)
     try:
         wait_http_ok(f"http://127.0.0.1:{port}/health", timeout=240, proc=proc)
-        # the banner comes right after health turns green
-        for _ in range(30):
-            text = (tmp_path / "out.log").read_text()
-            if "openai import OpenAI" in text:
-                break
-            time.sleep(0.5)
+        text = wait_banner(tmp_path / "out.log")
         # the examples use the Ingress replica's own port (direct ingress); the proxy serves too
         assert f"curl http://127.0.0.1:{port}/v1/chat/completions" in text
         assert f"http://127.0.0.1:{proxy_port} (Serve's proxy" in text
@@ -99,11 +94,7 @@ def test_specrag_serve_proxy_only_stops_on_sigterm(index, tmp_path):
         preexec_fn=sigint_as_in_a_terminal)
     try:
         wait_http_ok(f"http://127.0.0.1:{port}/health", timeout=240, proc=proc)
-        for _ in range(30):
-            text = (tmp_path / "out.log").read_text()
-            if "openai import OpenAI" in text:
-                break
-            time.sleep(0.5)
+        text = wait_banner(tmp_path / "out.log")
         assert f"curl http://127.0.0.1:{port}/v1/chat/completions" in text
         assert "(Ingress replica, direct)" not in text
     finally:

@@ -124,17 +124,28 @@ def test_streaming_error_before_first_token_has_status(client):
     assert r.status_code == 503
 
 
+def _sample(text: str, series: str) -> float:
+    """The value of one series in a Prometheus exposition; 0 while it has no line yet."""
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def test_models_health_metrics(client):
     assert client.get("/v1/models").json()["data"][0]["id"] == "smollm2-135m-instruct"
     h = client.get("/health")
     assert h.status_code == 200 and h.json()["status"] == "ok"
+    unavailable = 'specrag_errors_total{type="service_unavailable"}'
+    before = _sample(client.get("/metrics").text, unavailable)
     ask(client)
+    assert ask(client, "STORE_DOWN").status_code == 503
     text = client.get("/metrics").text
     assert 'specrag_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
     assert "specrag_tokens_generated_total" in text and "specrag_mean_accepted_tokens_per_forward" in text
     assert "specrag_request_latency_seconds_bucket" in text
-    assert "specrag_retrieval_speculation_hit_rate 0.75" in text
-    assert 'specrag_errors_total{type="' in text or client.get("/metrics").status_code == 200
+    assert "specrag_retrieval_speculation_hit_rate 1.0" in text     # the fake stage: 4 of 4 verified
+    assert _sample(text, unavailable) == before + 1     # the failed request counted once, by its type
 
 
 def test_unknown_path_is_json_404(client):

@@ -222,9 +222,30 @@ def test_models_health_metrics(service, client):
     assert float(line.split()[-1]) > 0
 
 
-def test_concurrent_requests_share_one_engine_loop(service):
-    """8 clients at once: the one Generator replica steps them together in one engine loop
-    (their forwards hold several rows) and answers each as it does one at a time."""
+def _retrieval_batch(response) -> int:
+    """The queries in the Retriever's stage call that served a request: that call's retrieval-cache
+    hits + misses (one of either per query), which the response's metrics carry."""
+    r = response.json()["metrics"]["retrieval"]
+    return r["cache_hits"] + r["cache_misses"]
+
+
+def _drop_cached_queries(index_dir) -> None:
+    """Empty the retrieval cache of the module's index (its chunks stay): queries missing the
+    cache embed, which keeps the Retriever busy long enough for concurrent ones to queue."""
+    import redis
+
+    from retrieval.manifest import Manifest
+
+    r = redis.Redis.from_url(REDIS_URL)
+    keys = list(r.scan_iter(f"specrag:{Manifest.load(index_dir).index_name}:q:*", count=1000))
+    if keys:
+        r.delete(*keys)
+
+
+def test_concurrent_requests_share_one_engine_loop(service, index):
+    """8 clients at once: the Retriever takes their queries in batches (``@serve.batch``), the one
+    Generator replica steps them together in one engine loop (their forwards hold several rows),
+    and each gets the answer it gets alone."""
     import concurrent.futures as cf
 
     import httpx
@@ -232,12 +253,20 @@ def test_concurrent_requests_share_one_engine_loop(service):
     questions = QUESTIONS + [q + " Answer in one sentence." for q in QUESTIONS]
     alone = [chat(service, q, api_key=API_KEY, max_tokens=12) for q in questions]
     assert [r.status_code for r in alone] == [200] * 8
+    assert [_retrieval_batch(r) for r in alone] == [1] * 8       # one at a time: batches of one
     steps_before = httpx.get(service + "/health").json()["engine"]["steps"]
+    _drop_cached_queries(index)
     with cf.ThreadPoolExecutor(8) as pool:
         together = list(pool.map(lambda q: chat(service, q, api_key=API_KEY, max_tokens=12), questions))
     assert [r.status_code for r in together] == [200] * 8
     for q, a, b in zip(questions, alone, together):
         assert b.json()["choices"][0]["message"]["content"] == a.json()["choices"][0]["message"]["content"], q
+    # the Retriever batched: some stage call held several queries, and every request of a batch
+    # reports that batch's size (so n requests report a size s: n is a multiple of s)
+    batches = sorted(_retrieval_batch(r) for r in together)
+    assert max(batches) >= 2, batches
+    assert all(batches.count(s) % s == 0 for s in set(batches)), batches
+    assert [r.json()["metrics"]["retrieval"]["cache_hits"] for r in together] == [0] * 8   # all embedded anew
     rows = [r.json()["metrics"]["speculation"]["mean_rows_per_step"] for r in together]
     assert max(rows) >= 2, rows
     engine = httpx.get(service + "/health").json()["engine"]
@@ -327,6 +356,12 @@ def test_redis_outage_is_503_and_recovers(service, index, tmp_path):
         assert down.status_code == 503, down.text
         assert down.json()["error"]["type"] == "service_unavailable"
         assert httpx.get(base + "/health", timeout=30).status_code == 503
+        # on a loaded machine a load request may take seconds: keep Redis down until at least one
+        # started (and was answered) inside the window checked below
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(t > t_down + 0.5 for t, _, _, _ in log):
+            time.sleep(0.2)
+        time.sleep(1.1)
         t_up = time.monotonic()
         proc = start_redis()  # empty: the store refills itself from the index directory
         deadline = time.monotonic() + 30

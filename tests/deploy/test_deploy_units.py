@@ -103,34 +103,44 @@ def test_redis_connection_error_is_503():
 
 
 def test_closing_a_stream_early_stops_the_generation():
+    """The stage stops at its first commit after the client closed the stream: commits counted,
+    the third held back until the close is done (no sleep for a loaded machine to outlast)."""
     import asyncio
+    import threading
 
     import fake_stages
     from deploy.runners import GenerationRunner
     from pipeline.api import AskRequest
 
     calls = []
+    closed, finished = threading.Event(), threading.Event()
 
     class Counting(fake_stages.GenerationStage):
         def generate(self, request, sources, on_text=None):
             def counted(t):
+                if len(calls) == 2:
+                    closed.wait(30)  # the third commit comes after the client went away
                 calls.append(t)
                 on_text(t)
-            return super().generate(request, sources, on_text=counted)
+            try:
+                return super().generate(request, sources, on_text=counted)
+            finally:
+                finished.set()
 
     runner = GenerationRunner(Counting(None))
     src = fake_stages.RetrievalStage(None).retrieve(["lru_cache"], 2)[0]
 
     async def consume_two():
-        it = runner.stream(AskRequest(question="SLOW lru_cache", max_tokens=100), src)
+        it = runner.stream(AskRequest(question="lru_cache", max_tokens=100), src)
         got = [await it.__anext__(), await it.__anext__()]
         await it.aclose()
-        await asyncio.sleep(0.3)
+        closed.set()
+        await asyncio.get_running_loop().run_in_executor(None, finished.wait, 30)
         return got
 
     got = asyncio.run(consume_two())
-    assert len(got) == 2
-    assert len(calls) < 10  # stopped within a few tokens, not after all 100
+    assert len(got) == 2 and finished.is_set()
+    assert len(calls) == 3  # stopped at the first commit after the close, not after all 100
     runner.close()
 
 
@@ -184,25 +194,38 @@ def test_lazy_stage_fails_loudly_on_config_errors():
         LazyStage(factory)
 
 
-def test_stream_result_reports_the_stages_own_time_to_first_text():
-    # the serving benchmark subtracts it from the client's time to first token, per request
+def test_stream_result_reports_the_stages_own_time_to_first_text(monkeypatch):
+    """The serving benchmark subtracts it from the client's time to first token, per request.
+    The runner's clock here counts the stage's steps (one before each text), so the measure is
+    exact: one step to the first text, not the three of the whole answer."""
     import asyncio
+    import types
 
     import fake_stages
-    from deploy.runners import GenerationRunner
+    from deploy import runners
     from pipeline.api import AskRequest, AskResult
 
-    runner = GenerationRunner(fake_stages.GenerationStage(None))
+    steps = [0]
+    monkeypatch.setattr(runners, "time", types.SimpleNamespace(
+        perf_counter=lambda: float(steps[0]), monotonic=time.monotonic, sleep=time.sleep))
+
+    class Stepping(fake_stages.GenerationStage):
+        def generate(self, request, sources, on_text=None):
+            def stepped(t):
+                steps[0] += 1
+                on_text(t)
+            return super().generate(request, sources, on_text=stepped)
+
+    runner = runners.GenerationRunner(Stepping(None))
     src = fake_stages.RetrievalStage(None).retrieve(["lru_cache"], 2)[0]
 
     async def run():
-        return [x async for x in runner.stream(AskRequest(question="SLOW lru_cache", max_tokens=3), src)]
+        return [x async for x in runner.stream(AskRequest(question="lru_cache", max_tokens=3), src)]
 
     items = asyncio.run(run())
     result = items[-1]
     assert isinstance(result, AskResult) and [x for x in items[:-1]] and result.answer == "".join(items[:-1])
-    first = result.stats["seconds"]["first_text"]
-    assert 0 <= first < 0.05 + 0.01  # the first text comes before the first 50 ms sleep
+    assert steps[0] == 3 and result.stats["seconds"]["first_text"] == 1
     assert result.stats["seconds"]["generate"] == 0.001  # the stage's own numbers kept
     runner.close()
 
@@ -223,14 +246,20 @@ def test_lone_retrieval_skips_the_batch_queue_and_concurrent_ones_are_batched():
     (stood in for here: ``serve.batch`` needs a replica context; the real one runs in
     test_deploy_serve.py's concurrent-requests test)."""
     import asyncio
+    import threading
 
     import fake_stages
 
     from deploy.app import Retriever
 
+    entered, gate = threading.Event(), threading.Event()
+
     class Slow(fake_stages.RetrievalStage):
+        """Holds the first query in the stage until the test has sent the others."""
+
         def retrieve(self, questions, k, retriever="dense"):
-            time.sleep(0.3)
+            entered.set()
+            gate.wait(30)
             return super().retrieve(questions, k, retriever)
 
     replica = Retriever.func_or_class({"stages_module": "fake_stages"})
@@ -246,8 +275,13 @@ def test_lone_retrieval_skips_the_batch_queue_and_concurrent_ones_are_batched():
 
     async def main():
         first = asyncio.ensure_future(replica.retrieve("lru_cache", 1, "dense"))
-        await asyncio.sleep(0.1)  # the first query is in the stage now
-        rest = [replica.retrieve(q, 1, "dense") for q in ("pathlib paths", "itertools chain")]
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 30)  # the first is in the stage
+        rest = [asyncio.ensure_future(replica.retrieve(q, 1, "dense")) for q in ("pathlib paths", "itertools chain")]
+        for _ in range(100):  # loop turns until both have chosen their way (at most 100)
+            if len(queued) == 2:
+                break
+            await asyncio.sleep(0)
+        gate.set()
         return await asyncio.gather(first, *rest)
 
     out = asyncio.run(main())

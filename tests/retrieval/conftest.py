@@ -9,7 +9,6 @@ so namespaces never collide between tests or with other users of the shared serv
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import socket
 import subprocess
@@ -20,9 +19,6 @@ from typing import Iterator
 
 import numpy as np
 import pytest
-
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _answers(host: str, port: int) -> bool:

@@ -78,9 +78,9 @@ def test_flat_search_equals_brute_force_inner_product(built, fake_embedder):
             order = np.argsort(-brute, kind="stable")[:k]
             assert len(hits) == k
             assert np.allclose([h.score for h in hits], brute[order], atol=1e-5)
-            # ids agree except where scores tie
+            # ids agree except where scores tie: each hit's own brute-force score is the one at its rank
             for h, row in zip(hits, order):
-                assert h.id == r.ids[row] or abs(brute[r.row_of[h.id]] - brute[row]) < 1e-5
+                assert abs(brute[r.row_of[h.id]] - brute[row]) < 1e-5, (q, h.id, r.ids[row])
         # one batched call == the same queries one by one
         single = [r.retrieve([q], k=k)[0] for q in queries]
         assert [[h.id for h in hs] for hs in single] == [[h.id for h in hs] for hs in results]
@@ -96,9 +96,8 @@ def test_local_scoring_equals_index_scores(built, fake_embedder, kind):
             ids = [h.id for h in hits]
             local = r.score_local(q, ids[::-1], retriever=kind)[::-1]
             assert np.allclose(local, [h.score for h in hits], atol=1e-5)
-            # ranking within a local candidate set is the index's ranking
-            assert sorted(ids, key=lambda i: -local[ids.index(i)]) == ids or np.allclose(
-                sorted(local, reverse=True), local, atol=1e-6)
+            # ranking within a local candidate set is the index's ranking (up to ties)
+            assert np.allclose(sorted(local, reverse=True), local, atol=1e-6), (q, ids, local)
             if kind == "dense":
                 vec = r.embed_queries([q])[0]
                 assert np.allclose(r.score_local_vec(vec, ids), local, atol=1e-6)
