@@ -136,6 +136,13 @@ def test_iterative_mode_over_http_equals_in_process(client, inproc):
     local = inproc.answer(AskRequest(question=q, max_tokens=MAX_TOKENS,
                                      retrieval=RetrievalOptions(k=1, iterative=True, stride=4)))
     assert http.choices[0].message.content == local.answer
+    # streamed, it arrives stride by stride: the first text left the Generator after the first
+    # stride of four (MAX_TOKENS 16 / stride 4), not with the rest at the end
+    text, chunks = _stream_text(client, q, extra_body={"retrieval": {"iterative": True, "stride": 4, "k": 1}})
+    assert text == local.answer
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 2
+    seconds = next(c.model_extra["metrics"]["seconds"] for c in reversed(chunks) if (c.model_extra or {}).get("metrics"))
+    assert seconds["first_text"] < 0.75 * seconds["total"], seconds
 
 
 def test_speculation_off_gives_the_same_text(client):
@@ -261,10 +268,13 @@ def test_concurrent_requests_share_one_engine_loop(service, index):
     assert [r.status_code for r in together] == [200] * 8
     for q, a, b in zip(questions, alone, together):
         assert b.json()["choices"][0]["message"]["content"] == a.json()["choices"][0]["message"]["content"], q
-    # the Retriever batched: some stage call held several queries, and every request of a batch
-    # reports that batch's size (so n requests report a size s: n is a multiple of s)
+    # every request reports the size of the Retriever's stage call that served it (n requests
+    # reporting a size s: n is a multiple of s). With retrieval_batch_wait_s 0 a query joins a
+    # batch only when it arrives while another is embedding, so whether these 8 batch depends on
+    # the machine's timing (seen: [1,1,1,2,2,3,3,3], and all 1s): that the replica batches the
+    # queries queued behind one in flight is proven with events in test_deploy_units.py
     batches = sorted(_retrieval_batch(r) for r in together)
-    assert max(batches) >= 2, batches
+    print(f"Retriever batch sizes seen by the 8 concurrent requests: {batches}")
     assert all(batches.count(s) % s == 0 for s in set(batches)), batches
     assert [r.json()["metrics"]["retrieval"]["cache_hits"] for r in together] == [0] * 8   # all embedded anew
     rows = [r.json()["metrics"]["speculation"]["mean_rows_per_step"] for r in together]
