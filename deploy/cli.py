@@ -14,17 +14,15 @@ import os
 import sys
 
 from deploy import commands as deploy_commands
+from deploy import errors
 from pipeline.commands import ask, calibrate, generate, retrieval
-from pipeline.errors import PipelineError
-from retrieval.errors import RetrievalError
-from speculation.errors import SpeculationError
 
 # order is the order shown in --help
 COMMANDS = (generate, calibrate, retrieval, ask, deploy_commands)
 
 # what the CLI prints as one line (exit 1) instead of a traceback (-vv shows it)
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    FileNotFoundError, IsADirectoryError, PermissionError, SpeculationError, RetrievalError, PipelineError)
+    FileNotFoundError, IsADirectoryError, PermissionError, *errors.USER_ERRORS)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -75,8 +75,8 @@ def classify(exc: BaseException) -> ServiceError | None:
         return ServiceError(exc.http_status, exc.error_type, message or type(exc).__name__)
     redis_types, ray_types = _transient_types()
     if isinstance(exc, redis_types):
-        # should a connection error escape the retrieval layer unwrapped
-        return ServiceError(503, "service_unavailable", f"retrieval unavailable: {str(exc).strip() or type(exc).__name__}; retry later")
+        # should a connection error escape the retrieval layer unwrapped: it is one of its errors
+        return classify(RetrievalError(str(exc).strip() or type(exc).__name__))
     if isinstance(exc, ray_types):
         return ServiceError(503, "service_unavailable", RETRY_LATER)
     return None

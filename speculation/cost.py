@@ -31,7 +31,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -220,11 +220,10 @@ def fill_context(runner: Any, ids: list[list[int]], slots: int, context: int, ex
             layer[1:slots, :, :context] = layer[0, :, :context]
 
 
-def time_forward(runner: Any, rows: list[Any], repeats: int, warm_up: bool = True,
-                 summary: Callable[[list[float]], float] = statistics.median) -> float:
-    """Median (or ``summary``) seconds of ``repeats`` forwards over ``rows``, after one warm-up
-    of the shape. Rows write past their slot's length only, so repeating them leaves the
-    context intact."""
+def time_forward(runner: Any, rows: list[Any], repeats: int, warm_up: bool = True) -> float:
+    """Median seconds of ``repeats`` forwards over ``rows``, after one warm-up of the shape
+    (unless ``warm_up`` is False). Rows write past their slot's length only, so repeating them
+    leaves the context intact."""
     if warm_up:
         runner.forward(rows)
     times = []
@@ -232,7 +231,7 @@ def time_forward(runner: Any, rows: list[Any], repeats: int, warm_up: bool = Tru
         t0 = time.perf_counter()
         runner.forward(rows)
         times.append(time.perf_counter() - t0)
-    return summary(times)
+    return statistics.median(times)
 
 
 def rag_forward_ms(model: Any, invariant: bool, context: int = 700) -> dict[str, float]:

@@ -197,9 +197,10 @@ class NgramDrafter:
 class ModelDrafter:
     """A small causal LM sharing the target's tokenizer. Greedy drafts when the request is
     greedy; otherwise draws each token from its warped distribution q at the uniform the target
-    will use at that position (``verify.keyed_uniforms``). Drafts for all rows of a step together: one batched forward of
-    the draft model per drafted position, over its own KV pool (a sequence uses the slot it has
-    in the target's pool), rolled back to the committed tokens by setting a length."""
+    will use at that position (``verify.keyed_uniforms``). Drafts for all rows of a step
+    together: one batched forward of the draft model per drafted position, over its own KV pool
+    (a sequence uses the slot it has in the target's pool), rolled back to the committed tokens
+    by setting a length."""
 
     def __init__(self, model: Any, name: str = "draft_model", max_draft: int = 6, max_slots: int = 16,
                  adaptive: bool = True) -> None:
