@@ -136,7 +136,8 @@ class QAWorker:
     forwards (continuous batching)."""
 
     def __init__(self, pipeline: dict[str, Any], stages_module: str = "pipeline.rag",
-                 torch_threads: int | None = None, max_tokens: int | None = None):
+                 torch_threads: int | None = None, max_tokens: int | None = None,
+                 retrieval: dict[str, Any] | None = None):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         if torch_threads:
@@ -151,6 +152,7 @@ class QAWorker:
         self._pipe = load_stages(stages_module).RAGPipeline(cfg)
         self._cfg = cfg
         self._max_tokens = max_tokens
+        self._retrieval = dict(retrieval or {})     # RetrievalOptions fields (iterative, stride)
 
     def answer_one(self, qid: str, question: str, max_tokens: int | None, raw_id: Any = None) -> dict[str, Any]:
         from pipeline.api import AskRequest, RetrievalOptions
@@ -160,7 +162,8 @@ class QAWorker:
 
         request = AskRequest(question=question,
                              max_tokens=max_tokens or self._max_tokens or self._cfg.max_tokens,
-                             retrieval=RetrievalOptions(k=self._cfg.k, retriever=self._cfg.retriever))  # type: ignore[arg-type]
+                             retrieval=RetrievalOptions(k=self._cfg.k, retriever=self._cfg.retriever,  # type: ignore[arg-type]
+                                                        **self._retrieval))
         try:
             res = self._pipe.answer(request)
         except Exception as exc:  # noqa: BLE001 - reported per question, the batch goes on
@@ -225,7 +228,7 @@ class BatchSummary:
 
 def _results(report: list[Question], *, pipeline: dict[str, Any], stages_module: str, concurrency: int,
              cpus_per_actor: float, torch_threads: int | None, max_tokens: int | None,
-             calls_per_actor: int) -> Iterator[dict[str, Any]]:
+             calls_per_actor: int, retrieval: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -237,7 +240,7 @@ def _results(report: list[Question], *, pipeline: dict[str, Any], stages_module:
     ds = ds.map_batches(
         QAWorker,
         fn_constructor_kwargs={"pipeline": pipeline, "stages_module": stages_module,
-                               "torch_threads": torch_threads, "max_tokens": max_tokens},
+                               "torch_threads": torch_threads, "max_tokens": max_tokens, "retrieval": retrieval},
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=concurrency, max_concurrent_calls_per_actor=calls_per_actor,
                                            max_tasks_in_flight_per_actor=calls_per_actor,
@@ -260,9 +263,11 @@ def run_batch(input_path: str | Path, output_path: str | Path, *,
               pipeline: dict[str, Any] | Callable[[], dict[str, Any]],
               concurrency: int = 1, stages_module: str = "pipeline.rag", max_tokens: int | None = None,
               cpus_per_actor: float | None = None, progress: bool = True, err=sys.stderr,
-              init_ray: Callable[[], None] | None = None) -> BatchSummary:
+              init_ray: Callable[[], None] | None = None, retrieval: dict[str, Any] | None = None) -> BatchSummary:
     """Answer every not-yet-answered question of ``input_path`` into ``output_path``.
-    ``init_ray`` is called only when there is work (else Ray must already be initialised)."""
+    ``init_ray`` is called only when there is work (else Ray must already be initialised).
+    ``retrieval``: ``RetrievalOptions`` fields for every question (``{"iterative": True,
+    "stride": 4}``: In-Context RALM with RaLMSpec, streamed stride by stride inside the actor)."""
     from tqdm import tqdm
 
     summary = BatchSummary()
@@ -291,7 +296,8 @@ def run_batch(input_path: str | Path, output_path: str | Path, *,
             for row in _results(todo, pipeline=pipeline, stages_module=stages_module, concurrency=concurrency,
                                 cpus_per_actor=cpus_per_actor if cpus_per_actor is not None else min(1.0, cpus / concurrency),
                                 torch_threads=threads, max_tokens=max_tokens,
-                                calls_per_actor=_calls_per_actor(pipeline, len(todo), concurrency)):
+                                calls_per_actor=_calls_per_actor(pipeline, len(todo), concurrency),
+                                retrieval=retrieval):
                 now = time.perf_counter() - t0
                 if not summary.answered and not summary.failed:
                     summary.startup_seconds = now

@@ -54,6 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--max-tokens", type=int, help="per-answer token limit (default: the config's)")
     b.add_argument("-k", "--k", dest="k", type=int, help="sources per question")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--iterative", action="store_true",
+                   help="re-retrieve every --stride tokens (In-Context RALM, with RaLMSpec's speculative retrieval)")
+    b.add_argument("--stride", type=int, default=4, help="--iterative: tokens between retrievals (default 4)")
     b.set_defaults(func=cmd_batch)
 
     m = subparsers.add_parser(
@@ -164,7 +167,11 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     if not Path(args.questions).is_file():
         raise CLIError(f"no such file: {args.questions}")
+    if args.stride < 1:
+        raise CLIError("--stride must be at least 1")
     config = _config(args)
+    if args.iterative and config.pipeline.retriever == "hybrid":
+        raise CLIError("--iterative supports the dense and bm25 retrievers")
     from . import local
     from .batch import run_batch
 
@@ -178,7 +185,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     try:
         summary = run_batch(args.questions, args.out, pipeline=lambda: config.pipeline.model_dump(mode="json"),
                             concurrency=args.concurrency, stages_module=config.stages_module,
-                            max_tokens=args.max_tokens, progress=not args.no_progress, init_ray=init)
+                            max_tokens=args.max_tokens, progress=not args.no_progress, init_ray=init,
+                            retrieval={"iterative": True, "stride": args.stride} if args.iterative else None)
     finally:
         import ray
 

@@ -306,3 +306,24 @@ def test_partial_deployment_settings_keep_that_deployments_defaults():
             cfg.generator.max_ongoing_requests) == (64, 32, 16)
     assert cfg.generator.num_cpus == 1 and cfg.ingress.num_cpus == 0.2
     assert ServeConfig.model_validate({"generator": {"max_ongoing_requests": 3}}).generator.max_ongoing_requests == 3
+
+
+def test_batch_worker_passes_iterative_retrieval_to_every_question(monkeypatch):
+    """`specrag batch --iterative --stride 8` reaches the pipeline as the request's retrieval
+    options (the actor's pipeline, here the fake stages, answers in iterative mode)."""
+    import fake_stages
+
+    from deploy.batch import QAWorker
+
+    seen = []
+    real = fake_stages.GenerationStage.answer
+    monkeypatch.setattr(fake_stages.GenerationStage, "answer",
+                        lambda self, request, **kw: (seen.append(request.retrieval), real(self, request, **kw))[1])
+    worker = QAWorker({"k": 2}, stages_module="fake_stages", retrieval={"iterative": True, "stride": 8})
+    row = worker.answer_one("q1", "What does lru_cache do?", 6)
+    assert row["ok"], row
+    assert json.loads(row["line"])["answer"]
+    assert [(r.iterative, r.stride, r.k) for r in seen] == [(True, 8, 2)]
+    plain = QAWorker({"k": 2}, stages_module="fake_stages")
+    plain.answer_one("q2", "What does lru_cache do?", 6)
+    assert [r.iterative for r in seen] == [True, False]
