@@ -59,6 +59,8 @@ class SpeculationParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool | None = None
     max_draft_tokens: int | None = Field(None, ge=1, le=64)
+    # drafters in order of preference; None: the deployment's
+    drafters: list[Literal["reference", "tree", "prompt_lookup", "draft_model"]] | None = Field(None, max_length=4)
 
 
 class StreamOptions(BaseModel):
@@ -120,6 +122,8 @@ def to_ask_request(req: ChatCompletionRequest, *, default_k: int, default_retrie
         speculation.enabled = s.enabled
     if s.max_draft_tokens is not None:
         speculation.max_draft_tokens = s.max_draft_tokens
+    if s.drafters is not None:
+        speculation.drafters = tuple(s.drafters)
     return AskRequest(
         question=question,
         max_tokens=req.max_completion_tokens or req.max_tokens or default_max_tokens,

@@ -36,6 +36,9 @@ class RetrievalOptions:
 class SpeculationOptions:
     enabled: bool = True
     max_draft_tokens: int | None = None   # None: the engine's default / adaptive
+    # drafters in order of preference ("reference", "tree", "prompt_lookup", "draft_model");
+    # None: the engine's (PipelineConfig.drafters)
+    drafters: tuple[str, ...] | None = None
 
 
 @dataclass

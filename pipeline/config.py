@@ -33,6 +33,8 @@ class PipelineConfig(BaseModel):
     k: int = Field(4, ge=1, le=50)
     retriever: str = "dense"
     max_draft_tokens: int = Field(16, ge=1, le=64)
+    # drafters in order of preference (speculation.engine.DRAFTERS); None: the engine's default
+    drafters: list[Literal["reference", "tree", "prompt_lookup", "draft_model"]] | None = None
     # continuous batching: sequences one engine loop holds (KV slots), tokens one forward feeds
     max_batch: int = Field(16, ge=1, le=256)
     max_tokens_per_step: int = Field(512, ge=32)

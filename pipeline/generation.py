@@ -40,7 +40,7 @@ class RequestBuilder:
             sampling=SamplingParams(temperature=request.temperature, top_p=request.top_p),
             stop=list(request.stop if stop is None else stop), seed=request.seed,
             speculate=request.speculation.enabled if speculate is None else speculate,
-            max_draft_tokens=request.speculation.max_draft_tokens,
+            max_draft_tokens=request.speculation.max_draft_tokens, drafters=request.speculation.drafters,
             pause_at=pause_at, draft_past_pause=draft_past_pause, answer_start=answer_start,
         )
 

@@ -102,10 +102,11 @@ class GenerationStage:
                                                         device=config.device, dtype=config.dtype))
         self.tokenizer = self.models.tokenizer
         self.requests = RequestBuilder(self.tokenizer)
+        chosen = {} if config.drafters is None else {"drafters": tuple(config.drafters)}
         core = SpeculativeEngine(self.models.target, self.tokenizer, self.models.draft,
                                  EngineConfig(max_draft_tokens=config.max_draft_tokens, max_batch=config.max_batch,
                                               max_tokens_per_step=config.max_tokens_per_step,
-                                              draft_policy=config.draft_policy))
+                                              draft_policy=config.draft_policy, **chosen))
         # one engine loop: every request of this stage, from any thread, steps in shared forwards
         self.loop = EngineLoop(core)
         self.engine = LoopEngine(self.loop)

@@ -12,7 +12,9 @@ with E[accepted(k)] = sum_{i<=k} prod_{j<=i} a_j, a_j the measured probability t
 position j is accepted given that the ones before it were (per drafter, and per suffix-match
 length for the reference drafter). The marginal gain of a row's next draft token only falls
 with k, so taking draft tokens in order of marginal gain and stopping at the best total is
-exact for this objective. Where verification is nearly free (bf16 on AMX, a GPU) drafts grow;
+exact for this objective. A draft tree is the same with its nodes as the tokens: a node's gain
+is the chance the accepted path reaches its depth times its share of the matches, never more
+than its parent's, so nodes taken in order of gain always form a tree. Where verification is nearly free (bf16 on AMX, a GPU) drafts grow;
 where a multi-token forward is dear (fp32 on a CPU) only likely drafts are made; in a full batch
 that costs more per token, none. Speed only: verification decides every token.
 """
@@ -159,6 +161,9 @@ class Candidate:
     drafter: str
     match_len: int
     max_len: int
+    # the expected accepted tokens each next draft token adds, non-increasing (a draft tree's
+    # ranked nodes); None: the chain's, from the measured acceptance by position
+    gains: list[float] | None = None
 
 
 def choose_lengths(candidates: list[Candidate | None], base_tokens: int, rows: int, curve: CostCurve,
@@ -171,10 +176,11 @@ def choose_lengths(candidates: list[Candidate | None], base_tokens: int, rows: i
     for c, cand in enumerate(candidates):
         if cand is None or cand.max_len <= 0:
             continue
-        gains, prod = [], 1.0
-        for a in acceptance.rates(cand.drafter, cand.match_len, cand.max_len):
-            prod *= a
-            gains.append(prod)
+        if cand.gains is not None:
+            gains = list(cand.gains[:cand.max_len])
+        else:
+            gains = list(itertools.accumulate(acceptance.rates(cand.drafter, cand.match_len, cand.max_len),
+                                              lambda x, y: x * y))
         chains[c] = gains
         if gains:
             heapq.heappush(heap, (-gains[0], c, 0))

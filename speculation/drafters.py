@@ -7,6 +7,8 @@ One protocol, several implementations; the engine never knows which one it talks
   longest suffix match of the text so far, searched in the retrieved documents, the prompt and
   the output.
 * ``NgramDrafter`` without references -- prompt lookup (the transformers / vLLM n-gram baseline).
+* ``TreeDrafter`` -- reference drafting with every continuation: all the places the longest
+  suffix match occurs, merged into a token tree verified in one forward (tree attention).
 * ``ModelDrafter`` -- a small causal LM with its own KV pool, drafting for all rows at once.
 
 A step asks its drafters in order of preference (``EngineConfig.drafters``): each fills in the
@@ -29,13 +31,107 @@ if TYPE_CHECKING:
 
 @dataclass
 class Draft:
+    """Drafted tokens: a chain, or a tree of candidate continuations (``parents``).
+
+    A tree's nodes are listed parents first (node ``i``'s parent is ``parents[i]`` < ``i``, -1
+    for a child of the pending token), in the order they are worth verifying, so the first ``k``
+    nodes are always a tree (``trimmed``). ``weights`` is each node's share of the places the
+    drafter found it continuing the text (1.0 where every match agrees)."""
+
     tokens: list[int]
     source: str                          # drafter name, for per-drafter stats
     match_len: int = 0                   # copy drafters: length of the suffix match it continues
+    parents: list[int] | None = None     # None: a chain
+    weights: list[float] | None = None
+
+    @property
+    def is_tree(self) -> bool:
+        return self.parents is not None
 
     def trimmed(self, k: int) -> "Draft":
-        """The first ``k`` drafted tokens."""
-        return Draft(self.tokens[:k], self.source, self.match_len)
+        """The first ``k`` drafted tokens (nodes, for a tree)."""
+        return Draft(self.tokens[:k], self.source, self.match_len,
+                     None if self.parents is None else self.parents[:k],
+                     None if self.weights is None else self.weights[:k])
+
+    def depths(self) -> list[int]:
+        """Each token's depth, 1 for the first drafted token (a chain's i-th token: i + 1)."""
+        if self.parents is None:
+            return list(range(1, len(self.tokens) + 1))
+        out: list[int] = []
+        for p in self.parents:
+            out.append(1 if p < 0 else out[p] + 1)
+        return out
+
+    def depth(self) -> int:
+        return max(self.depths(), default=0)
+
+    def best_path(self) -> "Draft":
+        """The tree's heaviest root-to-leaf path, as a chain: from the root, the child of the
+        largest weight (the first listed), as far as the tree goes."""
+        if self.parents is None:
+            return self
+        tokens: list[int] = []
+        node = -1
+        while True:
+            child = next((i for i, p in enumerate(self.parents) if p == node), None)
+            if child is None:
+                return Draft(tokens, self.source, self.match_len)
+            tokens.append(self.tokens[child])
+            node = child
+
+    def ranked(self, gains: list[float]) -> "Draft":
+        """The tree's nodes reordered by ``gains`` (largest first; a node's gain never exceeds
+        its parent's, and ties keep the current order, so parents stay first)."""
+        assert self.parents is not None and self.weights is not None
+        order = sorted(range(len(self.tokens)), key=lambda i: (-gains[i], i))
+        new_index = {old: new for new, old in enumerate(order)}
+        return Draft([self.tokens[i] for i in order], self.source, self.match_len,
+                     [-1 if self.parents[i] < 0 else new_index[self.parents[i]] for i in order],
+                     [self.weights[i] for i in order])
+
+
+def build_tree(seqs: list[list[int]], occurrences: list[tuple[int, int, int]], max_depth: int,
+               max_nodes: int, shorter_share: float = 0.2) -> tuple[list[int], list[int], list[float]]:
+    """Merge the continuations of ``occurrences`` ((match length, seq, start), from
+    ``_NgramIndex.occurrences``) into one token trie of depth <= ``max_depth``: (tokens, parents,
+    weights), at most ``max_nodes`` nodes ordered by weight, parents first. A node's weight is
+    the share of the occurrences that continue through it: the occurrences of the longest match
+    share ``1 - shorter_share`` equally (all of it when there are no others), those of shorter
+    matches -- candidates the longest match does not have -- share ``shorter_share``."""
+    if not occurrences or max_depth <= 0 or max_nodes <= 0:
+        return [], [], []
+    usable = [(n, s, j) for n, s, j in occurrences if j < len(seqs[s])]
+    if not usable:
+        return [], [], []
+    longest = max(n for n, _, _ in usable)
+    n_long = sum(1 for n, _, _ in usable if n == longest)
+    n_short = len(usable) - n_long
+    long_w = (1.0 - shorter_share) / n_long if n_short else 1.0 / n_long
+    short_w = shorter_share / n_short if n_short else 0.0
+    children: dict[tuple[int, int], int] = {}       # (parent node, token) -> node
+    tokens: list[int] = []
+    parents: list[int] = []
+    weight: list[float] = []
+    for n, seq_id, start in usable:
+        w = long_w if n == longest else short_w
+        node = -1
+        cont = seqs[seq_id][start:start + max_depth]
+        for tok in cont:
+            nxt = children.get((node, tok))
+            if nxt is None:
+                nxt = len(tokens)
+                children[(node, tok)] = nxt
+                tokens.append(tok)
+                parents.append(node)
+                weight.append(0.0)
+            weight[nxt] += w
+            node = nxt
+    # creation order is parents first; a child's weight never exceeds its parent's
+    order = sorted(range(len(tokens)), key=lambda i: (-weight[i], i))[:max_nodes]
+    new_index = {old: new for new, old in enumerate(order)}
+    return ([tokens[i] for i in order], [-1 if parents[i] < 0 else new_index[parents[i]] for i in order],
+            [min(1.0, weight[i]) for i in order])
 
 
 @dataclass
@@ -76,19 +172,20 @@ class Drafter(Protocol):
 
 
 class _NgramIndex:
-    """Maps every n-gram (n = 1..max_n) of a set of token lists to where its continuation starts.
+    """Maps every n-gram (n = 1..max_n) of a set of token lists to every place its continuation
+    starts, in order: documents before the prompt before the output, earlier before later.
 
-    Built once per request and extended as tokens are committed, so a lookup is max_n dict
-    probes -- never a scan of the references. The first occurrence of an n-gram wins (LLMA's
-    rule), documents before the prompt before the output.
+    Built once per request and extended as tokens are committed (rolled back with them), so a
+    lookup is max_n dict probes -- never a scan of the references. The single-path drafters copy
+    the first occurrence (LLMA's rule); the tree drafter reads them all.
     """
 
     def __init__(self, max_n: int) -> None:
         self.max_n = max_n
         self.seqs: list[list[int]] = []
-        self._table: dict[tuple[int, ...], tuple[int, int]] = {}
+        self._table: dict[tuple[int, ...], list[tuple[int, int]]] = {}
         self._indexed: list[int] = []    # per seq: continuation positions already indexed
-        self._owned: list[list[tuple[int, tuple[int, ...]]]] = []   # per seq: (position, key) it owns
+        self._owned: list[list[tuple[int, tuple[int, ...]]]] = []   # per seq: (position, key) of its occurrences
 
     def add(self, tokens: Sequence[int]) -> int:
         self.seqs.append(list(tokens))
@@ -102,11 +199,18 @@ class _NgramIndex:
         self._index(seq_id)
 
     def truncate(self, seq_id: int, length: int) -> None:
-        """Forget tokens past ``length`` (rollback), with the n-grams that contained them."""
+        """Forget tokens past ``length`` (rollback), with the occurrences that contained them."""
         del self.seqs[seq_id][length:]
         owned = self._owned[seq_id]
-        while owned and owned[-1][0] > length:
-            del self._table[owned.pop()[1]]
+        while owned and owned[-1][0] >= length:     # continuations that start at or past the cut
+            j, key = owned.pop()
+            hits = self._table[key]
+            if hits[-1] == (seq_id, j):      # the usual case: the latest occurrence is the one going
+                hits.pop()
+            else:
+                hits.remove((seq_id, j))
+            if not hits:
+                del self._table[key]
         self._indexed[seq_id] = min(self._indexed[seq_id], max(1, length))
 
     def _index(self, seq_id: int) -> None:
@@ -115,9 +219,12 @@ class _NgramIndex:
         for j in range(self._indexed[seq_id], len(seq)):
             for n in range(1, min(self.max_n, j) + 1):
                 key = tuple(seq[j - n:j])
-                if key not in table:
-                    table[key] = (seq_id, j)
-                    owned.append((j, key))
+                hits = table.get(key)
+                if hits is None:
+                    table[key] = [(seq_id, j)]
+                else:
+                    hits.append((seq_id, j))
+                owned.append((j, key))
         self._indexed[seq_id] = max(self._indexed[seq_id], len(seq))
 
     def lookup(self, suffix_source: Sequence[int], max_tokens: int, min_n: int = 1) -> list[int]:
@@ -125,15 +232,39 @@ class _NgramIndex:
         return self.lookup_match(suffix_source, max_tokens, min_n)[0]
 
     def lookup_match(self, suffix_source: Sequence[int], max_tokens: int, min_n: int = 1) -> tuple[list[int], int]:
-        """(continuation, length of the suffix match it follows); ([], 0) when none."""
+        """(continuation of the first occurrence, length of the suffix match it follows); ([], 0)
+        when none."""
         for n in range(min(self.max_n, len(suffix_source)), min_n - 1, -1):
-            hit = self._table.get(tuple(suffix_source[len(suffix_source) - n:]))
-            if hit is not None:
-                seq_id, start = hit
+            hits = self._table.get(tuple(suffix_source[len(suffix_source) - n:]))
+            if hits:
+                seq_id, start = hits[0]
                 cont = self.seqs[seq_id][start:start + max_tokens]
                 if cont:
                     return cont, n
         return [], 0
+
+    def occurrences(self, suffix_source: Sequence[int], min_n: int = 1, shorter: int = 1,
+                    limit: int = 64) -> list[tuple[int, int, int]]:
+        """(match length, seq, start) of every occurrence of the longest suffix of
+        ``suffix_source`` found, then of the suffixes up to ``shorter`` tokens shorter (the places
+        they add), at most ``limit`` in all, in the index's order within a length."""
+        out: list[tuple[int, int, int]] = []
+        seen: set[tuple[int, int]] = set()
+        longest = 0
+        for n in range(min(self.max_n, len(suffix_source)), min_n - 1, -1):
+            if longest and n < longest - shorter:
+                break
+            hits = self._table.get(tuple(suffix_source[len(suffix_source) - n:]))
+            if not hits:
+                continue
+            longest = longest or n
+            for hit in hits:
+                if hit not in seen:
+                    seen.add(hit)
+                    out.append((n, *hit))
+                    if len(out) >= limit:
+                        return out
+        return out
 
 
 class NgramDrafter:
@@ -192,6 +323,43 @@ class NgramDrafter:
 
     def accepted(self, state: "SequenceState", draft: Draft, n_accepted: int) -> None:
         state.drafter_state[self.name]["length"].update(len(draft.tokens), n_accepted)
+
+
+class TreeDrafter(NgramDrafter):
+    """Draft trees from every retrieved document: all continuations of the longest suffix match
+    (and of matches ``shorter`` tokens shorter, weighted down), found in the references, the
+    prompt and the output, merged into one token tree (``build_tree``) and verified in one
+    forward with tree attention. Where the documents agree the tree is the single-path draft;
+    where they disagree, every continuation is a branch instead of the first one found.
+
+    ``max_tokens`` (the engine's per-row budget) bounds the nodes, the depth is bounded by the
+    sequence's room to draft and ``max_draft`` (and, with ``adaptive``, by the accepted depth)."""
+
+    def __init__(self, name: str = "tree", max_draft: int = 16, max_nodes: int = 32, max_ngram: int = 8,
+                 min_ngram: int = 1, adaptive: bool = True, shorter: int = 1, max_occurrences: int = 64) -> None:
+        super().__init__(name, max_draft, max_ngram, min_ngram, use_references=True, adaptive=adaptive)
+        self.max_nodes = max_nodes
+        self.shorter = shorter
+        self.max_occurrences = max_occurrences
+
+    def propose(self, state: "SequenceState", max_tokens: int) -> Draft | None:
+        st = self._sync(state)
+        depth = min(state.draft_room, self.max_draft, max_tokens)
+        nodes = min(max_tokens, self.max_nodes)
+        if self.adaptive:      # no cost model: the accepted depth bounds the depth, twice it the nodes
+            depth = min(depth, st["length"].current)
+            nodes = min(nodes, 2 * depth)
+        if depth <= 0 or nodes <= 0:
+            return None
+        index: _NgramIndex = st["index"]
+        occ = index.occurrences(state.tokens, self.min_ngram, self.shorter, self.max_occurrences)
+        tokens, parents, weights = build_tree(index.seqs, occ, depth, nodes)
+        if not tokens:
+            return None
+        return Draft(tokens, self.name, match_len=occ[0][0], parents=parents, weights=weights)
+
+    def accepted(self, state: "SequenceState", draft: Draft, n_accepted: int) -> None:
+        state.drafter_state[self.name]["length"].update(draft.depth(), n_accepted)
 
 
 class ModelDrafter:

@@ -19,7 +19,9 @@ tests, the CLI), or ``scheduler.EngineLoop`` for many concurrent requests.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import operator
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,16 +30,25 @@ from typing import Any, Callable
 import torch
 
 from .cost import Acceptance, Candidate, CostCurve, choose_lengths, load_or_measure, tally_positions
-from .drafters import Draft, Drafter, ModelDrafter, NgramDrafter
+from .drafters import Draft, Drafter, ModelDrafter, NgramDrafter, TreeDrafter
 from .errors import GenerationInputError
 from .forward import SHORT_ROW, PooledModel, Row
 from .kv import SlotTable
 from .text import StopStringStreamer
-from .verify import SamplingParams, draws, greedy_accept, sample_at, warp_probs
+from .verify import SamplingParams, draws, greedy_accept, sample_at, tree_accept, warp_probs
 
-DRAFTERS = ("reference", "prompt_lookup", "draft_model")
+DRAFTERS = ("reference", "tree", "prompt_lookup", "draft_model")
 
 log = logging.getLogger(__name__)
+
+
+def parse_drafters(text: str) -> tuple[str, ...]:
+    """A comma-separated drafter order (a CLI flag) as names, each one checked."""
+    names = tuple(d.strip() for d in text.split(",") if d.strip())
+    for name in names:
+        if name not in DRAFTERS:
+            raise GenerationInputError(f"unknown drafter {name!r}: use {', '.join(DRAFTERS)}")
+    return names
 
 # on_commit(state, new_token_ids, text_delta)
 CommitCallback = Callable[["SequenceState", list[int], str], None]
@@ -48,7 +59,8 @@ class EngineConfig:
     """Which drafters run, in order of preference, how long their drafts may be, and how much
     one step may hold.
 
-    drafters: any of "reference" (LLMA: references + prompt + output), "prompt_lookup"
+    drafters: any of "reference" (LLMA: references + prompt + output), "tree" (the same
+    sources, every continuation of the match, verified as a token tree), "prompt_lookup"
     (prompt + output only), "draft_model" (needs a draft model). Empty: no speculation. A step
     asks them in this order; each drafts for the rows the ones before it left without a draft.
     """
@@ -69,6 +81,8 @@ class EngineConfig:
     # 3 on a CPU (the rule the cost model replaces). The cost model drafts from any match.
     min_ngram: int | None = None
     draft_model_max_tokens: int = 6
+    # "tree": nodes one row's draft tree may hold (its depth is bounded by max_draft_tokens)
+    max_tree_nodes: int = 32
     # KV slots: sequences resident at once (running, parked, or finished and not yet released)
     max_batch: int = 16
     # tokens one forward feeds while some row is decoding: a newcomer's prompt is fed in chunks
@@ -112,12 +126,18 @@ class DrafterStats:
     # per draft position (1st, 2nd, ...): drafts that reached it, and those that had it accepted
     reached: list[int] = field(default_factory=list)
     accepted_at: list[int] = field(default_factory=list)
+    # verified drafts by the number of their tokens accepted (0, 1, 2, ...)
+    accepted_lengths: list[int] = field(default_factory=list)
 
-    def add(self, drafted: int, accepted: int) -> None:
+    def add(self, drafted: int, accepted: int, depth: int | None = None) -> None:
+        """One verified draft of ``drafted`` tokens (a tree: nodes, ``depth`` its depth)."""
         self.steps += 1
         self.drafted += drafted
         self.accepted += accepted
-        tally_positions(self.reached, self.accepted_at, drafted, accepted)
+        tally_positions(self.reached, self.accepted_at, drafted if depth is None else depth, accepted)
+        while len(self.accepted_lengths) <= accepted:
+            self.accepted_lengths.append(0)
+        self.accepted_lengths[accepted] += 1
 
     def merge(self, other: "DrafterStats") -> None:
         self.steps += other.steps
@@ -129,6 +149,10 @@ class DrafterStats:
                 self.accepted_at.append(0)
             self.reached[i] += r
             self.accepted_at[i] += a
+        for n, c in enumerate(other.accepted_lengths):
+            if n == len(self.accepted_lengths):
+                self.accepted_lengths.append(0)
+            self.accepted_lengths[n] += c
 
 
 @dataclass
@@ -221,6 +245,16 @@ class SequenceState:
         return self.tokens[self.n_prompt:]
 
     @property
+    def draft_room(self) -> int:
+        """Tokens a draft may usefully hold: up to the length limit, and up to the pause unless
+        the request drafts past it (a draft of all of them + the bonus token overshoots by one,
+        which the commit trims)."""
+        remaining = self.request.max_new_tokens - len(self.generated)
+        if self.pause_at is not None and not self.request.draft_past_pause:
+            remaining = min(remaining, self.pause_at - len(self.generated))
+        return remaining
+
+    @property
     def text(self) -> str:
         return self.streamer.text
 
@@ -249,7 +283,8 @@ class _RowPlan:
     state: SequenceState
     fed: list[int]                          # tokens the cache lacks, fed this step (maybe a chunk)
     complete: bool                          # fed reaches the pending token: logits, verify, commit
-    draft_limit: int = 0
+    draft_limit: int = 0                    # tokens a chain draft may hold
+    node_limit: int = 0                     # nodes a draft tree may hold
     draft: Draft | None = None
     defer: bool = False                     # the draft model drafts for it once its length is chosen
 
@@ -332,6 +367,8 @@ class SpeculativeEngine:
             "reference": NgramDrafter("reference", cfg.max_draft_tokens, cfg.max_ngram,
                                       min(self._min_ngram(), cfg.max_ngram), adaptive=adaptive),
             # kept like transformers' / vLLM's n-gram lookup (matches down to 1 token)
+            "tree": TreeDrafter("tree", cfg.max_draft_tokens, cfg.max_tree_nodes, cfg.max_ngram,
+                                min(self._min_ngram(), cfg.max_ngram), adaptive=adaptive),
             "prompt_lookup": NgramDrafter("prompt_lookup", cfg.max_draft_tokens, cfg.prompt_lookup_max_ngram,
                                           use_references=False, adaptive=adaptive),
         }
@@ -476,16 +513,15 @@ class SpeculativeEngine:
                 self.slots.touch(state.slot)
         plans = self._plan(rows)
         self._draft(plans)
-        logits = self.runner.forward([
-            Row(p.state.slot, p.state.cached, p.fed + p.drafted,  # type: ignore[arg-type]
-                len(p.fed) - 1 if p.complete else len(p.fed)) for p in plans])
+        logits = self.runner.forward([self._row(p) for p in plans])
         verdicts = self._verify(plans, logits)
         seconds = time.perf_counter() - t0
         prefill_rows = 0
         for plan in plans:
             state = plan.state
             first_chunk = state.cached == 0
-            state.cached += len(plan.fed) + len(plan.drafted)
+            base = state.cached + len(plan.fed)        # where the draft's keys and values start
+            state.cached = base + len(plan.drafted)
             st = state.stats
             st.target_forwards += 1
             st.batch_rows += len(plans)
@@ -500,19 +536,39 @@ class SpeculativeEngine:
                 st.decode_seconds += seconds
             if not plan.complete:
                 continue
-            n_acc, nxt = verdicts[id(state)]
+            path, nxt = verdicts[id(state)]
+            n_acc = len(path)
             draft = plan.draft
             if draft is not None:
-                st.by_drafter.setdefault(draft.source, DrafterStats()).add(len(draft.tokens), n_acc)
+                depth = draft.depth() if draft.is_tree else None
+                st.by_drafter.setdefault(draft.source, DrafterStats()).add(len(draft.tokens), n_acc, depth)
                 st.draft_tokens += len(draft.tokens)
                 st.accepted_tokens += n_acc
-                self.acceptance.update(draft.source, draft.match_len, len(draft.tokens), n_acc)
-            self._commit(state, draft.tokens[:n_acc] + [nxt] if draft else [nxt], on_commit)
+                self.acceptance.update(draft.source, draft.match_len, depth or len(draft.tokens), n_acc)
+                if draft.is_tree:
+                    # the accepted branch's keys and values, moved behind the prefix; the rest dropped
+                    if path != list(range(n_acc)):
+                        self.runner.pool.move(state.slot, [base + i for i in path],  # type: ignore[arg-type]
+                                              [base + k for k in range(n_acc)])
+                    state.cached = base + n_acc
+            self._commit(state, [draft.tokens[i] for i in path] + [nxt] if draft else [nxt], on_commit)
             if draft is not None:
                 self.drafters[draft.source].accepted(state, draft, n_acc)
         if self.on_step is not None:
             self.on_step(StepRecord(len(plans), sum(len(p.fed) + len(p.drafted) for p in plans), seconds,
                                     prefill_rows, self._predicted))
+
+    @staticmethod
+    def _row(plan: _RowPlan) -> Row:
+        """The forward's row for a plan: the tokens the cache lacks, then the draft (a tree's
+        nodes hang below the pending token, the last fed one)."""
+        fed, draft = plan.fed, plan.draft
+        parents = None
+        if draft is not None and draft.is_tree:
+            root = len(fed) - 1
+            parents = list(range(-1, root)) + [root if p < 0 else len(fed) + p for p in draft.parents]  # type: ignore[union-attr]
+        return Row(plan.state.slot, plan.state.cached, fed + plan.drafted,  # type: ignore[arg-type]
+                   len(fed) - 1 if plan.complete else len(fed), parents)
 
     def _plan(self, rows: list[SequenceState]) -> list[_RowPlan]:
         """What each row feeds. Short rows (decode tokens, small extensions) are fed whole; long
@@ -541,13 +597,12 @@ class SpeculativeEngine:
             state = plan.state
             if not plan.complete or not state.drafters:
                 continue
-            remaining = state.request.max_new_tokens - len(state.generated)
-            if state.pause_at is not None and not state.request.draft_past_pause:
-                remaining = min(remaining, state.pause_at - len(state.generated))
+            remaining = state.draft_room
             if remaining > 1:
-                # `remaining` drafts + the bonus token may overshoot the limit by one: _commit trims
                 plan.draft_limit = max(0, min(remaining, state.max_draft, left))
-                left -= plan.draft_limit
+                plan.node_limit = (max(0, min(cfg.max_tree_nodes, left)) if "tree" in state.drafters
+                                   else plan.draft_limit)
+                left -= max(plan.draft_limit, plan.node_limit)
         return plans
 
     def _draft(self, plans: list[_RowPlan]) -> None:
@@ -567,22 +622,38 @@ class SpeculativeEngine:
                     for p in want:
                         p.defer = True
                     continue
-                self._assign(want, drafter.propose_batch([p.state for p in want], [p.draft_limit for p in want]))
+                tree = isinstance(drafter, TreeDrafter)
+                self._assign(want, drafter.propose_batch([p.state for p in want],
+                                                         [p.node_limit if tree else p.draft_limit for p in want]))
         if self.cost is not None:
             self._size(plans)
 
-    @staticmethod
-    def _assign(plans: list[_RowPlan], drafts: list[Draft | None]) -> None:
+    def _assign(self, plans: list[_RowPlan], drafts: list[Draft | None]) -> None:
         for plan, draft in zip(plans, drafts):
+            if draft is not None and draft.is_tree and self.batch_invariant:
+                # the batch-invariant forward reproduces plain decoding bit for bit only where a
+                # row's keys sit where plain decoding puts them; a tree's nodes do not (they are
+                # interleaved), so there the tree is verified as its heaviest path
+                draft = draft.best_path()
             if draft is not None and draft.tokens:
-                plan.draft = draft.trimmed(plan.draft_limit)
+                plan.draft = draft.trimmed(plan.node_limit if draft.is_tree else plan.draft_limit)
 
     def _size(self, plans: list[_RowPlan]) -> None:
         """The cost model's draft length for every row of the step (0: no draft)."""
         model = self.drafters.get("draft_model")
         candidates: list[Candidate | None] = []
         for p in plans:
-            if p.draft is not None:
+            if p.draft is not None and p.draft.is_tree:
+                # a node's gain: P(the path reaches its depth) (the tree drafter's measured rate
+                # by depth) x its share of the matches; nodes ranked by it, so any first k are a tree
+                depths = p.draft.depths()
+                reach = list(itertools.accumulate(
+                    self.acceptance.rates(p.draft.source, p.draft.match_len, max(depths)), operator.mul))
+                gains = [reach[d - 1] * w for d, w in zip(depths, p.draft.weights)]  # type: ignore[arg-type]
+                p.draft = p.draft.ranked(gains)
+                candidates.append(Candidate(p.draft.source, p.draft.match_len, len(p.draft.tokens),
+                                            sorted(gains, reverse=True)))
+            elif p.draft is not None:
                 candidates.append(Candidate(p.draft.source, p.draft.match_len, len(p.draft.tokens)))
             elif p.defer and isinstance(model, ModelDrafter):
                 candidates.append(Candidate(model.name, 0, min(p.draft_limit, model.max_draft)))
@@ -600,9 +671,10 @@ class SpeculativeEngine:
         if deferred and model is not None:
             self._assign(deferred, model.propose_batch([p.state for p in deferred], [p.draft_limit for p in deferred]))
 
-    def _verify(self, plans: list[_RowPlan], logits: torch.Tensor) -> dict[int, tuple[int, int]]:
-        """(accepted, next token) per complete row, from the one forward's logits, with one host
-        synchronisation for the greedy rows and one for the sampled rows."""
+    def _verify(self, plans: list[_RowPlan], logits: torch.Tensor) -> dict[int, tuple[list[int], int]]:
+        """(accepted draft indices, next token) per complete row, from the one forward's logits,
+        with one host synchronisation for the greedy rows and one for the sampled rows. A row's
+        logits are the pending token's, then one per draft token (tree nodes included)."""
         spans: list[tuple[_RowPlan, int, int]] = []
         offset = 0
         for plan in plans:
@@ -610,24 +682,38 @@ class SpeculativeEngine:
                 n = len(plan.drafted) + 1
                 spans.append((plan, offset, n))
                 offset += n
-        out: dict[int, tuple[int, int]] = {}
+        out: dict[int, tuple[list[int], int]] = {}
         greedy = [s for s in spans if s[0].state.sampling.greedy]
         if greedy:
             predicted = logits.argmax(-1).tolist()
             for plan, off, n in greedy:
-                out[id(plan.state)] = greedy_accept(plan.drafted, predicted[off:off + n])
+                out[id(plan.state)] = self._accept(plan, predicted[off:off + n])
         sampled = [s for s in spans if not s[0].state.sampling.greedy]
         if sampled:
-            # every sampled row's tokens at once: row i of a span samples the token at index
-            # len(tokens) + i, drawn at its answer position's keyed uniform
+            # every sampled row's tokens at once: the logits after a draft token at depth d give
+            # the token at index len(tokens) + d, drawn at its answer position's keyed uniform
             probs = torch.cat([warp_probs(logits[off:off + n], plan.state.sampling) for plan, off, n in sampled])
-            uniforms = [u for plan, _, n in sampled for u in draws(plan.state, n)]
+            uniforms = []
+            for plan, _, n in sampled:
+                depths = [0] + (plan.draft.depths() if plan.draft else [])
+                keyed = draws(plan.state, max(depths) + 1)
+                uniforms += [keyed[d] for d in depths]
             tokens = sample_at(probs, uniforms).tolist()
             at = 0
             for plan, _, n in sampled:
-                out[id(plan.state)] = greedy_accept(plan.drafted, tokens[at:at + n])
+                out[id(plan.state)] = self._accept(plan, tokens[at:at + n])
                 at += n
         return out
+
+    @staticmethod
+    def _accept(plan: _RowPlan, target_tokens: list[int]) -> tuple[list[int], int]:
+        """The accepted draft indices and the next token, given the target's token after the
+        pending token and after each draft token."""
+        draft = plan.draft
+        if draft is not None and draft.is_tree:
+            return tree_accept(draft.tokens, draft.parents, target_tokens)  # type: ignore[arg-type]
+        n, nxt = greedy_accept(plan.drafted, target_tokens)
+        return list(range(n)), nxt
 
     # ---- driving loops --------------------------------------------------------------------
     def begin(self, requests: list[GenerationRequest], on_commit: CommitCallback | None = None) -> list[SequenceState]:

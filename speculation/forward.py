@@ -4,7 +4,8 @@ The rows are packed into one sequence of tokens (no padding in the linear layers
 of the cost); each token carries its own position id, so rotary embeddings are per row. The
 attention is ours, registered with transformers' ``AttentionInterface``: per layer it writes the
 new keys and values into each row's slot at its positions, then attends each row to its own
-slot only -- the cached prefix plus its new tokens, causally (or along a tree, later). Short rows
+slot only -- the cached prefix plus its new tokens, causally, or along a tree (``Row.parents``:
+each token sees the prefix and its ancestors, at the position of its depth). Short rows
 (decode tokens + drafts) are attended together in padded calls, one per length bucket; a long
 row (a prompt chunk) alone. Padding never attends and is never attended: it is masked out and its output dropped.
 
@@ -35,6 +36,31 @@ class Row:
     start: int
     tokens: list[int]
     logits_from: int
+    # a tree of tokens: token i's parent among the row's tokens (-1: the cached prefix only).
+    # Token i is stored at position start + i and attends to the prefix and its ancestors; its
+    # rotary position is start + (its depth - 1). None: a chain (parent i - 1).
+    parents: list[int] | None = None
+
+    def positions(self) -> list[int]:
+        """The rotary position of each token."""
+        if self.parents is None:
+            return list(range(self.start, self.start + len(self.tokens)))
+        out: list[int] = []
+        for p in self.parents:
+            out.append(self.start if p < 0 else out[p] + 1)
+        return out
+
+    def visible(self) -> torch.Tensor:
+        """[n, n] bool: token i sees token j of the row (j is i or an ancestor of i)."""
+        n = len(self.tokens)
+        if self.parents is None:
+            return torch.ones(n, n, dtype=torch.bool).tril()
+        vis = torch.zeros(n, n, dtype=torch.bool)
+        for i, p in enumerate(self.parents):
+            if p >= 0:
+                vis[i] = vis[p]
+            vis[i, i] = True
+        return vis
 
 
 @dataclass
@@ -210,9 +236,9 @@ class PooledModel:
             n = len(r.tokens)
             packed.extend(range(offsets[i], offsets[i] + n))
             padded.extend(b * t_max + t for t in range(n))
-            # query t (position start + t) sees the cached prefix and the new tokens up to itself
-            q_pos = torch.arange(r.start, r.start + n).unsqueeze(1)
-            mask[b, :n] = torch.arange(kv_len).unsqueeze(0) <= q_pos
+            # query t sees the cached prefix and the new tokens up to itself (its ancestors, in a tree)
+            mask[b, :n, :r.start] = True
+            mask[b, :n, r.start:r.start + n] = r.visible()
         mask = mask.unsqueeze(1).expand(hi - lo, g, t_max, kv_len).reshape(hi - lo, 1, g * t_max, kv_len)
         dev = self.device
         return _Group(lo, hi, kv_len, t_max, torch.tensor(packed, device=dev), torch.tensor(padded, device=dev),
@@ -225,8 +251,7 @@ class PooledModel:
             raise ValueError("two rows of one forward share a KV slot")
         batch, keep, _ = self._plan(rows)
         ids = torch.tensor([[t for r in rows for t in r.tokens]], device=self.device)
-        positions = torch.tensor([[p for r in rows for p in range(r.start, r.start + len(r.tokens))]],
-                                 device=self.device)
+        positions = torch.tensor([[p for r in rows for p in r.positions()]], device=self.device)
         if not keep:
             keep_idx = torch.tensor([0], device=self.device)     # HF needs something; dropped below
         else:

@@ -55,6 +55,15 @@ class KVPool:
                 store[i] = grown
         self.slots, self.length = new_slots, new_length
 
+    def move(self, slot: int, src: list[int], dst: list[int]) -> None:
+        """Copy the keys and values at positions ``src`` of ``slot`` to positions ``dst`` (an
+        accepted path of a draft tree, moved in place behind the prefix)."""
+        s = torch.tensor(src, device=self.device)
+        d = torch.tensor(dst, device=self.device)
+        for store in (self.keys, self.values):
+            for layer in store:
+                layer[slot, :, d] = layer[slot, :, s]     # the right side is gathered first
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 

@@ -9,7 +9,9 @@ u_j that is a pure function of (seed, j) (:func:`keyed_uniforms`). Each u_j is u
 u_j are independent, so every token is distributed exactly as p_j given the tokens before it;
 and because u_j does not depend on how the answer was reached, speculation -- any drafts, any
 draft lengths, rollbacks, re-prefills -- gives the very tokens the plain loop gives for the same
-seed. A draft is accepted while it equals those sampled tokens. For a copied (one-hot) draft
+seed. A draft is accepted while it equals those sampled tokens; a draft tree likewise along the
+one branch that carries them (:func:`tree_accept`, each node's distribution drawn at the uniform
+of its depth's position). For a copied (one-hot) draft
 the acceptance probability is p(x), as in the speculative-sampling rule of Leviathan et al.; a
 draft model draws its own tokens at the same u_j from its q (inverse-CDF coupling), so drafts
 agree with the target wherever the two CDFs put u_j in the same token.
@@ -77,6 +79,26 @@ def greedy_accept(draft: list[int], predicted: list[int]) -> tuple[int, int]:
     while n < len(draft) and draft[n] == predicted[n]:
         n += 1
     return n, predicted[n]
+
+
+def tree_accept(tokens: list[int], parents: list[int], predicted: list[int]) -> tuple[list[int], int]:
+    """Greedy (or keyed-sampled) verification of a draft tree. ``predicted[0]`` is the target's
+    token after the pending one, ``predicted[1 + i]`` its token after tree node ``i``. From the
+    root, follow the child whose token is the target's own, as far as it goes: returns the
+    accepted path (node indices, root first) and the target's token after it. Siblings carry
+    distinct tokens, so at most one child matches -- the path is the one the plain loop takes."""
+    children: dict[tuple[int, int], int] = {}
+    for i, (tok, parent) in enumerate(zip(tokens, parents)):
+        children[(parent, tok)] = i
+    path: list[int] = []
+    node = -1
+    while True:
+        want = predicted[node + 1]
+        nxt = children.get((node, want))
+        if nxt is None:
+            return path, want
+        path.append(nxt)
+        node = nxt
 
 
 _MASK64 = (1 << 64) - 1

@@ -42,6 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--draft-model")
+    p.add_argument("--drafters", help="comma-separated drafter order: reference, tree, prompt_lookup, draft_model "
+                                      "(default: the engine's)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 
@@ -53,6 +55,11 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--max-tokens, -k, --stride and --query-tokens must be at least 1")
     if args.iterative and args.retriever == "hybrid":
         raise CLIError("--iterative supports the dense and bm25 retrievers")
+    drafters = None
+    if args.drafters:
+        from speculation.engine import parse_drafters
+
+        drafters = parse_drafters(args.drafters)
     from pipeline.api import AskRequest, RetrievalOptions, SpeculationOptions
     from pipeline.config import PipelineConfig
     from pipeline.rag import RAGPipeline
@@ -65,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         retrieval=RetrievalOptions(k=args.k, retriever=args.retriever, iterative=args.iterative, stride=args.stride,
                                    query_tokens=args.query_tokens, speculation_stride=args.speculation_stride,
                                    async_verification=not args.no_async, prefetch=args.prefetch),
-        speculation=SpeculationOptions(enabled=not args.no_speculation),
+        speculation=SpeculationOptions(enabled=not args.no_speculation, drafters=drafters),
     )
     stream = None
     if not args.json and sys.stdout.isatty():

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--max-draft-tokens", type=int, default=16)
     p.add_argument("--drafters", default="reference,draft_model",
-                   help="comma-separated drafter order: reference, prompt_lookup, draft_model")
+                   help="comma-separated drafter order: reference, tree, prompt_lookup, draft_model")
     p.add_argument("--no-speculation", action="store_true", help="plain decoding (the reference output)")
     p.add_argument("--draft-policy", choices=("cost", "fixed"), default="cost",
                    help="cost: draft lengths from the forward's measured cost and the drafters' acceptance; "
@@ -61,10 +61,11 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--temperature must be >= 0 and --top-p in (0, 1]")
     references = [_read_text(r, "reference file") for r in args.reference]
 
-    from speculation.engine import EngineConfig, GenerationRequest, SpeculativeEngine
+    from speculation.engine import EngineConfig, GenerationRequest, SpeculativeEngine, parse_drafters
     from speculation.models import ModelConfig, load_models
     from speculation.verify import SamplingParams
 
+    drafters = parse_drafters(args.drafters)       # a typo fails before the models load
     models = load_models(ModelConfig(model=args.model, draft_model=args.draft_model,
                                      device=args.device, dtype=args.dtype))
     tok = models.tokenizer
@@ -74,7 +75,6 @@ def run(args: argparse.Namespace) -> int:
         prompt_ids = list(tok.apply_chat_template([{"role": "user", "content": prompt}],
                                                   add_generation_prompt=True, tokenize=True,
                                                   return_dict=True)["input_ids"])
-    drafters = tuple(d.strip() for d in args.drafters.split(",") if d.strip())
     engine = SpeculativeEngine(models.target, tok, models.draft,
                                EngineConfig(drafters=drafters, max_draft_tokens=args.max_draft_tokens,
                                             draft_policy=args.draft_policy))

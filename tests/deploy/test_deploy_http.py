@@ -92,6 +92,7 @@ def test_stop_string(client):
     ({"model": "x"}, 422),
     ({"messages": [{"role": "user", "content": "q"}], "max_tokens": 0}, 422),
     ({"messages": [{"role": "user", "content": "q"}], "retrieval": {"k": 0}}, 422),
+    ({"messages": [{"role": "user", "content": "q"}], "speculation": {"drafters": ["lookahead"]}}, 422),
     ({"messages": [{"role": "system", "content": "only system"}]}, 400),
     ({"messages": [{"role": "user", "content": "   "}]}, 400),
     ({"messages": [{"role": "user", "content": "q"}], "n": 2}, 400),

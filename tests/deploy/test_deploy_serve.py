@@ -146,10 +146,14 @@ def test_iterative_mode_over_http_equals_in_process(client, inproc):
 
 
 def test_speculation_off_gives_the_same_text(client):
+    """Speculation on, off, and with the drafters a request picks (draft trees): one text."""
     q = QUESTIONS[1]
     on = _ask(client, q).choices[0].message.content
     off = _ask(client, q, extra_body={"speculation": {"enabled": False}}).choices[0].message.content
-    assert on == off
+    tree = _ask(client, q, extra_body={"speculation": {"drafters": ["tree", "prompt_lookup"]}})
+    assert on == off == tree.choices[0].message.content
+    assert "tree" in tree.model_extra["metrics"]["speculation"]["by_drafter"] or \
+        tree.model_extra["metrics"]["speculation"]["draft_tokens"] == 0
 
 
 def test_sampling_params_are_honoured(client):

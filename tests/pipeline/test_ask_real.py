@@ -62,3 +62,32 @@ def test_cli_ask_errors_are_one_line(tmp_path):
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
     out = subprocess.run([SPECRAG, "ask", " "], capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "empty question" in out.stderr
+
+
+def test_tree_drafting_on_retrieved_chunks_equals_hf_generate(small_indexes):
+    """SmolLM2 with draft trees over k = 4 real retrieved chunks (their continuations disagree):
+    the answer equals the non-speculative one and Hugging Face generate on the same prompt."""
+    from exactness import assert_same_tokens, hf_greedy
+    from pipeline.api import AskRequest, RetrievalOptions, SpeculationOptions
+    from pipeline.config import PipelineConfig
+    from pipeline.prompts import one_shot_prompt
+    from pipeline.rag import RAGPipeline
+
+    pipe = RAGPipeline(PipelineConfig(index_dir=str(small_indexes["flat"]), draft_policy="fixed"))
+    try:
+        trees = 0
+        for q in QUESTIONS[:2]:
+            sources = pipe.retrieve([q], k=4)[0]
+            assert len(sources) == 4
+            tree = pipe.generate(AskRequest(q, max_tokens=40, speculation=SpeculationOptions(drafters=("tree",)),
+                                            retrieval=RetrievalOptions(k=4)), sources)
+            plain = pipe.generate(AskRequest(q, max_tokens=40, speculation=SpeculationOptions(enabled=False),
+                                             retrieval=RetrievalOptions(k=4)), sources)
+            prompt, _ = one_shot_prompt(pipe.generation.tokenizer, q, sources, pipe.generation.context_tokens, 40)
+            target = pipe.generation.models.target
+            assert_same_tokens(target, prompt, plain.token_ids, tree.token_ids, f"{q}: tree vs plain")
+            assert_same_tokens(target, prompt, hf_greedy(target, prompt, 40), tree.token_ids, f"{q}: tree vs HF")
+            trees += tree.stats["by_drafter"].get("tree", {}).get("accepted", 0)
+        assert trees > 0, "no tree token was accepted: the comparison proved nothing"
+    finally:
+        pipe.close()

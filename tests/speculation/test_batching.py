@@ -240,7 +240,7 @@ def test_bad_requests_fail_alone(models):
     loop = EngineLoop(engine)
     good = loop.submit(GenerationRequest([1, 5, 6], [], max_new_tokens=5))
     bad = loop.submit(GenerationRequest([], [], max_new_tokens=5))
-    unknown = loop.submit(GenerationRequest([1, 5], [], max_new_tokens=5, drafters=("tree",)))
+    unknown = loop.submit(GenerationRequest([1, 5], [], max_new_tokens=5, drafters=("lookahead",)))
     with pytest.raises(GenerationInputError, match="empty prompt"):
         bad.result(30)
     with pytest.raises(GenerationInputError, match="unknown drafter"):

@@ -63,8 +63,8 @@ def test_no_speculation_path_equals_hf_generate(smollm):
 
 
 def test_sixteen_concurrent_requests_equal_hf_generate(smollm):
-    """SmolLM2 with 16 requests in one engine loop (prompts of different lengths, reference
-    drafting on and off, different limits): each output equals HF generate's, token for token,
+    """SmolLM2 with 16 requests in one engine loop (prompts of different lengths, reference and
+    tree drafting and none, different limits): each output equals HF generate's, token for token,
     and the forwards held many rows."""
     from speculation.engine import EngineConfig, GenerationRequest, SpeculativeEngine
     from speculation.scheduler import EngineLoop
@@ -77,7 +77,8 @@ def test_sixteen_concurrent_requests_equal_hf_generate(smollm):
     for i in range(16):
         module, name, question = TOPICS[i % len(TOPICS)]
         prompt, reference = _prompt(smollm.tokenizer, module, name, question if i < 8 else question + " Be brief.")
-        cases.append(GenerationRequest(prompt, [reference], max_new_tokens=16 + 2 * i, speculate=i % 3 != 2))
+        cases.append(GenerationRequest(prompt, [reference, reference[len(reference) // 3:]], max_new_tokens=16 + 2 * i,
+                                       speculate=i % 3 != 2, drafters=("tree",) if i % 4 == 1 else None))
     handles = [loop.submit(req) for req in cases]
     results = [h.result(600) for h in handles]
     loop.close()
@@ -89,8 +90,9 @@ def test_sixteen_concurrent_requests_equal_hf_generate(smollm):
 
 def test_bf16_speculative_output_is_bitwise_the_plain_output(smollm):
     """SmolLM2 in bf16 with the batch-invariant forward (where this CPU's bf16 matmuls are
-    row-invariant): reference drafting alone and 10 requests in one batch give exactly the
-    tokens of plain bf16 decoding; HF generate in bf16 agrees up to reported near-ties."""
+    row-invariant): reference and tree drafting (trees verified as their heaviest path there),
+    alone and 6 requests in one batch, give exactly the tokens of plain bf16 decoding; HF
+    generate in bf16 agrees up to reported near-ties."""
     import copy
 
     import torch
@@ -106,11 +108,12 @@ def test_bf16_speculative_output_is_bitwise_the_plain_output(smollm):
                                                                           draft_policy="fixed"))
     assert engine.batch_invariant
     reqs = []
-    for i in range(10):
+    for i in range(6):
         module, name, question = TOPICS[i % len(TOPICS)]
         prompt, reference = _prompt(smollm.tokenizer, module, name, question if i < 5 else question + " Be brief.")
-        reqs.append(GenerationRequest(prompt, [reference], max_new_tokens=40))
-    plain = [engine.generate_one(GenerationRequest(r.prompt_ids, [], max_new_tokens=40, speculate=False)).token_ids
+        reqs.append(GenerationRequest(prompt, [reference, reference[len(reference) // 2:]], max_new_tokens=32,
+                                      drafters=("reference",) if i % 2 else ("tree",)))
+    plain = [engine.generate_one(GenerationRequest(r.prompt_ids, [], max_new_tokens=32, speculate=False)).token_ids
              for r in reqs]
     alone = [engine.generate_one(r) for r in reqs]
     assert [a.token_ids for a in alone] == plain
@@ -121,6 +124,6 @@ def test_bf16_speculative_output_is_bitwise_the_plain_output(smollm):
     exactness.NEAR_TIE, saved = 0.5, exactness.NEAR_TIE
     try:
         for r, got in zip(reqs[:3], plain[:3]):
-            assert_same_tokens(target, r.prompt_ids, hf_greedy(target, r.prompt_ids, 40), got, "bf16 vs HF")
+            assert_same_tokens(target, r.prompt_ids, hf_greedy(target, r.prompt_ids, 32), got, "bf16 vs HF")
     finally:
         exactness.NEAR_TIE = saved

@@ -79,9 +79,13 @@ def setup():
     return target, draft, _exact_joint(target)
 
 
+# documents that continue the same suffixes differently: the tree drafter branches at most steps
+TREE_REFS = [[3, 4, 0, 3, 4, 1, 0, 1, 3, 3, 4], [0, 3, 1, 1, 4, 0, 3, 0, 1], [4, 0, 3, 3, 0, 1, 4, 3, 1],
+             [3, 0, 4, 4, 3, 1, 1, 0, 4]]
 CONFIGS = {
     "draft_model": (("draft_model",), []),
     "reference": (("reference",), [[3, 4, 0, 3, 4, 1, 0, 1, 3, 3, 4]]),
+    "tree": (("tree",), TREE_REFS),
 }
 
 
@@ -131,3 +135,25 @@ def test_chi_square_rejects_draws_that_ignore_the_position(setup, monkeypatch):
     monkeypatch.setattr(engine_mod, "draws", repeated)
     engine = SpeculativeEngine(target, TinyTokenizer(VOCAB), draft, EngineConfig(drafters=("draft_model",)))
     assert _pvalue(_sampled_joint(engine, []), joint) < 1e-3
+
+
+def test_chi_square_rejects_a_tree_rule_that_prefers_the_first_branch(setup, monkeypatch):
+    """Test of the test for trees: a rule that, whenever the target's token is one of a node's
+    children, follows the node's first (heaviest) child instead of the matching one must fail
+    the joint distribution check; the right rule (above) passes it."""
+    target, _, joint = setup
+
+    def first_branch(tokens, parents, predicted):
+        path, node = [], -1
+        while True:
+            kids = [i for i, p in enumerate(parents) if p == node]
+            want = predicted[node + 1]
+            if want not in [tokens[i] for i in kids]:
+                return path, want
+            path.append(kids[0])
+            node = kids[0]
+
+    monkeypatch.setattr(engine_mod, "tree_accept", first_branch)
+    engine = SpeculativeEngine(target, TinyTokenizer(VOCAB), None,
+                               EngineConfig(drafters=("tree",), draft_policy="fixed", min_ngram=1))
+    assert _pvalue(_sampled_joint(engine, TREE_REFS), joint) < 1e-3
