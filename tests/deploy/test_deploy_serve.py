@@ -387,7 +387,11 @@ def test_redis_outage_is_503_and_recovers(service, index, tmp_path):
         assert again.status_code == 200, again.text
         t_ok = time.monotonic()
         assert httpx.get(base + "/health", timeout=30).status_code == 200
-        time.sleep(6)                                   # the load answers again after the restart
+        # the load answers again after the restart: wait for load requests started after it (a
+        # fixed sleep saw none finish on a loaded machine)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and sum(1 for t, _, _, _ in log if t > t_ok) < 3:
+            time.sleep(0.2)
         load_stop.set()
         for w in workers:
             w.join(60)
