@@ -45,14 +45,13 @@ LABELS = {"plain": "specrag, no speculation", "reference": "specrag, single-path
 
 
 def _histogram(results: list[Any], drafter: str) -> list[int]:
-    out: list[int] = []
+    from speculation.engine import DrafterStats
+
+    total = DrafterStats()
     for r in results:
-        st = r.stats.by_drafter.get(drafter)
-        for n, c in enumerate(st.accepted_lengths if st else []):
-            if n == len(out):
-                out.append(0)
-            out[n] += c
-    return out
+        if drafter in r.stats.by_drafter:
+            total.merge(r.stats.by_drafter[drafter])
+    return total.accepted_lengths
 
 
 def main() -> int:

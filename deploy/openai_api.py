@@ -23,7 +23,7 @@ from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
 from openai.types.chat.chat_completion_chunk import ChoiceDelta
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.api import AskRequest, AskResult, RetrievalOptions, SpeculationOptions, Source
+from pipeline.api import AskRequest, AskResult, DrafterName, RetrievalOptions, SpeculationOptions, Source
 
 from .errors import ServiceError
 
@@ -60,7 +60,7 @@ class SpeculationParams(BaseModel):
     enabled: bool | None = None
     max_draft_tokens: int | None = Field(None, ge=1, le=64)
     # drafters in order of preference; None: the deployment's
-    drafters: list[Literal["reference", "tree", "prompt_lookup", "draft_model"]] | None = Field(None, max_length=4)
+    drafters: list[DrafterName] | None = Field(None, max_length=4)
 
 
 class StreamOptions(BaseModel):

@@ -32,6 +32,10 @@ class RetrievalOptions:
     prefetch: int = 20
 
 
+# the engine's drafters (speculation.engine.DRAFTERS), as a type for validated configs and requests
+DrafterName = Literal["reference", "tree", "prompt_lookup", "draft_model"]
+
+
 @dataclass
 class SpeculationOptions:
     enabled: bool = True

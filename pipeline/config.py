@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from pipeline.api import DrafterName
 from retrieval.config import from_environment
 
 
@@ -34,7 +35,7 @@ class PipelineConfig(BaseModel):
     retriever: str = "dense"
     max_draft_tokens: int = Field(16, ge=1, le=64)
     # drafters in order of preference (speculation.engine.DRAFTERS); None: the engine's default
-    drafters: list[Literal["reference", "tree", "prompt_lookup", "draft_model"]] | None = None
+    drafters: list[DrafterName] | None = None
     # continuous batching: sequences one engine loop holds (KV slots), tokens one forward feeds
     max_batch: int = Field(16, ge=1, le=256)
     max_tokens_per_step: int = Field(512, ge=32)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import torch
 
+from .forward import tree_depths
 from .verify import SamplingParams, draws, sample_at, warp_probs
 
 if TYPE_CHECKING:
@@ -58,10 +59,7 @@ class Draft:
         """Each token's depth, 1 for the first drafted token (a chain's i-th token: i + 1)."""
         if self.parents is None:
             return list(range(1, len(self.tokens) + 1))
-        out: list[int] = []
-        for p in self.parents:
-            out.append(1 if p < 0 else out[p] + 1)
-        return out
+        return tree_depths(self.parents)
 
     def depth(self) -> int:
         return max(self.depths(), default=0)
@@ -84,11 +82,19 @@ class Draft:
         """The tree's nodes reordered by ``gains`` (largest first; a node's gain never exceeds
         its parent's, and ties keep the current order, so parents stay first)."""
         assert self.parents is not None and self.weights is not None
-        order = sorted(range(len(self.tokens)), key=lambda i: (-gains[i], i))
-        new_index = {old: new for new, old in enumerate(order)}
-        return Draft([self.tokens[i] for i in order], self.source, self.match_len,
-                     [-1 if self.parents[i] < 0 else new_index[self.parents[i]] for i in order],
-                     [self.weights[i] for i in order])
+        tokens, parents, weights = _by_score(self.tokens, self.parents, self.weights, gains, len(self.tokens))
+        return Draft(tokens, self.source, self.match_len, parents, weights)
+
+
+def _by_score(tokens: list[int], parents: list[int], weights: list[float], scores: list[float],
+              limit: int) -> tuple[list[int], list[int], list[float]]:
+    """The first ``limit`` nodes of a parents-first tree by score, largest first, ties in the
+    current order, parents re-indexed. A node's score must never exceed its parent's: then
+    parents stay first and any prefix is a tree."""
+    order = sorted(range(len(tokens)), key=lambda i: (-scores[i], i))[:limit]
+    new_index = {old: new for new, old in enumerate(order)}
+    return ([tokens[i] for i in order], [-1 if parents[i] < 0 else new_index[parents[i]] for i in order],
+            [weights[i] for i in order])
 
 
 def build_tree(seqs: list[list[int]], occurrences: list[tuple[int, int, int]], max_depth: int,
@@ -128,10 +134,8 @@ def build_tree(seqs: list[list[int]], occurrences: list[tuple[int, int, int]], m
             weight[nxt] += w
             node = nxt
     # creation order is parents first; a child's weight never exceeds its parent's
-    order = sorted(range(len(tokens)), key=lambda i: (-weight[i], i))[:max_nodes]
-    new_index = {old: new for new, old in enumerate(order)}
-    return ([tokens[i] for i in order], [-1 if parents[i] < 0 else new_index[parents[i]] for i in order],
-            [min(1.0, weight[i]) for i in order])
+    weight = [min(1.0, w) for w in weight]
+    return _by_score(tokens, parents, weight, weight, max_nodes)
 
 
 @dataclass

@@ -27,6 +27,15 @@ _BATCH_KWARG = "specrag_batch"
 SHORT_ROW = 32          # rows up to this many tokens share one padded attention call
 
 
+def tree_depths(parents: list[int]) -> list[int]:
+    """Each node's depth in a tree given parents-first (``parents[i]`` < ``i``; -1: a root),
+    roots at depth 1."""
+    out: list[int] = []
+    for p in parents:
+        out.append(1 if p < 0 else out[p] + 1)
+    return out
+
+
 @dataclass
 class Row:
     """What one sequence feeds into a forward: ``tokens`` at positions ``start`` onwards of its
@@ -45,10 +54,7 @@ class Row:
         """The rotary position of each token."""
         if self.parents is None:
             return list(range(self.start, self.start + len(self.tokens)))
-        out: list[int] = []
-        for p in self.parents:
-            out.append(self.start if p < 0 else out[p] + 1)
-        return out
+        return [self.start + d - 1 for d in tree_depths(self.parents)]
 
     def visible(self) -> torch.Tensor:
         """[n, n] bool: token i sees token j of the row (j is i or an ancestor of i)."""

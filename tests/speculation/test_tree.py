@@ -258,3 +258,14 @@ def test_tree_rows_share_a_batch_with_chain_rows(target):
     assert max(rows) >= 6
     for i, (req, res, case) in enumerate(zip(requests, together, cases)):
         assert_same_tokens(target, req.prompt_ids, case[3][:req.max_new_tokens], res.token_ids, f"row {i}")
+
+
+def test_validated_drafter_names_are_the_engines():
+    """Configs and HTTP requests validate drafter names against one Literal: it must list
+    exactly the drafters the engine knows."""
+    import typing
+
+    from pipeline.api import DrafterName
+    from speculation.engine import DRAFTERS
+
+    assert typing.get_args(DrafterName) == DRAFTERS
