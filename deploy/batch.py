@@ -158,7 +158,7 @@ class QAWorker:
         from pipeline.api import AskRequest, RetrievalOptions
 
         from .errors import to_service_error
-        from .openai_api import public_sources, response_metrics
+        from .openai_api import public_provenance, public_sources, response_metrics
 
         request = AskRequest(question=question,
                              max_tokens=max_tokens or self._max_tokens or self._cfg.max_tokens,
@@ -171,7 +171,7 @@ class QAWorker:
             return {"id": qid, "ok": False, "line": "", "error": f"{err.type}: {err.message}",
                     "tokens": 0, "forwards": 0}
         out = {"id": qid if raw_id is None else raw_id, "question": question, "answer": res.answer,
-               "sources": public_sources(res.sources), "metrics": response_metrics(res),
+               "sources": public_sources(res), **public_provenance(res), "metrics": response_metrics(res),
                "finish_reason": res.finish_reason,
                "usage": {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens}}
         return {"id": qid, "ok": True, "line": json.dumps(out, ensure_ascii=False), "error": "",

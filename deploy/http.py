@@ -13,20 +13,22 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, AsyncIterator, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.api import AskRequest, AskResult, Source
+from pipeline.api import AskRequest, AskResult, Source, TextDelta
 
 from . import openai_api as oa
 from .errors import ServiceError, to_service_error
 from .metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
+STATIC = Path(__file__).with_name("static")      # the playground page and its script
 
 
 class Backend(Protocol):
@@ -138,6 +140,15 @@ def create_api(backend: Backend, settings: HttpSettings, metrics: ServiceMetrics
             return JSONResponse({"status": "unavailable", **err.body()}, status_code=503)
         return JSONResponse({"status": "ok", "model": settings.model_name, **info})
 
+    @app.get("/", include_in_schema=False)
+    async def playground() -> FileResponse:
+        """The playground page: ask, watch the answer stream in coloured by origin."""
+        return FileResponse(STATIC / "playground.html", media_type="text/html")
+
+    @app.get("/playground.js", include_in_schema=False)
+    async def playground_script() -> FileResponse:
+        return FileResponse(STATIC / "playground.js", media_type="text/javascript")
+
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
@@ -214,7 +225,10 @@ def create_api(backend: Backend, settings: HttpSettings, metrics: ServiceMetrics
                     result = item
                     break
                 if item:
-                    yield _sse(oa.chunk(model=model, completion_id=cid, created=created, delta={"content": item}))
+                    delta: dict[str, Any] = {"content": str(item)}
+                    if isinstance(item, TextDelta):
+                        delta["provenance"] = item.provenance
+                    yield _sse(oa.chunk(model=model, completion_id=cid, created=created, delta=delta))
                 item = await it.__anext__()
         except StopAsyncIteration:
             log.error("stream ended without a result")
@@ -240,7 +254,7 @@ def create_api(backend: Backend, settings: HttpSettings, metrics: ServiceMetrics
                         log.debug("closing the generator stream failed", exc_info=True)
         if result is not None:
             seconds["total_endpoint"] = time.perf_counter() - t0
-            extra = {"sources": oa.public_sources(result.sources),
+            extra = {"sources": oa.public_sources(result), **oa.public_provenance(result),
                      "metrics": oa.response_metrics(result, seconds, served_by)}
             yield _sse(oa.chunk(model=model, completion_id=cid, created=created, delta={},
                                 finish_reason=result.finish_reason, **({} if include_usage else extra)))

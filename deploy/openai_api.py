@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import asdict, is_dataclass, replace
+from dataclasses import asdict, is_dataclass
 from typing import Any, Literal
 
 from openai.types import CompletionUsage
@@ -23,7 +23,7 @@ from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
 from openai.types.chat.chat_completion_chunk import ChoiceDelta
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.api import AskRequest, AskResult, DrafterName, RetrievalOptions, SpeculationOptions, Source
+from pipeline.api import AskRequest, AskResult, DrafterName, RetrievalOptions, SpeculationOptions
 
 from .errors import ServiceError
 
@@ -152,10 +152,14 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def public_sources(sources: list[Source]) -> list[dict[str, Any]]:
-    # Drop the token ids (hundreds per source) before ``public()``: its ``asdict`` deep-copies
-    # every list, which cost ~1 ms per response for ids that are then thrown away.
-    return [_jsonable(replace(s, token_ids=None).public() if s.token_ids else s.public()) for s in sources]
+def public_sources(result: AskResult) -> list[dict[str, Any]]:
+    """``sources`` of a response: each source's public fields and its spans in the answer."""
+    return _jsonable(result.public_sources())
+
+
+def public_provenance(result: AskResult) -> dict[str, Any]:
+    """The message's ``provenance`` (and ``strides``, iterative mode)."""
+    return _jsonable(result.public_provenance())
 
 
 def response_metrics(result: AskResult, extra_seconds: dict[str, float] | None = None,
@@ -193,10 +197,11 @@ def completion_body(result: AskResult, *, model: str, completion_id: str, create
         object="chat.completion",
         created=created or int(time.time()),
         model=model,
-        choices=[Choice(index=0, message=ChatCompletionMessage(role="assistant", content=result.answer),
+        choices=[Choice(index=0, message=ChatCompletionMessage(role="assistant", content=result.answer,
+                                                               **public_provenance(result)),
                         finish_reason=result.finish_reason, logprobs=None)],
         usage=usage(result),
-        sources=public_sources(result.sources),
+        sources=public_sources(result),
         metrics=response_metrics(result, extra_seconds, extra_retrieval),
     ).to_dict()
 

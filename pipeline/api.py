@@ -9,7 +9,8 @@ Contract used by ``deploy``:
     pipe.answer(AskRequest(...), on_text=cb)            -> AskResult   # retrieve + generate
                                                                      # (iterative when asked)
 ``on_text`` receives text deltas as tokens are committed; their concatenation equals
-``AskResult.answer``.
+``AskResult.answer``. Each delta is a :class:`TextDelta`: a ``str`` that also carries the
+provenance segments of its text (``pipeline/provenance.py``).
 """
 
 from __future__ import annotations
@@ -57,6 +58,22 @@ class AskRequest:
     speculation: SpeculationOptions = field(default_factory=SpeculationOptions)
 
 
+class TextDelta(str):
+    """A streamed piece of the answer, with ``provenance``: its segments ({answer_start,
+    answer_end, origin, source}, in characters of the whole answer). Still a plain ``str`` to
+    everything that only wants the text."""
+
+    provenance: list[dict[str, Any]]
+
+    def __new__(cls, text: str, provenance: list[dict[str, Any]] | None = None) -> "TextDelta":
+        obj = super().__new__(cls, text)
+        obj.provenance = list(provenance or [])
+        return obj
+
+    def __reduce__(self) -> Any:          # crosses Ray's process boundaries with its provenance
+        return (TextDelta, (str(self), self.provenance))
+
+
 @dataclass
 class AskResult:
     answer: str
@@ -67,10 +84,28 @@ class AskResult:
     # {"retrievals": {...}, "prefills", "target_forwards", "mean_accepted_per_forward",
     #  "draft_tokens", "accepted_tokens", "by_drafter": {...}, "seconds": {...}}
     stats: dict[str, Any] = field(default_factory=dict)
+    # per source (parallel to ``sources``): the answer ranges equal to its text,
+    # [{answer_start, answer_end, source_start, source_end, kind: copied|matched}]
+    spans: list[list[dict[str, Any]]] = field(default_factory=list)
+    # the answer as segments of one origin: [{answer_start, answer_end, origin, source}], origin
+    # copied (from sources[source]) | prompt | answer | draft_model | target
+    provenance: list[dict[str, Any]] = field(default_factory=list)
+    # iterative mode: the chunk each stride was generated with, [{answer_start, answer_end, source}]
+    strides: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def completion_tokens(self) -> int:
         return len(self.token_ids)
+
+    def public_sources(self) -> list[dict[str, Any]]:
+        """The sources as users see them (CLI ``--json``, HTTP, batch output): each one's public
+        fields and its ``spans`` in this answer."""
+        return [{**s.public(), "spans": list(self.spans[i]) if i < len(self.spans) else []}
+                for i, s in enumerate(self.sources)]
+
+    def public_provenance(self) -> dict[str, Any]:
+        """``provenance`` (the answer's segments) and, in iterative mode, ``strides``."""
+        return {"provenance": list(self.provenance), **({"strides": list(self.strides)} if self.strides else {})}
 
 
 # Stages (implemented in pipeline/rag.py), so that Ray Serve can put retrieval and generation

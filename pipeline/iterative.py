@@ -36,10 +36,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from .api import AskRequest, AskResult, Source
+from .api import AskRequest, AskResult, Source, TextDelta
 from .errors import RequestStopped
 from .generation import RequestBuilder, answer_stats, check_question
 from .prompts import iterative_prompt
+from .provenance import OriginStream, TokenOrigin, attribute, token_origins
 from .scheduler import StrideScheduler
 
 NO_DOC = Source(id="", title="", source="", score=0.0, text="")   # a retriever that found nothing
@@ -104,6 +105,9 @@ class IterativeAnswer:
         self.opt = options or IterativeOptions.for_request(request)
         self.question_ids = self.tok.encode(request.question, add_special_tokens=False)
         self.answer: list[int] = []            # committed tokens, then those of unverified strides
+        self.answer_origins: list[TokenOrigin] = []   # their provenance (pipeline/provenance.py)
+        self.stride_log: list[tuple[int, int, str]] = []   # (answer start, end, chunk id) per stride
+        self.state_refs: dict[int, list[Source]] = {}      # per sequence: the sources of its references
         self.finished = False                  # the generated answer reached EOS or its budget
         self.finish_reason = "length"
         self.states: dict[int, Any] = {}       # every engine state used, for the stats
@@ -120,9 +124,12 @@ class IterativeAnswer:
         # strides that prefilled a new sequence / continued the previous stride's / resumed an earlier one
         self.chunk_sequences = {"new": 0, "continued": 0, "resumed": 0}
         self.sources_used: dict[str, Source] = {}
+        self.source_index: dict[str, int] = {}         # position of each in sources_used
         # the committed answer: what has been verified, streamed through the stop-string filter
         self.committed = 0
         self.kept: list[int] = []
+        self.kept_origins: list[TokenOrigin] = []
+        self._origins: OriginStream | None = None
         self.done = False                      # committed text reached EOS, a stop string or the budget
         self._streamer: Any = None
         self._on_text: Callable[[str], None] | None = None
@@ -168,27 +175,27 @@ class IterativeAnswer:
             self.counts["speculated"] += 1
         return self.cache[ids[best]], vec
 
-    def _references(self, doc: Source) -> list[list[int]]:
-        """Token ids of the cached chunks other than ``doc`` (which is in the prompt), most
-        recently cached first, up to ``reference_tokens`` tokens: drafting material for token
-        speculation."""
+    def _references(self, doc: Source) -> list[Source]:
+        """The cached chunks other than ``doc`` (which is in the prompt), most recently cached
+        first, up to ``reference_tokens`` tokens: drafting material for token speculation."""
         if not self.opt.token_speculation or self.opt.reference_tokens <= 0:
             return []
-        refs: list[list[int]] = []
+        refs: list[Source] = []
         total = 0
         for source in reversed(list(self.cache.values())):
             if source.id == doc.id or not source.id:
                 continue
-            ids = self.requests.reference_ids(source)
-            if total + len(ids) > self.opt.reference_tokens:
+            n = len(self.requests.reference_ids(source))
+            if total + n > self.opt.reference_tokens:
                 break
-            refs.append(ids)
-            total += len(ids)
+            refs.append(source)
+            total += n
         return refs
 
     def _use(self, doc: Source) -> None:
-        if doc.id:
-            self.sources_used.setdefault(doc.id, doc)
+        if doc.id and doc.id not in self.sources_used:
+            self.sources_used[doc.id] = doc
+            self.source_index[doc.id] = len(self.source_index)
 
     def _add_to_cache(self, sources: list[Source]) -> None:
         for s in sources:
@@ -213,14 +220,16 @@ class IterativeAnswer:
             self.engine.run([state])
         else:
             head = iterative_prompt(self.tok, self.request.question, doc)
+            refs = self._references(doc)
             req = self.requests.engine_request(
-                self.request, head + self.answer, self._references(doc), budget, stop=[],
+                self.request, head + self.answer, [self.requests.reference_ids(r) for r in refs], budget, stop=[],
                 speculate=self.opt.token_speculation, pause_at=self.params.stride,
                 draft_past_pause=self.opt.draft_across_strides and self.opt.kv_reuse, answer_start=len(head))
             (state,) = self.engine.begin([req])
             self.engine.run([state])
             gen_start = 0
             self.states[id(state)] = state
+            self.state_refs[id(state)] = refs
             self.chunk_sequences["new"] += 1
             if self.opt.kv_reuse:
                 self.doc_states[doc.id] = (state, len(head))
@@ -229,6 +238,8 @@ class IterativeAnswer:
         if doc.id in self.doc_states:
             self.doc_states.move_to_end(doc.id)
         self.answer.extend(state.generated[gen_start:])
+        self.answer_origins.extend(token_origins(state.origins[gen_start:], self.state_refs[id(state)]))
+        self.stride_log.append((start, len(self.answer), doc.id))
         if state.finished or len(self.answer) >= self.request.max_tokens:
             self.finished = True
             self.finish_reason = state.finish_reason or "length"
@@ -261,15 +272,18 @@ class IterativeAnswer:
         """The answer up to ``upto`` is verified: stream it, applying EOS, stop strings and
         the token budget as the tokens commit. What follows a stop is dropped."""
         eos = self.engine.eos_ids
-        for t in self.answer[self.committed:upto]:
+        for t, origin in zip(self.answer[self.committed:upto], self.answer_origins[self.committed:upto]):
             self.committed += 1
             self.kept.append(t)
+            self.kept_origins.append(origin)
+            if origin[0] == "reference" and origin[1] in self.cache:
+                self._use(self.cache[origin[1]])      # a chunk the answer copies from is one it used
             if t in eos:
                 self.done, self.finish_reason = True, "stop"
                 break
             delta = self._streamer.push(t)
-            if delta and self._on_text is not None:
-                self._on_text(delta)
+            if delta:
+                self._emit(delta)
             if self._streamer.stopped:
                 self.done, self.finish_reason = True, "stop"
                 break
@@ -278,6 +292,7 @@ class IterativeAnswer:
                 break
         if self.done:
             del self.answer[self.committed:]
+            del self.answer_origins[self.committed:]
         elif self.finished and self.committed >= len(self.answer):
             self.done = True
 
@@ -285,6 +300,9 @@ class IterativeAnswer:
         """Forget ``stride`` and everything after it (the sequences are cut back when next used,
         by ``_resume``)."""
         del self.answer[stride.answer_start:]
+        del self.answer_origins[stride.answer_start:]
+        while self.stride_log and self.stride_log[-1][0] >= stride.answer_start:
+            self.stride_log.pop()
         self.finished = False
         self.finish_reason = "length"
 
@@ -297,6 +315,7 @@ class IterativeAnswer:
 
         t0 = time.perf_counter()
         self._streamer = StopStringStreamer(self.tok, self.request.stop)
+        self._origins = OriginStream(self.source_index)   # grows as chunks are used; positions never change
         self._on_text, self._cancelled = on_text, cancelled
         try:
             if self.opt.speculative_retrieval:
@@ -307,9 +326,14 @@ class IterativeAnswer:
             for state in self.states.values():     # the chunks' KV slots go back to the pool
                 self.engine.release(state)
         last = self._streamer.finish()
-        if on_text is not None and last:
-            on_text(last)
+        if last:
+            self._emit(last)
         return self._result(t0)
+
+    def _emit(self, delta: str) -> None:
+        if self._on_text is not None:
+            assert self._origins is not None
+            self._on_text(TextDelta(delta, self._origins.take(delta, self._streamer.ends, self.kept_origins)))
 
     def _run_baseline(self) -> None:
         """In-Context RALM: retrieve for real, generate a stride, commit it."""
@@ -413,7 +437,18 @@ class IterativeAnswer:
         stats = answer_stats(total, self.counts, self.seconds["retrieval"], time.perf_counter() - t0,
                              speculation_strides=list(self.scheduler.rounds),
                              chunk_sequences=dict(self.chunk_sequences))
-        return AskResult(answer=self._streamer.text, token_ids=list(self.kept),
-                         sources=list(self.sources_used.values()),
+        text, sources = self._streamer.text, list(self.sources_used.values())
+        ends = self._streamer.token_ends(len(self.kept))
+        spans, segments = attribute(text, self.kept, ends, self.kept_origins, sources,
+                                    self.requests.reference_ids, self.tok)
+        strides = []
+        for start, end, doc_id in self.stride_log:
+            if start >= len(self.kept):
+                break
+            a, b = (ends[start - 1] if start else 0), ends[min(end, len(self.kept)) - 1]
+            if b > a:
+                strides.append({"answer_start": a, "answer_end": b, "source": self.source_index.get(doc_id)})
+        return AskResult(answer=text, token_ids=list(self.kept), sources=sources,
                          finish_reason="stop" if self.finish_reason == "stop" else "length",
-                         prompt_tokens=len(self.question_ids), stats=stats)
+                         prompt_tokens=len(self.question_ids), stats=stats, spans=spans, provenance=segments,
+                         strides=strides)

@@ -12,12 +12,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .api import AskRequest, AskResult, Source
+from .api import AskRequest, AskResult, Source, TextDelta
 from .config import PipelineConfig, default_index_dir
 from .errors import PipelineError
 from .generation import RequestBuilder, answer_stats, check_question
 from .iterative import IterativeAnswer, IterativeOptions
 from .prompts import one_shot_prompt
+from .provenance import OriginStream, attribute, token_origins
 
 log = logging.getLogger(__name__)
 
@@ -138,21 +139,29 @@ class GenerationStage:
     def generate(self, request: AskRequest, sources: list[Source], on_text: TextCallback | None = None,
                  retrieval_seconds: float = 0.0) -> AskResult:
         """Answer from the given sources: a prompt with numbered sources, their token ids as
-        drafting references."""
+        drafting references. The answer's provenance: each source's spans and the segments
+        (``pipeline/provenance.py``); ``on_text`` gets each delta with its segments."""
         t0 = time.perf_counter()
         check_question(request)
         prompt_ids, used = one_shot_prompt(self.tokenizer, request.question, sources, self.context_tokens,
                                            request.max_tokens)
         req = self.requests.engine_request(request, prompt_ids, [self.requests.reference_ids(s) for s in used],
                                            request.max_tokens)
-        callback = (lambda _s, _ids, delta: delta and on_text(delta)) if on_text else None
-        result = self.engine.generate_one(req, callback)
+        stream = OriginStream({s.id: i for i, s in enumerate(used)}, used)
+
+        def callback(state: Any, _ids: list[int], delta: str) -> None:
+            if delta and on_text is not None:
+                on_text(TextDelta(delta, stream.take(delta, state.streamer.ends, state.origins)))
+        result = self.engine.generate_one(req, callback if on_text is not None else None)
+        spans, segments = attribute(result.text, result.token_ids, result.token_ends,
+                                    token_origins(result.origins, used), used, self.requests.reference_ids,
+                                    self.tokenizer)
         n = 1 if sources else 0
         stats = answer_stats(result.stats, {"real": n, "speculated": 0, "verified": 0, "mismatched": 0, "batches": n},
                              retrieval_seconds, time.perf_counter() - t0 + retrieval_seconds)
         return AskResult(answer=result.text, token_ids=result.token_ids, sources=used,
                          finish_reason="length" if result.finish_reason == "length" else "stop",
-                         prompt_tokens=len(prompt_ids), stats=stats)
+                         prompt_tokens=len(prompt_ids), stats=stats, spans=spans, provenance=segments)
 
     def iterative(self, request: AskRequest, options: IterativeOptions | None = None,
                   retrieval: Any = None) -> IterativeAnswer:

@@ -29,6 +29,16 @@ from .verify import SamplingParams, draws, sample_at, warp_probs
 if TYPE_CHECKING:
     from .engine import SequenceState
 
+# Where a committed token came from (provenance): (kind, reference index, token offset).
+# kind: "reference" (copied from the request's references[ref] at token offset), "prompt"
+# (copied from the prompt at offset), "output" (copied from the sequence's own output at
+# offset), "draft_model", "target" (the target's own token: a correction, a bonus token, no
+# draft), "given" (appended by the caller with ``extend``); ref and offset -1 where they do not apply.
+Origin = tuple[str, int, int]
+TARGET: Origin = ("target", -1, -1)
+DRAFT_MODEL: Origin = ("draft_model", -1, -1)
+GIVEN: Origin = ("given", -1, -1)
+
 
 @dataclass
 class Draft:
@@ -44,6 +54,9 @@ class Draft:
     match_len: int = 0                   # copy drafters: length of the suffix match it continues
     parents: list[int] | None = None     # None: a chain
     weights: list[float] | None = None
+    # copy drafters: where each token was copied from, an ``Origin`` (kind, reference, offset);
+    # None: the drafter made the tokens up (a draft model)
+    origins: list[Origin] | None = None
 
     @property
     def is_tree(self) -> bool:
@@ -53,7 +66,12 @@ class Draft:
         """The first ``k`` drafted tokens (nodes, for a tree)."""
         return Draft(self.tokens[:k], self.source, self.match_len,
                      None if self.parents is None else self.parents[:k],
-                     None if self.weights is None else self.weights[:k])
+                     None if self.weights is None else self.weights[:k],
+                     None if self.origins is None else self.origins[:k])
+
+    def origin(self, i: int) -> Origin:
+        """Where drafted token ``i`` came from (the draft model's tokens: ``DRAFT_MODEL``)."""
+        return DRAFT_MODEL if self.origins is None else self.origins[i]
 
     def depths(self) -> list[int]:
         """Each token's depth, 1 for the first drafted token (a chain's i-th token: i + 1)."""
@@ -69,47 +87,56 @@ class Draft:
         largest weight (the first listed), as far as the tree goes."""
         if self.parents is None:
             return self
-        tokens: list[int] = []
+        path: list[int] = []
         node = -1
         while True:
             child = next((i for i, p in enumerate(self.parents) if p == node), None)
             if child is None:
-                return Draft(tokens, self.source, self.match_len)
-            tokens.append(self.tokens[child])
+                return Draft([self.tokens[i] for i in path], self.source, self.match_len,
+                             origins=None if self.origins is None else [self.origins[i] for i in path])
+            path.append(child)
             node = child
 
     def ranked(self, gains: list[float]) -> "Draft":
         """The tree's nodes reordered by ``gains`` (largest first; a node's gain never exceeds
         its parent's, and ties keep the current order, so parents stay first)."""
         assert self.parents is not None and self.weights is not None
-        tokens, parents, weights = _by_score(self.tokens, self.parents, self.weights, gains, len(self.tokens))
-        return Draft(tokens, self.source, self.match_len, parents, weights)
+        order = _by_score(gains, len(self.tokens))
+        tokens, parents, weights = _reorder(order, self.tokens, self.parents, self.weights)
+        origins = None if self.origins is None else [self.origins[i] for i in order]
+        return Draft(tokens, self.source, self.match_len, parents, weights, origins)
 
 
-def _by_score(tokens: list[int], parents: list[int], weights: list[float], scores: list[float],
-              limit: int) -> tuple[list[int], list[int], list[float]]:
+def _by_score(scores: list[float], limit: int) -> list[int]:
     """The first ``limit`` nodes of a parents-first tree by score, largest first, ties in the
-    current order, parents re-indexed. A node's score must never exceed its parent's: then
-    parents stay first and any prefix is a tree."""
-    order = sorted(range(len(tokens)), key=lambda i: (-scores[i], i))[:limit]
+    current order. A node's score must never exceed its parent's: then parents stay first and
+    any prefix is a tree."""
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:limit]
+
+
+def _reorder(order: list[int], tokens: list[int], parents: list[int],
+             weights: list[float]) -> tuple[list[int], list[int], list[float]]:
+    """The nodes ``order`` picks, in that order, parents re-indexed."""
     new_index = {old: new for new, old in enumerate(order)}
     return ([tokens[i] for i in order], [-1 if parents[i] < 0 else new_index[parents[i]] for i in order],
             [weights[i] for i in order])
 
 
 def build_tree(seqs: list[list[int]], occurrences: list[tuple[int, int, int]], max_depth: int,
-               max_nodes: int, shorter_share: float = 0.2) -> tuple[list[int], list[int], list[float]]:
+               max_nodes: int, shorter_share: float = 0.2
+               ) -> tuple[list[int], list[int], list[float], list[tuple[int, int]]]:
     """Merge the continuations of ``occurrences`` ((match length, seq, start), from
     ``_NgramIndex.occurrences``) into one token trie of depth <= ``max_depth``: (tokens, parents,
-    weights), at most ``max_nodes`` nodes ordered by weight, parents first. A node's weight is
+    weights, places), at most ``max_nodes`` nodes ordered by weight, parents first; a node's
+    place is the (seq, position) of the first occurrence that made it. A node's weight is
     the share of the occurrences that continue through it: the occurrences of the longest match
     share ``1 - shorter_share`` equally (all of it when there are no others), those of shorter
     matches -- candidates the longest match does not have -- share ``shorter_share``."""
     if not occurrences or max_depth <= 0 or max_nodes <= 0:
-        return [], [], []
+        return [], [], [], []
     usable = [(n, s, j) for n, s, j in occurrences if j < len(seqs[s])]
     if not usable:
-        return [], [], []
+        return [], [], [], []
     longest = max(n for n, _, _ in usable)
     n_long = sum(1 for n, _, _ in usable if n == longest)
     n_short = len(usable) - n_long
@@ -119,11 +146,12 @@ def build_tree(seqs: list[list[int]], occurrences: list[tuple[int, int, int]], m
     tokens: list[int] = []
     parents: list[int] = []
     weight: list[float] = []
+    places: list[tuple[int, int]] = []
     for n, seq_id, start in usable:
         w = long_w if n == longest else short_w
         node = -1
         cont = seqs[seq_id][start:start + max_depth]
-        for tok in cont:
+        for d, tok in enumerate(cont):
             nxt = children.get((node, tok))
             if nxt is None:
                 nxt = len(tokens)
@@ -131,11 +159,13 @@ def build_tree(seqs: list[list[int]], occurrences: list[tuple[int, int, int]], m
                 tokens.append(tok)
                 parents.append(node)
                 weight.append(0.0)
+                places.append((seq_id, start + d))
             weight[nxt] += w
             node = nxt
     # creation order is parents first; a child's weight never exceeds its parent's
     weight = [min(1.0, w) for w in weight]
-    return _by_score(tokens, parents, weight, weight, max_nodes)
+    order = _by_score(weight, max_nodes)
+    return (*_reorder(order, tokens, parents, weight), [places[i] for i in order])
 
 
 @dataclass
@@ -238,14 +268,20 @@ class _NgramIndex:
     def lookup_match(self, suffix_source: Sequence[int], max_tokens: int, min_n: int = 1) -> tuple[list[int], int]:
         """(continuation of the first occurrence, length of the suffix match it follows); ([], 0)
         when none."""
+        cont, n, _ = self.lookup_place(suffix_source, max_tokens, min_n)
+        return cont, n
+
+    def lookup_place(self, suffix_source: Sequence[int], max_tokens: int,
+                     min_n: int = 1) -> tuple[list[int], int, tuple[int, int]]:
+        """``lookup_match`` and where the continuation starts, (seq, position)."""
         for n in range(min(self.max_n, len(suffix_source)), min_n - 1, -1):
             hits = self._table.get(tuple(suffix_source[len(suffix_source) - n:]))
             if hits:
                 seq_id, start = hits[0]
                 cont = self.seqs[seq_id][start:start + max_tokens]
                 if cont:
-                    return cont, n
-        return [], 0
+                    return cont, n, (seq_id, start)
+        return [], 0, (-1, -1)
 
     def occurrences(self, suffix_source: Sequence[int], min_n: int = 1, shorter: int = 1,
                     limit: int = 64) -> list[tuple[int, int, int]]:
@@ -290,13 +326,16 @@ class NgramDrafter:
 
     def begin(self, state: "SequenceState") -> None:
         index = _NgramIndex(self.max_ngram)
+        ref_of: dict[int, int] = {}           # index seq -> reference number (provenance)
         if self.use_references:
-            for ref in state.references:
+            for r, ref in enumerate(state.references):
                 if ref:
-                    index.add(ref)
+                    ref_of[index.add(ref)] = r
         state.drafter_state[self.name] = {
             "index": index,
             "own": index.add(state.tokens),   # prompt + output, extended as tokens commit
+            "ref_of": ref_of,
+            "n_prompt": len(state.tokens),
             "length": AdaptiveLength(self.max_draft),
         }
 
@@ -319,8 +358,21 @@ class NgramDrafter:
         k = min(max_tokens, st["length"].current) if self.adaptive else max_tokens
         if k <= 0:
             return None
-        tokens, match = st["index"].lookup_match(state.tokens, k, self.min_ngram)
-        return Draft(tokens, self.name, match_len=match) if tokens else None
+        tokens, match, (seq_id, start) = st["index"].lookup_place(state.tokens, k, self.min_ngram)
+        if not tokens:
+            return None
+        return Draft(tokens, self.name, match_len=match,
+                     origins=[self._origin(st, seq_id, start + i) for i in range(len(tokens))])
+
+    @staticmethod
+    def _origin(st: dict[str, Any], seq_id: int, pos: int) -> Origin:
+        """The provenance of the token at ``pos`` of indexed sequence ``seq_id``."""
+        ref = st["ref_of"].get(seq_id)
+        if ref is not None:
+            return ("reference", ref, pos)
+        if pos < st["n_prompt"]:
+            return ("prompt", -1, pos)
+        return ("output", -1, pos - st["n_prompt"])
 
     def propose_batch(self, states: list["SequenceState"], limits: list[int]) -> list[Draft | None]:
         return [self.propose(s, k) for s, k in zip(states, limits)]
@@ -357,10 +409,11 @@ class TreeDrafter(NgramDrafter):
             return None
         index: _NgramIndex = st["index"]
         occ = index.occurrences(state.tokens, self.min_ngram, self.shorter, self.max_occurrences)
-        tokens, parents, weights = build_tree(index.seqs, occ, depth, nodes)
+        tokens, parents, weights, places = build_tree(index.seqs, occ, depth, nodes)
         if not tokens:
             return None
-        return Draft(tokens, self.name, match_len=occ[0][0], parents=parents, weights=weights)
+        return Draft(tokens, self.name, match_len=occ[0][0], parents=parents, weights=weights,
+                     origins=[self._origin(st, seq_id, pos) for seq_id, pos in places])
 
     def accepted(self, state: "SequenceState", draft: Draft, n_accepted: int) -> None:
         state.drafter_state[self.name]["length"].update(draft.depth(), n_accepted)

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 from .cost import Acceptance, Candidate, CostCurve, choose_lengths, load_or_measure, tally_positions
-from .drafters import Draft, Drafter, ModelDrafter, NgramDrafter, TreeDrafter
+from .drafters import GIVEN, TARGET, Draft, Drafter, ModelDrafter, NgramDrafter, Origin, TreeDrafter
 from .errors import GenerationInputError
 from .forward import SHORT_ROW, PooledModel, Row
 from .kv import SlotTable
@@ -50,7 +50,8 @@ def parse_drafters(text: str) -> tuple[str, ...]:
             raise GenerationInputError(f"unknown drafter {name!r}: use {', '.join(DRAFTERS)}")
     return names
 
-# on_commit(state, new_token_ids, text_delta)
+# on_commit(state, new_token_ids, text_delta); the new tokens' provenance is
+# state.origins[-len(new_token_ids):]
 CommitCallback = Callable[["SequenceState", list[int], str], None]
 
 
@@ -239,6 +240,10 @@ class SequenceState:
     # tokens verified past the pause, committed (without a forward) when the sequence continues;
     # the slot holds the KV of all but the last of them
     ahead: list[int] = field(default_factory=list)
+    ahead_origins: list[Origin] = field(default_factory=list)
+    # provenance of every generated token (parallel to ``generated``): copied from reference r
+    # at offset o, from the prompt or the output, drafted by the draft model, or the target's own
+    origins: list[Origin] = field(default_factory=list)
 
     @property
     def generated(self) -> list[int]:
@@ -265,6 +270,8 @@ class GenerationResult:
     text: str
     finish_reason: str
     stats: GenerationStats
+    origins: list[Origin] = field(default_factory=list)     # per token (SequenceState.origins)
+    token_ends: list[int] = field(default_factory=list)     # per token: its text's end in ``text``
 
 
 @dataclass
@@ -429,7 +436,7 @@ class SpeculativeEngine:
         """``state`` lost its slot: its KV is gone (it re-prefills if stepped again)."""
         state.slot = None
         state.cached = 0
-        state.ahead = []
+        state.ahead, state.ahead_origins = [], []
         for name in state.drafters:
             evicted = getattr(self.drafters[name], "evicted", None)
             if evicted is not None:
@@ -441,10 +448,11 @@ class SpeculativeEngine:
             self.slots.release(state.slot)
             self._evict(state)
 
-    def _commit(self, state: SequenceState, new_tokens: list[int], on_commit: CommitCallback | None) -> None:
-        """Append tokens one by one, stopping at EOS, a stop string, the length limit or a pause
-        (where the rest waits in ``state.ahead``); then make the cache length cover exactly
-        (tokens + ahead)[:-1]."""
+    def _commit(self, state: SequenceState, new_tokens: list[int], origins: list[Origin],
+                on_commit: CommitCallback | None) -> None:
+        """Append tokens (with their provenance) one by one, stopping at EOS, a stop string,
+        the length limit or a pause (where the rest waits in ``state.ahead``); then make the
+        cache length cover exactly (tokens + ahead)[:-1]."""
         paused = False
         committed: list[int] = []
         delta = ""
@@ -469,7 +477,11 @@ class SpeculativeEngine:
             state.finished, state.finish_reason = True, "length"
         if state.finished:
             delta += state.streamer.finish()
-        state.ahead = list(new_tokens[len(committed):]) if paused and not state.finished else []
+        state.origins.extend(origins[:len(committed)])
+        if paused and not state.finished:
+            state.ahead, state.ahead_origins = list(new_tokens[len(committed):]), list(origins[len(committed):])
+        else:
+            state.ahead, state.ahead_origins = [], []
         state.cached = min(state.cached, len(state.tokens) + len(state.ahead) - 1)
         state.stats.generated_tokens += len(committed)
         if on_commit is not None and (committed or delta):
@@ -498,8 +510,8 @@ class SpeculativeEngine:
             if not self.active(state):
                 continue
             if state.ahead:        # verified by an earlier forward: no forward now
-                ahead, state.ahead = state.ahead, []
-                self._commit(state, ahead, on_commit)
+                ahead, origins = state.ahead, state.ahead_origins
+                self._commit(state, ahead, origins, on_commit)
             elif len(rows) < self.config.max_batch:
                 rows.append(state)
         if not rows:
@@ -551,7 +563,11 @@ class SpeculativeEngine:
                         self.runner.pool.move(state.slot, [base + i for i in path],  # type: ignore[arg-type]
                                               [base + k for k in range(n_acc)])
                     state.cached = base + n_acc
-            self._commit(state, [draft.tokens[i] for i in path] + [nxt] if draft else [nxt], on_commit)
+            if draft is None:
+                self._commit(state, [nxt], [TARGET], on_commit)
+            else:
+                self._commit(state, [draft.tokens[i] for i in path] + [nxt],
+                             [draft.origin(i) for i in path] + [TARGET], on_commit)
             if draft is not None:
                 self.drafters[draft.source].accepted(state, draft, n_acc)
         if self.on_step is not None:
@@ -740,7 +756,8 @@ class SpeculativeEngine:
     def truncate(self, state: SequenceState, n_generated: int) -> None:
         """Roll a sequence back to its first ``n_generated`` generated tokens (tokens and KV)."""
         del state.tokens[state.n_prompt + n_generated:]
-        state.ahead = []
+        del state.origins[n_generated:]
+        state.ahead, state.ahead_origins = [], []
         state.cached = min(state.cached, len(state.tokens) - 1)
         state.streamer.truncate(n_generated)
         state.finished, state.finish_reason = False, None
@@ -752,14 +769,16 @@ class SpeculativeEngine:
         if state.finished:
             raise GenerationInputError("cannot extend a finished sequence")
         if state.ahead:       # verified for a continuation that did not happen
-            state.ahead = []
+            state.ahead, state.ahead_origins = [], []
             state.cached = min(state.cached, len(state.tokens) - 1)
         state.tokens.extend(tokens)
+        state.origins.extend([GIVEN] * len(tokens))
         for tok in tokens:
             state.streamer.push(tok)
 
     def result(self, state: SequenceState) -> GenerationResult:
-        return GenerationResult(state.generated, state.text, state.finish_reason or "length", state.stats)
+        return GenerationResult(state.generated, state.text, state.finish_reason or "length", state.stats,
+                                list(state.origins), state.streamer.token_ends(len(state.generated)))
 
     def generate(self, requests: list[GenerationRequest], on_commit: CommitCallback | None = None) -> list[GenerationResult]:
         states: list[SequenceState] = []

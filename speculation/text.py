@@ -32,6 +32,7 @@ class _Detokenizer:
         self._backend = backend if backend is not None and isinstance(backend, Tokenizer) else None
         self._stream_cls = DecodeStream if self._backend is not None else None
         self.ids: list[int] = []
+        self.ends: list[int] = []     # per token: the length of the text once it was added
         self._reset()
 
     def _reset(self) -> None:
@@ -47,14 +48,18 @@ class _Detokenizer:
         self.ids.append(token_id)
         if self._stream is None:
             text = self.decode_all()
-            return text[:-1] if text.endswith("\ufffd") else text
-        piece = self._stream.step(self._backend, token_id)
-        if piece:
-            self._text += piece
-        return self._text
+            text = text[:-1] if text.endswith("\ufffd") else text
+        else:
+            piece = self._stream.step(self._backend, token_id)
+            if piece:
+                self._text += piece
+            text = self._text
+        self.ends.append(len(text))
+        return text
 
     def truncate(self, n: int) -> str:
         del self.ids[n:]
+        del self.ends[n:]       # a prefix decodes to the same text
         self._reset()
         if self._stream is not None:
             for t in self.ids:
@@ -80,6 +85,21 @@ class StopStringStreamer:
     @property
     def ids(self) -> list[int]:
         return self._detok.ids
+
+    @property
+    def ends(self) -> list[int]:
+        """The live list behind ``token_ends`` (not clipped at a stop string; pushed tokens only)."""
+        return self._detok.ends
+
+    def token_ends(self, n_tokens: int | None = None) -> list[int]:
+        """Per token, where its text ends in ``text``: token i's text is
+        ``text[ends[i-1]:ends[i]]`` (a character split over several tokens belongs to the one
+        that completes it; tokens past a stop string end at the end). ``n_tokens``: the
+        sequence's token count, when tokens were committed without being pushed (EOS): those
+        end at the end too."""
+        n = len(self.text)
+        ends = [min(e, n) for e in self._detok.ends]
+        return ends + [n] * ((n_tokens or 0) - len(ends))
 
     def push(self, token_id: int) -> str:
         """Add one committed token; returns the text that became final. Sets ``stopped`` when a

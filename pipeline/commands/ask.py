@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"answer": result.answer, "token_ids": result.token_ids,
                           "finish_reason": result.finish_reason,
-                          "sources": [s.public() for s in result.sources], "stats": result.stats}))
+                          "sources": result.public_sources(), **result.public_provenance(),
+                          "stats": result.stats}))
         return 0
     if stream is None:
         sys.stdout.write(result.answer)

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from deploy_helpers import build_index, drop_redis_namespace, pipeline_missing, require_redis
+from deploy_helpers import build_index, drop_redis_namespace, require_redis
 
 
 @pytest.fixture(scope="session")
 def deploy_index(tmp_path_factory):
-    if pipeline_missing():
-        pytest.skip(pipeline_missing())
     require_redis()
     index_dir = tmp_path_factory.mktemp("deploy-index") / "pydocs"
     name = build_index(index_dir)

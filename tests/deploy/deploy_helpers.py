@@ -3,7 +3,6 @@ python-docs modules) written to the real Redis, free ports, subprocess handling.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -24,20 +23,6 @@ REDIS_URL = os.environ.get("SPECRAG_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PYDOCS = "python-docs:functools,json"
 
 QUESTIONS = SERVE_QUESTIONS[:4]   # the ones PYDOCS answers (the serving benchmarks ask them all)
-
-
-def pipeline_missing() -> str | None:
-    """Why the real-pipeline tests cannot run, or None."""
-    try:
-        spec = importlib.util.find_spec("pipeline.rag")
-    except ImportError:
-        spec = None
-    if spec is None:
-        return "pipeline/rag.py (RetrievalStage, GenerationStage, RAGPipeline) has not landed yet"
-    return None
-
-
-requires_pipeline = pytest.mark.skipif(pipeline_missing() is not None, reason=pipeline_missing() or "")
 
 
 def require_redis(url: str = REDIS_URL) -> None:

@@ -1,6 +1,6 @@
 """A stand-in for ``pipeline.rag``'s stages with the same methods, for the HTTP layer's fast
 tests (status codes, SSE framing, auth, metrics). Deterministic and instant; the tests that
-prove the feature use the real pipeline instead (test_serve_real.py)."""
+prove the feature use the real pipeline instead (test_deploy_serve.py)."""
 
 from __future__ import annotations
 

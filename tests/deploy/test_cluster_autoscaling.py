@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from deploy_helpers import QUESTIONS, REDIS_URL, free_port, requires_pipeline, running_replicas, wait_for
+from deploy_helpers import QUESTIONS, REDIS_URL, free_port, running_replicas, wait_for
 
-pytestmark = [requires_pipeline, pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 APP = "specrag"
 NODE_RESOURCE = "generator_node"      # what every Generator replica asks for, one per worker node

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from deploy_helpers import BIN, REDIS_URL, REPO, read_jsonl, requires_pipeline, stop_process_group, subprocess_env
+from deploy_helpers import BIN, REDIS_URL, REPO, read_jsonl, stop_process_group, subprocess_env
 
-pytestmark = [requires_pipeline, pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 N = 20
 TOPICS = ["functools.lru_cache", "functools.partial", "functools.reduce", "functools.wraps",
@@ -109,8 +109,13 @@ def test_batch_killed_and_resumed_answers_every_id_once(index, tmp_path):
     ids = [r["id"] for r in rows]
     assert sorted(ids) == [f"q{i:02d}" for i in range(N)]   # every id exactly once
     for r in rows:
-        assert {"id", "question", "answer", "sources", "metrics"} <= set(r)
+        assert {"id", "question", "answer", "sources", "metrics", "provenance"} <= set(r)
         assert r["answer"].strip() and r["sources"]
+        # provenance as over HTTP: the segments tile the answer, every span indexes its source's text
+        assert r["provenance"][-1]["answer_end"] == len(r["answer"])
+        for src in r["sources"]:
+            for sp in src["spans"]:
+                assert r["answer"][sp["answer_start"]:sp["answer_end"]] == src["text"][sp["source_start"]:sp["source_end"]]
     # the resumed run's one actor had its questions in flight together: they shared forwards
     resumed = [r for r in rows if r["id"] not in {f["id"] for f in first}]
     assert max(r["metrics"]["speculation"]["mean_rows_per_step"] for r in resumed) > 1.5, (

@@ -11,11 +11,11 @@ import httpx
 import pytest
 import yaml
 
-from deploy_helpers import (BIN, QUESTIONS, REDIS_URL, REPO, chat, free_port, requires_pipeline,
+from deploy_helpers import (BIN, QUESTIONS, REDIS_URL, REPO, chat, free_port,
                             sigint_as_in_a_terminal, stop_process_group, subprocess_env, wait_banner,
                             wait_http_ok)
 
-pytestmark = [requires_pipeline, pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")

@@ -164,3 +164,9 @@ def test_api_key():
                    json={"messages": [{"role": "user", "content": "q"}], "max_tokens": 3})
         assert r.status_code == 200
         assert c.get("/health").status_code == 200  # probes stay open
+        page = c.get("/")                             # the playground page asks for the key itself
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert '<script src="/playground.js">' in page.text and "https://" not in page.text   # no CDN
+        script = c.get("/playground.js")
+        assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+        assert "/v1/chat/completions" in script.text

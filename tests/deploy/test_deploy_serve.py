@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from deploy_helpers import QUESTIONS, REDIS_URL, chat, free_port, requires_pipeline, stop_process_group
+from deploy_helpers import QUESTIONS, REDIS_URL, chat, free_port, stop_process_group
 
-pytestmark = [requires_pipeline, pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 API_KEY = "test-key-123"
 K = 2  # sources per question: short prompts keep CPU generation quick
@@ -83,7 +83,8 @@ def client(direct):
 
 def _ask(client, question, **kw):
     kw.setdefault("temperature", 0)
-    return client.chat.completions.create(model="smollm2-135m-instruct", max_tokens=MAX_TOKENS,
+    kw.setdefault("max_tokens", MAX_TOKENS)
+    return client.chat.completions.create(model="smollm2-135m-instruct",
                                           messages=[{"role": "user", "content": question}], **kw)
 
 
@@ -414,3 +415,109 @@ def test_redis_outage_is_503_and_recovers(service, index, tmp_path):
             serve.delete("outage")
         finally:
             stop_process_group(proc, sig=15, timeout=10)
+
+
+def _check_spans(answer, sources):
+    """Every span's answer text equals its source's text at its range; spans never overlap."""
+    taken = []
+    for src in sources:
+        for sp in src["spans"]:
+            assert sp["kind"] in ("copied", "matched")
+            assert answer[sp["answer_start"]:sp["answer_end"]] == src["text"][sp["source_start"]:sp["source_end"]]
+            taken.append((sp["answer_start"], sp["answer_end"]))
+    taken.sort()
+    assert all(a[1] <= b[0] for a, b in zip(taken, taken[1:])), taken
+    return len(taken)
+
+
+def test_provenance_over_http_streamed_and_not(client):
+    """Sources carry spans, the message its provenance; a stream's deltas carry the origins of
+    their text, which joined are the final provenance (what was streamed never changes)."""
+    q = QUESTIONS[0]
+    r = _ask(client, q, max_tokens=48)
+    answer = r.choices[0].message.content
+    segments = r.choices[0].message.model_extra["provenance"]
+    assert segments and segments[0]["answer_start"] == 0 and segments[-1]["answer_end"] == len(answer)
+    assert all(a["answer_end"] == b["answer_start"] for a, b in zip(segments, segments[1:]))
+    assert {s["origin"] for s in segments} <= {"copied", "prompt", "answer", "draft_model", "target"}
+    sources = r.model_extra["sources"]
+    assert all(s["source"] is None or 0 <= s["source"] < len(sources) for s in segments)
+    spans = _check_spans(answer, sources)
+    text, chunks = _stream_text(client, q, max_tokens=48)
+    assert text == answer
+    streamed = [seg for c in chunks if c.choices for seg in (c.choices[0].delta.model_extra or {}).get("provenance", [])]
+    merged = []
+    for seg in streamed:
+        if merged and merged[-1]["answer_end"] == seg["answer_start"] and \
+                (merged[-1]["origin"], merged[-1]["source"]) == (seg["origin"], seg["source"]):
+            merged[-1] = {**merged[-1], "answer_end": seg["answer_end"]}
+        else:
+            merged.append(seg)
+    assert merged == segments
+    final = [c for c in chunks if c.model_extra.get("sources")][-1]
+    assert final.model_extra["provenance"] == segments
+    assert _check_spans(text, final.model_extra["sources"]) == spans
+
+
+def _chromium():
+    import shutil
+
+    path = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+    if path is None:
+        pytest.skip("no Chromium on this machine (make install installs Debian's chromium as root): "
+                    "the playground page was not tested in a browser")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (it is in the dev extras): the playground page was not tested")
+    return path, sync_playwright
+
+
+def test_playground_page_in_a_real_browser(service, tmp_path):
+    """GET / in headless Chromium: a question streams an answer coloured by origin, hovering a
+    copied piece highlights its source, the metrics show; a bad key and an empty question are
+    shown as messages."""
+    import os
+
+    chromium, sync_playwright = _chromium()
+    shot = os.environ.get("SPECRAG_PLAYGROUND_SCREENSHOT") or str(tmp_path / "playground.png")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(service + "/")
+            assert page.title() == "specrag playground"
+            # no key: the server's 401 message is shown, nothing else
+            page.fill("#question", QUESTIONS[0])
+            page.click("#ask")
+            page.wait_for_selector("#error", state="visible", timeout=30_000)
+            assert "API key" in page.inner_text("#error")
+            assert page.inner_text("#answer") == ""
+            page.fill("#key", API_KEY)
+            page.dispatch_event("#key", "change")
+            page.fill("#question", "   ")
+            page.click("#ask")
+            page.wait_for_function("document.getElementById('error').textContent.includes('empty')", timeout=30_000)
+            # a real question streams in
+            page.fill("#question", QUESTIONS[0])
+            page.fill("#max_tokens", "48")
+            page.click("#ask")
+            page.wait_for_selector("#error", state="hidden", timeout=30_000)
+            page.wait_for_selector("#sources .source", timeout=180_000)
+            page.wait_for_selector("#ask:not([disabled])", timeout=60_000)
+            answer = page.inner_text("#answer")
+            assert answer.strip()
+            assert page.locator("#metrics td", has_text="tokens per target forward").count() == 1
+            copied = page.locator("#answer .seg.o-copied")
+            assert copied.count() > 0, "no piece of the answer was shown as copied from a source"
+            copied.first.hover()
+            src = copied.first.get_attribute("data-source")
+            assert "hl" in page.get_attribute(f"#source-{src}", "class")
+            page.screenshot(path=shot, full_page=True)
+            assert not errors, errors
+        finally:
+            browser.close()

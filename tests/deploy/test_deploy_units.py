@@ -230,14 +230,20 @@ def test_stream_result_reports_the_stages_own_time_to_first_text(monkeypatch):
     runner.close()
 
 
-def test_public_sources_leave_out_token_ids_without_touching_the_source():
-    from deploy.openai_api import public_sources
-    from pipeline.api import Source
+def test_public_sources_leave_out_token_ids_and_carry_spans():
+    from deploy.openai_api import public_provenance, public_sources
+    from pipeline.api import AskResult, Source
 
     src = Source(id="a", title="t", source="s.rst", score=0.5, text="x", token_ids=[1, 2, 3])
-    assert public_sources([src]) == [{"id": "a", "title": "t", "source": "s.rst", "score": 0.5, "text": "x"}]
+    span = {"answer_start": 0, "answer_end": 1, "source_start": 0, "source_end": 1, "kind": "copied"}
+    seg = {"answer_start": 0, "answer_end": 1, "origin": "copied", "source": 0}
+    result = AskResult("x", [1], [src, Source(id="b", title="t", source="s", score=1.0, text="y")], "stop", 3,
+                       spans=[[span], []], provenance=[seg])
+    assert public_sources(result) == [{"id": "a", "title": "t", "source": "s.rst", "score": 0.5, "text": "x",
+                                       "spans": [span]},
+                                      {"id": "b", "title": "t", "source": "s", "score": 1.0, "text": "y", "spans": []}]
     assert src.token_ids == [1, 2, 3]
-    assert public_sources([Source(id="b", title="t", source="s", score=1.0, text="y")])[0]["id"] == "b"
+    assert public_provenance(result) == {"provenance": [seg]}      # no strides outside iterative mode
 
 
 def test_lone_retrieval_skips_the_batch_queue_and_concurrent_ones_are_batched():

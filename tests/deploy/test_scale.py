@@ -16,9 +16,9 @@ import uuid
 
 import pytest
 
-from deploy_helpers import QUESTIONS, REDIS_URL, free_port, requires_pipeline, running_replicas, wait_for
+from deploy_helpers import QUESTIONS, REDIS_URL, free_port, running_replicas, wait_for
 
-pytestmark = [requires_pipeline, pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 APP = "specrag"
 K = 1                      # one source per question: short prompts keep 200 CPU requests quick

@@ -251,3 +251,39 @@ def test_bad_input_is_a_clear_error(models):
         engine.generate_one(GenerationRequest([1, 5], max_new_tokens=0))
     with pytest.raises(GenerationInputError, match="context"):
         engine.generate_one(GenerationRequest([1] * 1000, max_new_tokens=100))
+
+
+@pytest.mark.parametrize("drafters", [("reference",), ("tree",), ("prompt_lookup",), ("reference", "draft_model")])
+def test_every_committed_token_knows_its_origin(models, drafters):
+    """Provenance: a token committed from a copied draft names the reference (or prompt, or
+    output) and the offset it was copied from, and the token there is that token; the draft
+    model's and the target's own tokens say so. Provenance changes no token."""
+    target, _ = models
+    # the target as its own draft model: its drafts are accepted, so they show up in the output
+    engine = SpeculativeEngine(target, TinyTokenizer(VOCAB), target,
+                               EngineConfig(drafters=drafters, cost_curve=CostCurve.synthetic(per_token=1e-6)))
+    kinds = set()
+    for n, (prompt, refs, max_new, oracle) in enumerate(_cases(target)):
+        streamed = []
+        result = engine.generate_one(GenerationRequest(prompt, refs, max_new_tokens=max_new),
+                                     lambda s, ids, _d: streamed.extend(s.origins[len(s.origins) - len(ids):]))
+        assert result.token_ids == oracle[:max_new], f"case {n}"
+        assert len(result.origins) == len(result.token_ids) and streamed == result.origins
+        assert len(result.token_ends) == len(result.token_ids)
+        assert result.token_ends == sorted(result.token_ends) and result.token_ends[-1:] in ([], [len(result.text)])
+        for i, (tok, (kind, ref, off)) in enumerate(zip(result.token_ids, result.origins)):
+            kinds.add(kind)
+            if kind == "reference":
+                assert refs[ref][off] == tok
+            elif kind == "prompt":
+                assert prompt[off] == tok
+            elif kind == "output":
+                assert off < i and result.token_ids[off] == tok
+            else:
+                assert kind in ("target", "draft_model") and (ref, off) == (-1, -1)
+    assert "target" in kinds
+    if drafters[0] == "prompt_lookup":
+        assert "reference" not in kinds and kinds & {"prompt", "output"}, kinds
+    else:
+        assert "reference" in kinds, kinds
+    assert ("draft_model" in kinds) == ("draft_model" in drafters), kinds

@@ -50,8 +50,11 @@ def test_index_returns_every_occurrence_and_rolls_back():
 def test_build_tree_merges_continuations_by_weight():
     seqs = [[1, 2, 3, 4], [1, 2, 5, 6], [1, 2, 3, 7], [9, 9]]
     occ = [(2, 0, 0), (2, 1, 0), (2, 2, 0), (1, 3, 0)]
-    tokens, parents, weights = build_tree(seqs, occ, max_depth=3, max_nodes=32)
+    tokens, parents, weights, places = build_tree(seqs, occ, max_depth=3, max_nodes=32)
     draft = Draft(tokens, "tree", 2, parents, weights)
+    # a node's place is where the first occurrence that made it has its token
+    assert all(seqs[s][j] == t for t, (s, j) in zip(tokens, places))
+    assert places[tokens.index(5)] == (1, 2) and places[tokens.index(9)] == (3, 0)
     paths = set()
     for i in range(len(tokens)):             # every root-to-node path is a prefix of a continuation
         path, j = [], i
@@ -70,20 +73,23 @@ def test_build_tree_merges_continuations_by_weight():
     small = draft.trimmed(4)
     assert all(p < 4 for p in small.parents)
     # where every match agrees the tree is a chain with weight 1
-    tokens, parents, weights = build_tree([[4, 5, 6], [4, 5, 6]], [(3, 0, 0), (3, 1, 0)], 8, 8)
-    assert (tokens, parents, weights) == ([4, 5, 6], [-1, 0, 1], [1.0, 1.0, 1.0])
+    tokens, parents, weights, places = build_tree([[4, 5, 6], [4, 5, 6]], [(3, 0, 0), (3, 1, 0)], 8, 8)
+    assert (tokens, parents, weights, places) == ([4, 5, 6], [-1, 0, 1], [1.0, 1.0, 1.0], [(0, 0), (0, 1), (0, 2)])
 
 
 def test_best_path_follows_the_heaviest_child():
-    draft = Draft([5, 6, 7, 8, 9], "tree", 3, [-1, -1, 0, 0, 2], [0.6, 0.4, 0.4, 0.2, 0.4])
+    origins = [("reference", 0, i) for i in range(5)]
+    draft = Draft([5, 6, 7, 8, 9], "tree", 3, [-1, -1, 0, 0, 2], [0.6, 0.4, 0.4, 0.2, 0.4], origins)
     chain = draft.best_path()
     assert (chain.tokens, chain.parents, chain.source) == ([5, 7, 9], None, "tree")
+    assert chain.origins == [origins[0], origins[2], origins[4]]
 
 
 def test_ranked_keeps_parents_first():
     draft = Draft([5, 6, 7, 8], "tree", 3, [-1, 0, -1, 2], [0.6, 0.6, 0.4, 0.4])
     ranked = draft.ranked([0.3, 0.2, 0.35, 0.1])
     assert ranked.tokens == [7, 5, 6, 8]
+    assert ranked.origins is None
     assert ranked.parents == [-1, -1, 1, 0]
     assert all(p < i for i, p in enumerate(ranked.parents))
 
