@@ -170,9 +170,9 @@ class PooledModel:
                 model.config._attn_implementation = ATTENTION_NAME
         self._dummy_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
         if invariant:
-            from .invariant import pad_single_rows
+            from .invariant import make_rows_invariant
 
-            pad_single_rows(model)
+            make_rows_invariant(model)
         self._check_attention_is_ours(n_layers)
 
     def _check_attention_is_ours(self, n_layers: int) -> None:
@@ -262,10 +262,10 @@ class PooledModel:
             keep_idx = torch.tensor([0], device=self.device)     # HF needs something; dropped below
         else:
             keep_idx = torch.tensor(keep, device=self.device)
-        if self.invariant and ids.shape[1] == 1:
-            from .invariant import single_row_padding
+        if self.invariant:
+            from .invariant import invariant_rows
 
-            with single_row_padding():
+            with invariant_rows():
                 out = self.model(input_ids=ids, position_ids=positions, attention_mask=self._dummy_mask,
                                  use_cache=False, logits_to_keep=keep_idx, **{_BATCH_KWARG: batch})
         else:

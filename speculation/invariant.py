@@ -15,10 +15,12 @@ in LLM Inference", which vLLM offers on GPUs as VLLM_BATCH_INVARIANT):
   4), else in fixed tiles of ``Q_TILE`` rows (one shape whatever the batch). Either way a
   query's output depends only on its own row.
 * Linear layers, norms and the rest: row-wise by construction *if* the matmul kernel computes
-  a row the same way whatever the number of rows. That holds for some kernels (measured: bf16
-  on an AMD EPYC with AVX512-BF16, every shape of SmolLM2) and not for others (fp32 there: a
-  one-row product takes another path than a many-row one), so it is checked on the machine by
-  :func:`rows_are_invariant` before the engine relies on it.
+  a row the same way whatever the number of rows. Kernels pick their path by shape, so the
+  machine is probed (:func:`row_block`): up to how many rows does every linear layer compute a
+  row the same? Products are then split into blocks of that many rows and a lone row is padded
+  to two (:func:`make_rows_invariant`). Measured: bf16 on an AMD EPYC with AVX512-BF16, any
+  number of rows; bf16 with AMX on an Intel Xeon, up to 32; fp32 on the AMD, never (a one-row
+  product takes another path than a many-row one): there the engine does not rely on it.
 """
 
 from __future__ import annotations
@@ -104,76 +106,111 @@ def _block_matmul_invariant(device: torch.device) -> bool:
     return _BLOCK_INVARIANT[key]
 
 
-_ROWS_INVARIANT: dict[tuple, bool] = {}   # per linear shape / dtype / device: probed once per process
+# rows a linear layer's product may hold and still compute each row as it would in any other
+# product of 2..that many rows: per linear shape / dtype / device, probed once per process
+_ROW_BLOCK: dict[tuple, int | None] = {}
+ROW_BLOCKS = (512, 256, 128, 64, 32, 16, 8, 4, 2)
+_PROBE_ROWS = (2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257, 511, 512)
 
 
-def rows_are_invariant(model: Any, rows: tuple[int, ...] = (2, 3, 5, 8, 16, 17, 33)) -> bool:
-    """Whether every linear layer of ``model`` computes a row the same, bit for bit, whatever
-    other rows share the product, for products of at least two rows (the batch-invariant
-    forward never runs a one-row product: ``pad_single_rows``). The kernel depends on the
-    shape, not on the values, so each shape is probed once per process."""
+def row_block(model: Any) -> int | None:
+    """The largest block of rows (from ``ROW_BLOCKS``) up to which every linear layer of
+    ``model`` computes a row the same, bit for bit, whatever other rows (2 .. block of them)
+    share the product and wherever it sits among them; None when not even two rows do. The
+    batch-invariant forward splits longer products into blocks of that many rows and pads a
+    lone row to two (``make_rows_invariant``), so every row is computed by the same kernel path.
+    Measured: bf16 on an AMD EPYC, any number of rows; bf16 with AMX on an Intel Xeon, up to 32
+    (the 576 -> 1536 projection takes another kernel from 33 rows on); fp32 on the AMD, never
+    (one row vs several). The kernel depends on the shape, not the values: one probe per shape."""
+    block = None
     for module in model.modules():
         if not isinstance(module, torch.nn.Linear):
             continue
         w = module.weight
-        key = (tuple(w.shape), w.dtype, w.device.type, module.bias is not None, rows)
-        if key not in _ROWS_INVARIANT:
-            _ROWS_INVARIANT[key] = _linear_rows_invariant(module, rows)
-        if not _ROWS_INVARIANT[key]:
-            return False
-    return True
+        key = (tuple(w.shape), w.dtype, w.device.type, module.bias is not None)
+        if key not in _ROW_BLOCK:
+            _ROW_BLOCK[key] = _linear_block(module)
+        b = _ROW_BLOCK[key]
+        if b is None:
+            return None
+        block = b if block is None else min(block, b)
+    return block
 
 
-def _linear_rows_invariant(module: Any, rows: tuple[int, ...]) -> bool:
+def rows_are_invariant(model: Any) -> bool:
+    """Whether the batch-invariant forward can hold for ``model`` on this machine."""
+    return row_block(model) is not None
+
+
+def _linear_block(module: Any) -> int | None:
     w, bias = module.weight, module.bias
     gen = torch.Generator().manual_seed(0)
+    good = 0
     with torch.inference_mode():
-        x = torch.randn(max(rows) + 3, w.shape[1], generator=gen).to(w.device, w.dtype)
+        x = torch.randn(max(_PROBE_ROWS) + 3, w.shape[1], generator=gen).to(w.device, w.dtype)
         ref = torch.nn.functional.linear(x[:2], w, bias)[:1]
         ref2 = torch.nn.functional.linear(x[2:4], w, bias)[:1]
-        for n in rows:
+        for n in _PROBE_ROWS:
             if not torch.equal(torch.nn.functional.linear(x[:n], w, bias)[:1], ref):
-                return False
+                break
             if not torch.equal(torch.nn.functional.linear(x[2:2 + n], w, bias)[:1], ref2):
-                return False
-    return True
+                break
+            # the row at the end of the product too, not only at its start
+            if not torch.equal(torch.nn.functional.linear(x[:n], w, bias)[n - 1:],
+                               torch.nn.functional.linear(x[n - 2:n], w, bias)[1:]):
+                break
+            good = n
+    return next((b for b in ROW_BLOCKS if b <= good), None)
 
 
-_PADDING = threading.local()
+_ROWS = threading.local()
 
 
-def pad_single_rows(model: Any) -> None:
-    """Make every linear layer of ``model`` compute a one-row product as a two-row one (the
-    row twice) while :func:`single_row_padding` is active on this thread: a matmul kernel may
-    take another path for one row than for several (measured: bf16 on an AMD EPYC, where the
-    results then differ in the last bit), and a forward of one token must round like a token in
-    a bigger forward. Other callers of the model (HF generate) are unaffected."""
-    if getattr(model, "_specrag_pads_single_rows", False):
+def make_rows_invariant(model: Any) -> None:
+    """Make every linear layer of ``model`` compute its product in blocks of at most
+    ``row_block(model)`` rows, a lone row padded to two (the row twice), while
+    :func:`invariant_rows` is active on this thread: then each row is computed by the kernel
+    path every other product of its rows takes, whatever shares the forward. Other callers of
+    the model (HF generate) are unaffected."""
+    if getattr(model, "_specrag_rows_invariant", False):
         return
+    block = row_block(model)
+    if block is None:
+        raise ValueError("this model's matmuls are not row-invariant on this machine")
+    functional = torch.nn.functional.linear
 
-    def pre(module: Any, args: tuple) -> Any:
-        if getattr(_PADDING, "on", False) and args and args[0].dim() >= 2 and args[0].shape[-2] == 1:
-            x = args[0]
-            return (torch.cat([x, x], dim=-2), *args[1:])
-        return None
+    def forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if not getattr(_ROWS, "on", False):
+            return functional(x, self.weight, self.bias)
+        flat = x.reshape(-1, x.shape[-1])
+        m = flat.shape[0]
+        if 2 <= m <= block:
+            out = functional(flat, self.weight, self.bias)
+        else:
+            parts = []
+            for i in range(0, m, block):
+                piece = flat[i:i + block]
+                if piece.shape[0] == 1:
+                    parts.append(functional(torch.cat([piece, piece]), self.weight, self.bias)[:1])
+                else:
+                    parts.append(functional(piece, self.weight, self.bias))
+            out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
-    def post(module: Any, args: tuple, out: torch.Tensor) -> Any:
-        if getattr(_PADDING, "on", False) and out.dim() >= 2 and out.shape[-2] == 2 and args[0].shape[-2] == 2:
-            return out[..., :1, :]
-        return None
+    import types
 
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
-            module.register_forward_pre_hook(pre)
-            module.register_forward_hook(post)
-    model._specrag_pads_single_rows = True
+            module.forward = types.MethodType(forward, module)
+    model._specrag_rows_invariant = True
 
 
-class single_row_padding:
-    """Context: linear layers of models prepared by :func:`pad_single_rows` pad one-row inputs."""
+class invariant_rows:
+    """Context: linear layers of models prepared by :func:`make_rows_invariant` compute in
+    blocks of rows (see there)."""
 
     def __enter__(self) -> None:
-        _PADDING.on = True
+        _ROWS.on = True
 
     def __exit__(self, *exc: Any) -> None:
-        _PADDING.on = False
+        _ROWS.on = False
