@@ -275,6 +275,9 @@ def main() -> int:
     engines = {
         "plain": SpeculativeEngine(model, tok, None, EngineConfig(drafters=())),
         "reference": SpeculativeEngine(model, tok, None, EngineConfig(drafters=("reference",))),
+        # the same without provenance bookkeeping: what recording every token's origin costs
+        "reference_noprov": SpeculativeEngine(model, tok, None, EngineConfig(drafters=("reference",),
+                                                                             provenance=False)),
         "prompt_lookup": SpeculativeEngine(model, tok, None, EngineConfig(drafters=("prompt_lookup",))),
     }
     bf16_model = bf16_counter = None
@@ -299,6 +302,16 @@ def main() -> int:
         st = result.stats
         timing.update(prefill_seconds=st.prefill_seconds,
                       decode_ms_per_token=1000 * st.decode_seconds / max(1, st.generated_tokens - 1))
+        if result.origins:
+            # the pipeline's half of provenance: the answer's segments and the source's spans
+            from pipeline.api import Source
+            from pipeline.provenance import attribute, token_origins
+
+            src = Source(id="doc", title="", source="", score=1.0, text=tok.decode(ref), token_ids=ref)
+            t0 = time.perf_counter()
+            attribute(result.text, result.token_ids, result.token_ends, token_origins(result.origins, [src]), [src],
+                      lambda s: s.token_ids, tok)
+            timing["attribution_ms"] = 1000 * (time.perf_counter() - t0)
         return result.token_ids
 
     # name -> (label, runner, counter, reference-output method to compare with)
@@ -310,6 +323,8 @@ def main() -> int:
                           counter, "hf_greedy"),
         "specrag_reference": ("specrag, reference drafting (LLMA)", lambda p, r: spec(engines["reference"], p, r),
                               counter, "hf_greedy"),
+        "specrag_reference_noprov": ("specrag, reference drafting, provenance off",
+                                     lambda p, r: spec(engines["reference_noprov"], p, r), counter, "hf_greedy"),
         "specrag_prompt_lookup": ("specrag, prompt-lookup drafter", lambda p, r: spec(engines["prompt_lookup"], p, r),
                                   counter, "hf_greedy"),
     }
@@ -448,7 +463,7 @@ def main() -> int:
                      "target_forwards": r["forwards"],
                      "tokens_per_forward": round(len(r["tokens"]) / r["forwards"], 4) if r["forwards"] else 0.0,
                      "identical": div is None}
-            for key in ("prefill_seconds", "decode_ms_per_token"):
+            for key in ("prefill_seconds", "decode_ms_per_token", "attribution_ms"):
                 if key in r:
                     entry[key] = round(r[key], 4)
             plain = "specrag_plain_bf16" if name.endswith("_bf16") else "specrag_plain"
@@ -500,7 +515,7 @@ def _targets(result: dict[str, Any]) -> list[str]:
     out = ["", "Targets (median of per-question ratios):", ""]
     for dt in ("", "_bf16"):
         spec = [n for n in summ if n.startswith("specrag_") and n.endswith(dt) and "plain" not in n
-                and (dt or not n.endswith("_bf16"))]
+                and "noprov" not in n and (dt or not n.endswith("_bf16"))]
         hf = [n for n in summ if n.startswith("hf_") and n.endswith(dt) and (dt or not n.endswith("_bf16"))]
         if not spec or f"hf_greedy{dt}" not in summ:
             continue
@@ -512,12 +527,23 @@ def _targets(result: dict[str, Any]) -> list[str]:
                    f"{'met' if r1 and r1 >= 2.5 else 'missed'}); vs HF's fastest here ({fastest_hf}): **{r2}x** "
                    f"(target >= 1.5x, {'met' if r2 and r2 >= 1.5 else 'missed'}); speculative outputs identical to "
                    f"specrag plain: {summ[best].get('identical_to_specrag_plain')}/{summ[best]['questions']}")
+    if "specrag_reference_noprov" in summ and "specrag_reference" in summ:
+        r = ratio("specrag_reference", "specrag_reference_noprov")
+        attr = [row["methods"]["specrag_reference"]["attribution_ms"] for row in rows
+                if "attribution_ms" in row["methods"].get("specrag_reference", {})]
+        toks = [row["methods"]["specrag_reference"]["generated_tokens"] for row in rows
+                if "attribution_ms" in row["methods"].get("specrag_reference", {})]
+        extra = (f"; the pipeline's attribution of an answer (segments + source spans) takes "
+                 f"{statistics.median(attr):.2f} ms median, {1000 * sum(attr) / max(1, sum(toks)):.1f} us per token"
+                 if attr else "")
+        out.append(f"- provenance: reference drafting with origins recorded vs without, tokens/s: **{r}x** "
+                   f"(target: no measurable cost, i.e. within this machine's run-to-run noise){extra}")
     if "llama_cpp" in summ:
         if "specrag_plain" in summ:
             r = ratio("specrag_plain", "llama_cpp", "decode_ms_per_token")
             out.append(f"- specrag without speculation vs llama.cpp, ms per decoded token: **{r}x** llama.cpp's "
                        f"(target <= 3x, {'met' if r and r <= 3 else 'missed'})")
-        spec = [n for n in summ if n.startswith("specrag_")]        # either dtype: the fastest exact one
+        spec = [n for n in summ if n.startswith("specrag_") and "noprov" not in n]        # either dtype: the fastest exact one
         if spec:
             best = max(spec, key=lambda n: summ[n]["tokens_per_second_median"])
             # llama.cpp's answers have their own lengths: its time for the same number of tokens as

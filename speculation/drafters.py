@@ -315,8 +315,9 @@ class NgramDrafter:
     """
 
     def __init__(self, name: str, max_draft: int = 16, max_ngram: int = 8, min_ngram: int = 1,
-                 use_references: bool = True, adaptive: bool = True) -> None:
+                 use_references: bool = True, adaptive: bool = True, provenance: bool = True) -> None:
         self.name = name
+        self.provenance = provenance          # give drafts their tokens' origins
         self.max_draft = max_draft
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
@@ -361,8 +362,8 @@ class NgramDrafter:
         tokens, match, (seq_id, start) = st["index"].lookup_place(state.tokens, k, self.min_ngram)
         if not tokens:
             return None
-        return Draft(tokens, self.name, match_len=match,
-                     origins=[self._origin(st, seq_id, start + i) for i in range(len(tokens))])
+        origins = [self._origin(st, seq_id, start + i) for i in range(len(tokens))] if self.provenance else None
+        return Draft(tokens, self.name, match_len=match, origins=origins)
 
     @staticmethod
     def _origin(st: dict[str, Any], seq_id: int, pos: int) -> Origin:
@@ -392,8 +393,10 @@ class TreeDrafter(NgramDrafter):
     sequence's room to draft and ``max_draft`` (and, with ``adaptive``, by the accepted depth)."""
 
     def __init__(self, name: str = "tree", max_draft: int = 16, max_nodes: int = 32, max_ngram: int = 8,
-                 min_ngram: int = 1, adaptive: bool = True, shorter: int = 1, max_occurrences: int = 64) -> None:
-        super().__init__(name, max_draft, max_ngram, min_ngram, use_references=True, adaptive=adaptive)
+                 min_ngram: int = 1, adaptive: bool = True, shorter: int = 1, max_occurrences: int = 64,
+                 provenance: bool = True) -> None:
+        super().__init__(name, max_draft, max_ngram, min_ngram, use_references=True, adaptive=adaptive,
+                         provenance=provenance)
         self.max_nodes = max_nodes
         self.shorter = shorter
         self.max_occurrences = max_occurrences
@@ -412,8 +415,8 @@ class TreeDrafter(NgramDrafter):
         tokens, parents, weights, places = build_tree(index.seqs, occ, depth, nodes)
         if not tokens:
             return None
-        return Draft(tokens, self.name, match_len=occ[0][0], parents=parents, weights=weights,
-                     origins=[self._origin(st, seq_id, pos) for seq_id, pos in places])
+        origins = [self._origin(st, seq_id, pos) for seq_id, pos in places] if self.provenance else None
+        return Draft(tokens, self.name, match_len=occ[0][0], parents=parents, weights=weights, origins=origins)
 
     def accepted(self, state: "SequenceState", draft: Draft, n_accepted: int) -> None:
         state.drafter_state[self.name]["length"].update(draft.depth(), n_accepted)

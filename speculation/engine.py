@@ -91,6 +91,9 @@ class EngineConfig:
     max_tokens_per_step: int = 512
     # tokens one forward feeds when every row in it is a prompt
     max_prefill_tokens: int = 4096
+    # record every committed token's origin (SequenceState.origins: which reference and offset a
+    # copied token came from, ...); off only to measure what the bookkeeping costs
+    provenance: bool = True
     # a forward whose result for a token does not depend on what shares it (speculation/
     # invariant.py), so speculative greedy output is bitwise the non-speculative one even in
     # bf16. None: on for a low-precision model on a CPU whose matmuls compute rows independently
@@ -372,12 +375,14 @@ class SpeculativeEngine:
         adaptive = self.cost is None
         drafters: dict[str, Drafter] = {
             "reference": NgramDrafter("reference", cfg.max_draft_tokens, cfg.max_ngram,
-                                      min(self._min_ngram(), cfg.max_ngram), adaptive=adaptive),
+                                      min(self._min_ngram(), cfg.max_ngram), adaptive=adaptive,
+                                      provenance=cfg.provenance),
             # kept like transformers' / vLLM's n-gram lookup (matches down to 1 token)
             "tree": TreeDrafter("tree", cfg.max_draft_tokens, cfg.max_tree_nodes, cfg.max_ngram,
-                                min(self._min_ngram(), cfg.max_ngram), adaptive=adaptive),
+                                min(self._min_ngram(), cfg.max_ngram), adaptive=adaptive,
+                                provenance=cfg.provenance),
             "prompt_lookup": NgramDrafter("prompt_lookup", cfg.max_draft_tokens, cfg.prompt_lookup_max_ngram,
-                                          use_references=False, adaptive=adaptive),
+                                          use_references=False, adaptive=adaptive, provenance=cfg.provenance),
         }
         if self.draft is not None:
             drafters["draft_model"] = ModelDrafter(self.draft, max_draft=min(cfg.max_draft_tokens,
@@ -477,7 +482,8 @@ class SpeculativeEngine:
             state.finished, state.finish_reason = True, "length"
         if state.finished:
             delta += state.streamer.finish()
-        state.origins.extend(origins[:len(committed)])
+        if self.config.provenance:
+            state.origins.extend(origins[:len(committed)])
         if paused and not state.finished:
             state.ahead, state.ahead_origins = list(new_tokens[len(committed):]), list(origins[len(committed):])
         else:
@@ -566,8 +572,8 @@ class SpeculativeEngine:
             if draft is None:
                 self._commit(state, [nxt], [TARGET], on_commit)
             else:
-                self._commit(state, [draft.tokens[i] for i in path] + [nxt],
-                             [draft.origin(i) for i in path] + [TARGET], on_commit)
+                origins = [draft.origin(i) for i in path] + [TARGET] if self.config.provenance else []
+                self._commit(state, [draft.tokens[i] for i in path] + [nxt], origins, on_commit)
             if draft is not None:
                 self.drafters[draft.source].accepted(state, draft, n_acc)
         if self.on_step is not None:
@@ -772,7 +778,8 @@ class SpeculativeEngine:
             state.ahead, state.ahead_origins = [], []
             state.cached = min(state.cached, len(state.tokens) - 1)
         state.tokens.extend(tokens)
-        state.origins.extend([GIVEN] * len(tokens))
+        if self.config.provenance:
+            state.origins.extend([GIVEN] * len(tokens))
         for tok in tokens:
             state.streamer.push(tok)
 
