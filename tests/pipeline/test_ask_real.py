@@ -139,9 +139,10 @@ def test_provenance_spans_on_real_retrieved_chunks(small_indexes):
             streamed = []
             res = pipe.answer(AskRequest(q, max_tokens=64, retrieval=opts), on_text=streamed.append)
             covered = check_provenance(res, streamed)
-            plain = pipe.answer(AskRequest(q, max_tokens=64, retrieval=opts,
-                                           speculation=SpeculationOptions(enabled=False)))
-            assert plain.token_ids == res.token_ids
+            if not iterative:     # (iterative answers equal their baseline in the tests above)
+                plain = pipe.answer(AskRequest(q, max_tokens=64, retrieval=opts,
+                                               speculation=SpeculationOptions(enabled=False)))
+                assert plain.token_ids == res.token_ids
             assert any(seg["origin"] == "copied" for seg in res.provenance), res.provenance
             if iterative:
                 assert res.strides and res.strides[0]["answer_start"] == 0
