@@ -131,6 +131,7 @@ def test_every_response_and_chunk_parses_as_the_openai_types():
     assert r.usage == CompletionUsage(prompt_tokens=14, completion_tokens=6, total_tokens=20)
     assert r.choices[0].message.content and r.choices[0].finish_reason == "length"
     assert set(r.model_extra or {}) == {"sources", "metrics"}
+    assert set(r.choices[0].message.model_extra or {}) == {"provenance"}
     for stream, with_usage in zip(streams, (False, True)):
         assert stream.status_code == 200, stream.text
         chunks = [ChatCompletionChunk.model_validate(c) for c in _chunks(stream.text)]
@@ -138,7 +139,7 @@ def test_every_response_and_chunk_parses_as_the_openai_types():
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert text == r.choices[0].message.content
         carrier = chunks[-1]          # sources and metrics ride on the usage chunk or the finish chunk
-        assert set(carrier.model_extra or {}) == {"sources", "metrics"}
+        assert set(carrier.model_extra or {}) == {"sources", "metrics", "provenance"}
         assert (carrier.usage == r.usage and carrier.choices == []) if with_usage else \
             (carrier.usage is None and carrier.choices[0].finish_reason == "length")
     assert metrics.headers["content-type"] == CONTENT_TYPE_LATEST
@@ -160,10 +161,10 @@ def test_builders_keep_our_extra_fields_and_no_empty_ones():
     body = oa.completion_body(_result(), model="m", completion_id="chatcmpl-1", created=5)
     assert body == {
         "id": "chatcmpl-1", "object": "chat.completion", "created": 5, "model": "m",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "a b c"},
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "a b c", "provenance": []},
                      "finish_reason": "length", "logprobs": None}],
         "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
-        "sources": [{"id": "d1", "title": "t", "source": "s.rst", "score": 0.5, "text": "x"}],
+        "sources": [{"id": "d1", "title": "t", "source": "s.rst", "score": 0.5, "text": "x", "spans": []}],
         "metrics": {"speculation": {}, "retrieval": {}, "seconds": {}},
     }
     last = oa.chunk(model="m", completion_id="chatcmpl-1", created=5, empty_choices=True,
