@@ -91,7 +91,7 @@ def test_sixteen_concurrent_requests_equal_hf_generate(smollm):
 def test_bf16_speculative_output_is_bitwise_the_plain_output(smollm):
     """SmolLM2 in bf16 with the batch-invariant forward (where this CPU's bf16 matmuls are
     row-invariant): reference and tree drafting (trees verified as their heaviest path there),
-    alone and 6 requests in one batch, give exactly the tokens of plain bf16 decoding; HF
+    alone and 4 requests in one batch, give exactly the tokens of plain bf16 decoding; HF
     generate in bf16 agrees up to reported near-ties."""
     import copy
 
@@ -108,9 +108,9 @@ def test_bf16_speculative_output_is_bitwise_the_plain_output(smollm):
                                                                           draft_policy="fixed"))
     assert engine.batch_invariant
     reqs = []
-    for i in range(6):
+    for i in range(4):
         module, name, question = TOPICS[i % len(TOPICS)]
-        prompt, reference = _prompt(smollm.tokenizer, module, name, question if i < 5 else question + " Be brief.")
+        prompt, reference = _prompt(smollm.tokenizer, module, name, question if i < 3 else question + " Be brief.")
         reqs.append(GenerationRequest(prompt, [reference, reference[len(reference) // 2:]], max_new_tokens=32,
                                       drafters=("reference",) if i % 2 else ("tree",)))
     plain = [engine.generate_one(GenerationRequest(r.prompt_ids, [], max_new_tokens=32, speculate=False)).token_ids
@@ -123,7 +123,7 @@ def test_bf16_speculative_output_is_bitwise_the_plain_output(smollm):
     # of the logits (0.125-0.25 at SmolLM2's logit scale): a divergence there is reported
     exactness.NEAR_TIE, saved = 0.5, exactness.NEAR_TIE
     try:
-        for r, got in zip(reqs[:3], plain[:3]):
+        for r, got in zip(reqs[:2], plain[:2]):
             assert_same_tokens(target, r.prompt_ids, hf_greedy(target, r.prompt_ids, 32), got, "bf16 vs HF")
     finally:
         exactness.NEAR_TIE = saved
