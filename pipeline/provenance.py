@@ -135,38 +135,35 @@ def source_spans(answer: str, token_ids: Sequence[int], ends: Sequence[int], ori
     """Per source, the answer ranges that equal its text: copied runs first, then matched ones
     among the tokens left (see the module docstring)."""
     n = min(len(token_ids), len(ends), len(origins))
+    ends = [min(e, len(answer)) for e in ends[:n]]
     index = {s.id: i for i, s in enumerate(sources)}
     spans: list[list[dict[str, Any]]] = [[] for _ in sources]
     covered = [False] * n
     src_ids: dict[int, list[int]] = {}
     src_ends: dict[int, list[int]] = {}
 
+    def start_of(i: int) -> int:
+        """Where token ``i``'s text starts in the answer."""
+        return ends[i - 1] if i else 0
+
     def ids_of(si: int) -> list[int]:
         if si not in src_ids:
             src_ids[si] = reference_ids(sources[si])
         return src_ids[si]
 
-    def add(si: int, i: int, j: int, pos: int, kind: str) -> bool:
-        """Tokens [i, j) of the answer equal tokens [pos, pos + j - i) of source ``si``."""
-        a, b = (ends[i - 1] if i else 0), min(ends[j - 1], len(answer))
-        if len(answer[a:b].strip()) < MIN_COPY_CHARS:
-            return False
-        if si not in src_ends:
-            src_ends[si] = char_ends(tokenizer, ids_of(si))
-        se = src_ends[si]
-        guess = se[pos - 1] if pos else 0
-        text = sources[si].text
-        s = _located(answer, a, b, text, guess)
-        if s is None:
-            return False
-        spans[si].append({"answer_start": a, "answer_end": b, "source_start": s, "source_end": s + (b - a),
-                          "kind": kind})
+    def record(si: int, i: int, j: int, source_start: int, kind: str) -> dict[str, Any]:
+        """Answer tokens [i, j) equal the text of source ``si`` from ``source_start`` on."""
+        a, b = start_of(i), ends[j - 1]
+        span = {"answer_start": a, "answer_end": b, "source_start": source_start,
+                "source_end": source_start + (b - a), "kind": kind}
+        spans[si].append(span)
         for k in range(i, j):
             covered[k] = True
-        return True
+        return span
 
-    # copied: runs of tokens copied from consecutive offsets of one source's reference
-    continued: list[tuple[int, int]] = []     # (source, token after the run) of each copied span
+    # copied: runs of tokens copied from consecutive offsets of one source's reference, placed
+    # where the reference's offset is in the source text (or the nearest place the text is)
+    copies: list[tuple[int, int, dict[str, Any]]] = []     # (source, token after the run, span)
     i = 0
     while i < n:
         kind, sid, off = origins[i]
@@ -177,28 +174,25 @@ def source_spans(answer: str, token_ids: Sequence[int], ends: Sequence[int], ori
         j = i + 1
         while j < n and origins[j] == ("reference", sid, off + (j - i)):
             j += 1
-        if add(si, i, j, off, "copied"):
-            continued.append((si, j))
+        a, b = start_of(i), ends[j - 1]
+        if len(answer[a:b].strip()) >= MIN_COPY_CHARS:
+            if si not in src_ends:
+                src_ends[si] = char_ends(tokenizer, ids_of(si))
+            at = _located(answer, a, b, sources[si].text, src_ends[si][off - 1] if off else 0)
+            if at is not None:
+                copies.append((si, j, record(si, i, j, at, "copied")))
         i = j
     # the target's tokens right after a copy that go on with the source's text (the bonus token
     # after an accepted draft, a correction that happens to equal it): matched, however short
-    for si, j in continued:
-        last = next((sp for sp in reversed(spans[si]) if sp["answer_end"] == min(ends[j - 1], len(answer))), None)
-        if last is None:
-            continue
-        text, at = sources[si].text, last["source_end"]
+    for si, j, copy in copies:
+        text, at = sources[si].text, copy["source_end"]
         k = j
-        while k < n and not covered[k] and min(ends[k], len(answer)) > ends[k - 1]:
-            piece = answer[ends[k - 1]:min(ends[k], len(answer))]
-            if not text.startswith(piece, at + (ends[k - 1] - ends[j - 1])):
+        while k < n and not covered[k] and ends[k] > start_of(k):
+            if not text.startswith(answer[start_of(k):ends[k]], at + (start_of(k) - ends[j - 1])):
                 break
             k += 1
         if k > j:
-            a, b = ends[j - 1], min(ends[k - 1], len(answer))
-            spans[si].append({"answer_start": a, "answer_end": b, "source_start": at, "source_end": at + (b - a),
-                              "kind": "matched"})
-            for m in range(j, k):
-                covered[m] = True
+            record(si, j, k, at, "matched")
     # matched: the answer text left (the target's own words, prompt copies) where it equals a
     # source's text for >= MATCH_CHARS characters, found from token starts by a character
     # shingle index of the sources and extended as far as the text stays equal
@@ -211,11 +205,11 @@ def source_spans(answer: str, token_ids: Sequence[int], ends: Sequence[int], ori
         if covered[i]:
             i += 1
             continue
-        a = ends[i - 1] if i else 0
+        a = start_of(i)
         j = i                        # the run of uncovered tokens from i
         while j < n and not covered[j]:
             j += 1
-        limit = min(ends[j - 1], len(answer))
+        limit = ends[j - 1]
         hit = grams.get(answer[a:a + MATCH_CHARS]) if limit - a >= MATCH_CHARS else None
         if hit is None:
             i += 1
@@ -231,14 +225,9 @@ def source_spans(answer: str, token_ids: Sequence[int], ends: Sequence[int], ori
         if k == i or ends[k - 1] - a < MATCH_CHARS:
             i += 1
             continue
-        b = ends[k - 1]
-        inside = [k for k in range(i, j) if (ends[k - 1] if k else 0) >= a and ends[k] <= b]
-        kind = "copied" if inside and all(origins[k][0] in COPY_KINDS for k in inside) else "matched"
-        spans[si].append({"answer_start": a, "answer_end": b, "source_start": p, "source_end": p + (b - a),
-                          "kind": kind})
-        while i < k:
-            covered[i] = True
-            i += 1
+        kind = "copied" if all(origins[t][0] in COPY_KINDS for t in range(i, k)) else "matched"
+        record(si, i, k, p, kind)
+        i = k
     for per_source in spans:
         per_source.sort(key=lambda s: s["answer_start"])
     return spans

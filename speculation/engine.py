@@ -482,8 +482,7 @@ class SpeculativeEngine:
             state.finished, state.finish_reason = True, "length"
         if state.finished:
             delta += state.streamer.finish()
-        if self.config.provenance:
-            state.origins.extend(origins[:len(committed)])
+        state.origins.extend(origins[:len(committed)])
         if paused and not state.finished:
             state.ahead, state.ahead_origins = list(new_tokens[len(committed):]), list(origins[len(committed):])
         else:
@@ -516,8 +515,7 @@ class SpeculativeEngine:
             if not self.active(state):
                 continue
             if state.ahead:        # verified by an earlier forward: no forward now
-                ahead, origins = state.ahead, state.ahead_origins
-                self._commit(state, ahead, origins, on_commit)
+                self._commit(state, state.ahead, state.ahead_origins, on_commit)
             elif len(rows) < self.config.max_batch:
                 rows.append(state)
         if not rows:
@@ -569,11 +567,9 @@ class SpeculativeEngine:
                         self.runner.pool.move(state.slot, [base + i for i in path],  # type: ignore[arg-type]
                                               [base + k for k in range(n_acc)])
                     state.cached = base + n_acc
-            if draft is None:
-                self._commit(state, [nxt], [TARGET], on_commit)
-            else:
-                origins = [draft.origin(i) for i in path] + [TARGET] if self.config.provenance else []
-                self._commit(state, [draft.tokens[i] for i in path] + [nxt], origins, on_commit)
+            tokens = [draft.tokens[i] for i in path] + [nxt] if draft else [nxt]
+            origins = ([draft.origin(i) for i in path] if draft else []) + [TARGET] if self.config.provenance else []
+            self._commit(state, tokens, origins, on_commit)
             if draft is not None:
                 self.drafters[draft.source].accepted(state, draft, n_acc)
         if self.on_step is not None:

@@ -26,6 +26,7 @@ in LLM Inference", which vLLM offers on GPUs as VLLM_BATCH_INVARIANT):
 from __future__ import annotations
 
 import threading
+import types
 from typing import Any
 
 import torch
@@ -196,8 +197,6 @@ def make_rows_invariant(model: Any) -> None:
                     parts.append(functional(piece, self.weight, self.bias))
             out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out.reshape(*x.shape[:-1], out.shape[-1])
-
-    import types
 
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
