@@ -18,24 +18,22 @@ import time
 
 import torch
 
+from speculation.cost import fill_context, time_forward
 from speculation.forward import PooledModel, Row
 from speculation.models import DEFAULT_MODEL, load_causal_lm
 
 
 def _bench(pm: PooledModel, tag: str, tokens: list[int], context: int) -> None:
+    ids = [list(range(100, 100 + context))]
     with torch.inference_mode():
-        pm.forward([Row(0, 0, list(range(100, 100 + context)), context)])
+        fill_context(pm, ids, 1, context, extra=max(tokens))
         for n in tokens:
+            rows = [Row(0, context, list(range(5, 5 + n)), 0)]
             t0 = time.perf_counter()
-            pm.forward([Row(0, context, list(range(5, 5 + n)), 0)])
+            pm.forward(rows)
             first = time.perf_counter() - t0
-            times = []
-            for i in range(15):
-                t0 = time.perf_counter()
-                pm.forward([Row(0, context + i, list(range(5, 5 + n)), 0)])
-                times.append(time.perf_counter() - t0)
-            times.sort()
-            print(f"{tag:9s} tokens={n:3d}  first call {first * 1e3:9.0f} ms  median {times[7] * 1e3:6.1f} ms", flush=True)
+            median = time_forward(pm, rows, 15, warm_up=False)
+            print(f"{tag:9s} tokens={n:3d}  first call {first * 1e3:9.0f} ms  median {median * 1e3:6.1f} ms", flush=True)
 
 
 def main() -> None:
