@@ -8,6 +8,8 @@ gap, shown in pytest's summary), never silently passed.
 from __future__ import annotations
 
 import warnings
+import weakref
+from typing import Any
 
 import torch
 
@@ -18,12 +20,28 @@ class NearTieWarning(UserWarning):
     pass
 
 
+# per model object (weakly held) and dtype: prompt -> (oracle tokens, the limit they were asked with)
+_ORACLE: "weakref.WeakKeyDictionary[Any, dict[tuple[str, tuple[int, ...]], tuple[list[int], int]]]" = \
+    weakref.WeakKeyDictionary()
+
+
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Hugging Face ``generate`` (greedy) of ``max_new_tokens`` after ``prompt``. Greedy decoding
+    is deterministic and causal, so a shorter limit gives a prefix of a longer one: an answer
+    already computed for this model, dtype and prompt with at least this limit (or one that
+    stopped at EOS before it) is sliced instead of generated again."""
+    memo = _ORACLE.setdefault(model, {})
+    key = (str(next(model.parameters()).dtype), tuple(prompt))
+    hit = memo.get(key)
+    if hit is not None and (max_new_tokens <= hit[1] or len(hit[0]) < hit[1]):
+        return hit[0][:max_new_tokens]
     device = next(model.parameters()).device
     out = model.generate(torch.tensor([prompt], device=device),
                          attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=device),
                          max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
-    return out[0, len(prompt):].tolist()
+    tokens = out[0, len(prompt):].tolist()
+    memo[key] = (tokens, max_new_tokens)
+    return list(tokens)
 
 
 def logit_gap(model, prefix: list[int]) -> float:
