@@ -78,6 +78,11 @@ class _Group:
     packed: torch.Tensor         # [n] packed token indices of the group's tokens
     padded: torch.Tensor         # [n] their flat index in the [hi - lo, t_max] padded layout
     mask: torch.Tensor           # [hi - lo, 1, G * t_max, kv_len] bool, True = attend
+    # the padded layout is the packed tokens as they are (one group holding every token, no
+    # padding, slots in order): no scatter into it, no gather out of it
+    whole: bool = False
+    # every query attends to every position (a lone decode token): no mask
+    full: bool = False
 
 
 @dataclass
@@ -87,6 +92,8 @@ class _Batch:
     pos_idx: torch.Tensor        # [T] its position
     groups: list[_Group]
     invariant: bool = False      # attention that does not depend on the batch (speculation/invariant.py)
+    # one row: its tokens go to positions [start, start + T) of one slot, a slice of the pool
+    span: tuple[int, int, int] | None = None     # (slot, start, end)
 
 
 def _pool_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -100,8 +107,13 @@ def _pool_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
     pool = batch.pool
     k_store, v_store = pool.keys[layer], pool.values[layer]
     # query/key/value: [1, heads, T, D] over the packed tokens
-    k_store[batch.slot_idx, :, batch.pos_idx] = key[0].transpose(0, 1).to(k_store.dtype)
-    v_store[batch.slot_idx, :, batch.pos_idx] = value[0].transpose(0, 1).to(v_store.dtype)
+    if batch.span is not None:           # one row: a slice copy instead of a scatter
+        slot, start, end = batch.span
+        k_store[slot, :, start:end] = key[0].to(k_store.dtype)
+        v_store[slot, :, start:end] = value[0].to(v_store.dtype)
+    else:
+        k_store[batch.slot_idx, :, batch.pos_idx] = key[0].transpose(0, 1).to(k_store.dtype)
+        v_store[batch.slot_idx, :, batch.pos_idx] = value[0].transpose(0, 1).to(v_store.dtype)
     q_packed = query[0].transpose(0, 1)                       # [T, Hq, D]
     n_tokens, hq, d = q_packed.shape
     hkv = k_store.shape[1]
@@ -109,11 +121,15 @@ def _pool_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
     out = query.new_empty(n_tokens, hq, d)
     for grp in batch.groups:
         b = grp.hi - grp.lo
-        q = query.new_zeros(b * grp.t_max, hq, d)
-        q[grp.padded] = q_packed[grp.packed]
         # heads kv-major (query head h reads kv head h // g), the g query heads of a kv head
         # folded into the query length: no copy of the cache for grouped-query attention
-        q = q.view(b, grp.t_max, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * grp.t_max, d)
+        if grp.whole:
+            q = query[0].reshape(hkv, g, b, grp.t_max, d).permute(2, 0, 1, 3, 4).reshape(b, hkv, g * grp.t_max, d)
+            q = q.contiguous()
+        else:
+            q = query.new_zeros(b * grp.t_max, hq, d)
+            q[grp.padded] = q_packed[grp.packed]
+            q = q.view(b, grp.t_max, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * grp.t_max, d)
         if batch.invariant:
             from .invariant import KV_CHUNK, attention
 
@@ -127,8 +143,10 @@ def _pool_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
         else:
             o = torch.nn.functional.scaled_dot_product_attention(
                 q, k_store[grp.lo:grp.hi, :, :grp.kv_len], v_store[grp.lo:grp.hi, :, :grp.kv_len],
-                attn_mask=grp.mask, scale=scaling)
+                attn_mask=None if grp.full else grp.mask, scale=scaling)
         o = o.view(b, hkv, g, grp.t_max, d).permute(0, 3, 1, 2, 4).reshape(b * grp.t_max, hq, d)
+        if grp.whole:
+            return o.contiguous().unsqueeze(0), None
         out[grp.packed] = o[grp.padded]
     return out.unsqueeze(0), None
 
@@ -217,8 +235,9 @@ class PooledModel:
         groups = [self._group(rows, offsets, members, hq_per_kv) for _, members in sorted(buckets.items())]
         groups += [self._group(rows, offsets, [i], hq_per_kv) for i, r in enumerate(rows) if len(r.tokens) > SHORT_ROW]
         dev = self.device
+        span = (rows[0].slot, rows[0].start, rows[0].start + len(rows[0].tokens)) if len(rows) == 1 else None
         batch = _Batch(self.pool, torch.tensor(slot_idx, device=dev), torch.tensor(pos_idx, device=dev), groups,
-                       self.invariant)
+                       self.invariant, span)
         return batch, keep, offsets
 
     def _query_groups(self) -> int:
@@ -245,10 +264,14 @@ class PooledModel:
             # query t sees the cached prefix and the new tokens up to itself (its ancestors, in a tree)
             mask[b, :n, :r.start] = True
             mask[b, :n, r.start:r.start + n] = r.visible()
+        whole = packed == padded and len(packed) == sum(len(r.tokens) for r in rows)
+        # the batch-invariant attention always takes its mask: a row's result must not depend on
+        # whether it was alone
+        full = not self.invariant and bool(mask.all())
         mask = mask.unsqueeze(1).expand(hi - lo, g, t_max, kv_len).reshape(hi - lo, 1, g * t_max, kv_len)
         dev = self.device
         return _Group(lo, hi, kv_len, t_max, torch.tensor(packed, device=dev), torch.tensor(padded, device=dev),
-                      mask.to(dev))
+                      mask.to(dev), whole, full)
 
     def forward(self, rows: list[Row]) -> torch.Tensor:
         """Logits ``[sum of wanted positions, vocab]`` (fp32), rows in order. The KV of every
