@@ -54,6 +54,26 @@ def _histogram(results: list[Any], drafter: str) -> list[int]:
     return total.accepted_lengths
 
 
+def rag_cases(tok: Any, context: int, n_questions: int, k: int, max_tokens: int,
+              index_dir: Path | None = None) -> list[tuple[str, list[int], list[list[int]]]]:
+    """(question, prompt ids, reference ids) for the first ``n_questions`` questions: ``k``
+    python-docs chunks retrieved by the real index and embedder, in the prompt and as references."""
+    from pipeline.config import PipelineConfig
+    from pipeline.prompts import one_shot_prompt
+    from pipeline.rag import RetrievalStage
+    from speculation.models import cache_dir
+
+    index_dir = index_dir or cache_dir() / "indexes" / "bench-tree"
+    build_index(index_dir, CORPUS)
+    retrieval = RetrievalStage(PipelineConfig(index_dir=str(index_dir), k=k))
+    cases = []
+    for q in ITERATIVE_QUESTIONS[:n_questions]:
+        sources = retrieval.retrieve([q], k, "dense")[0]
+        prompt, used = one_shot_prompt(tok, q, sources, context, max_tokens)
+        cases.append((q, prompt, [tok.encode(s.text, add_special_tokens=False) for s in used]))
+    return cases
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--questions", type=int, default=len(ITERATIVE_QUESTIONS))
@@ -72,28 +92,15 @@ def main() -> int:
 
     import torch
 
-    from pipeline.config import PipelineConfig
-    from pipeline.prompts import one_shot_prompt
-    from pipeline.rag import RetrievalStage
     from speculation.engine import EngineConfig, GenerationRequest, SpeculativeEngine
-    from speculation.models import ModelConfig, cache_dir, load_models
+    from speculation.models import ModelConfig, load_models
     from speculation.scheduler import EngineLoop
 
-    index_dir = args.index or cache_dir() / "indexes" / "bench-tree"
-    build_index(index_dir, CORPUS)
-    retrieval = RetrievalStage(PipelineConfig(index_dir=str(index_dir), k=args.k))
     models = load_models(ModelConfig())
     target, tok = models.target, models.tokenizer
     engine = SpeculativeEngine(target, tok, None, EngineConfig(drafters=("reference",)))
-    context = engine.context_tokens or 2048
     counter = ForwardCounter(target)
-
-    questions = ITERATIVE_QUESTIONS[:args.questions]
-    cases = []
-    for q in questions:
-        sources = retrieval.retrieve([q], args.k, "dense")[0]
-        prompt, used = one_shot_prompt(tok, q, sources, context, args.max_tokens)
-        cases.append((q, prompt, [tok.encode(s.text, add_special_tokens=False) for s in used]))
+    cases = rag_cases(tok, engine.context_tokens or 2048, args.questions, args.k, args.max_tokens, args.index)
 
     def request(prompt: list[int], refs: list[list[int]], method: str) -> GenerationRequest:
         return GenerationRequest(prompt, refs, max_new_tokens=args.max_tokens, speculate=method != "plain",

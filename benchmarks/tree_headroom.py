@@ -1,0 +1,150 @@
+"""How much can draft trees buy over single-path reference drafting on these documents?
+
+    .venv/bin/python benchmarks/tree_headroom.py     # writes benchmarks/results/tree_headroom.{json,md}
+
+An upper bound, independent of the cost model and of the machine: the greedy answers are
+generated once without speculation (SmolLM2, the same RAG prompts as ``bench_tree.py``: k = 4
+retrieved python-docs chunks in the prompt and as references); then every drafter
+configuration is replayed over each answer as if it drafted at every step, with the real
+drafter classes (``NgramDrafter``, ``TreeDrafter``, their index and ``build_tree``). Greedy
+verification is known without a forward: a drafted path is accepted as far as it equals the
+answer, then the target's own token commits. Reported per configuration: tokens per forward if
+every step drafted, drafted tokens (nodes) per step -- what each forward verifies beyond its
+one token -- and accepted tokens per drafted token.
+
+The engine drafts less than this (its cost model drafts only what pays on the machine), so the
+engine's tokens per forward is below these numbers; the ratio tree / chain here is the most
+trees can give with these documents, this model and this drafting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_engine import machine_info  # noqa: E402
+from bench_tree import rag_cases  # noqa: E402
+
+# name -> (drafter kind, options); depth 16 everywhere (the engine's max_draft)
+CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "chain (LLMA: first occurrence of the longest match)": ("chain", {}),
+    "tree, 16 nodes": ("tree", {"max_nodes": 16}),
+    "tree, 32 nodes (the engine's default)": ("tree", {"max_nodes": 32}),
+    "tree, 64 nodes, matches up to 3 tokens shorter": ("tree", {"max_nodes": 64, "shorter": 3}),
+    "tree, every occurrence of every match (bound)": ("tree", {"max_nodes": 4096, "shorter": 8,
+                                                               "max_occurrences": 4096}),
+}
+DEPTH = 16
+
+
+def _drafter(kind: str, opts: dict[str, Any]) -> Any:
+    from speculation.drafters import NgramDrafter, TreeDrafter
+
+    if kind == "chain":
+        return NgramDrafter("reference", max_draft=DEPTH, adaptive=False, provenance=False)
+    return TreeDrafter(max_draft=DEPTH, adaptive=False, provenance=False, **opts)
+
+
+def _accepted(draft: Any, rest: list[int]) -> int:
+    """Tokens of ``draft`` greedy verification accepts when the target's answer goes on with ``rest``."""
+    if draft is None:
+        return 0
+    parents = draft.parents if draft.parents is not None else list(range(-1, len(draft.tokens) - 1))
+    best, depth, ok = 0, [0] * len(draft.tokens), [False] * len(draft.tokens)
+    for i, (tok, p) in enumerate(zip(draft.tokens, parents)):
+        depth[i] = 1 if p < 0 else depth[p] + 1
+        ok[i] = (p < 0 or ok[p]) and depth[i] <= len(rest) and rest[depth[i] - 1] == tok
+        if ok[i]:
+            best = max(best, depth[i])
+    return best
+
+
+def replay(kind: str, opts: dict[str, Any], prompt: list[int], refs: list[list[int]],
+           answer: list[int]) -> dict[str, int]:
+    """Steps, drafted nodes and accepted tokens of drafting at every step of ``answer``."""
+    drafter = _drafter(kind, opts)
+    state = SimpleNamespace(tokens=list(prompt), references=refs, drafter_state={}, draft_room=DEPTH)
+    drafter.begin(state)
+    t = steps = drafted = accepted = 0
+    while t < len(answer):
+        state.tokens = list(prompt) + answer[:t]
+        state.draft_room = min(DEPTH, len(answer) - t - 1)
+        draft = drafter.propose(state, opts.get("max_nodes", DEPTH)) if state.draft_room > 0 else None
+        n = _accepted(draft, answer[t:])
+        steps += 1
+        drafted += len(draft.tokens) if draft is not None else 0
+        accepted += n
+        t += n + 1
+    return {"tokens": len(answer), "steps": steps, "drafted": drafted, "accepted": accepted}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--questions", type=int, default=20)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("-k", type=int, default=4)
+    ap.add_argument("--index", type=Path, help="index dir (default: built under the cache)")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "tree_headroom")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from speculation.engine import GenerationRequest, SpeculativeEngine
+    from speculation.models import ModelConfig, load_models
+
+    models = load_models(ModelConfig())
+    engine = SpeculativeEngine(models.target, models.tokenizer)
+    cases = rag_cases(models.tokenizer, engine.context_tokens or 2048, args.questions, args.k, args.max_tokens,
+                      args.index)
+    t0 = time.perf_counter()
+    answers = []
+    for i, (q, prompt, refs) in enumerate(cases):
+        res = engine.generate_one(GenerationRequest(prompt, refs, max_new_tokens=args.max_tokens, speculate=False))
+        answers.append(res.token_ids)
+        print(f"[{i + 1}/{len(cases)}] {len(res.token_ids)} tokens: {q}", flush=True)
+    generate_s = time.perf_counter() - t0
+
+    rows = {}
+    for name, (kind, opts) in CONFIGS.items():
+        per = [replay(kind, opts, prompt, refs, ans) for (_, prompt, refs), ans in zip(cases, answers)]
+        tot = {key: sum(p[key] for p in per) for key in per[0]}
+        rows[name] = {"tokens_per_forward": round(tot["tokens"] / tot["steps"], 3),
+                      "drafted_per_step": round(tot["drafted"] / tot["steps"], 2),
+                      "accepted_per_drafted": round(tot["accepted"] / max(1, tot["drafted"]), 3),
+                      "per_question_tokens_per_forward": [round(p["tokens"] / p["steps"], 3) for p in per], **tot}
+    chain = rows[next(iter(CONFIGS))]["tokens_per_forward"]
+    for r in rows.values():
+        r["over_chain"] = round(r["tokens_per_forward"] / chain, 3)
+    result = {"machine": machine_info(), "questions": len(cases), "k": args.k, "max_tokens": args.max_tokens,
+              "depth": DEPTH, "generate_s": round(generate_s, 1), "configs": rows,
+              "command": "benchmarks/tree_headroom.py"}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    args.out.with_suffix(".md").write_text(render_markdown(result))
+    print(render_markdown(result))
+    return 0
+
+
+def render_markdown(r: dict[str, Any]) -> str:
+    lines = [f"Drafting replayed at every step over the greedy answers of {r['questions']} RAG questions "
+             f"(SmolLM2-135M, k = {r['k']} python-docs chunks, {r['max_tokens']} new tokens, draft depth "
+             f"{r['depth']}); `{r['command']}`. No forward is timed: an upper bound for each drafter.", "",
+             "| drafter | tokens/forward if every step drafts | x chain | drafted tokens/step | "
+             "accepted per drafted token |", "|---|---|---|---|---|"]
+    for name, x in r["configs"].items():
+        lines.append(f"| {name} | {x['tokens_per_forward']} | {x['over_chain']} | {x['drafted_per_step']} | "
+                     f"{x['accepted_per_drafted']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
