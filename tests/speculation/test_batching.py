@@ -266,3 +266,47 @@ def test_callback_error_ends_its_row_only(models):
     target, _ = models
     assert good.result(30).token_ids == hf_greedy(target, [1, 8, 9], 30)
     loop.close()
+
+
+def test_transposed_lm_head_serves_decode_rows_and_changes_no_output():
+    """Where the machine measures it faster, a transposed copy of the LM head computes the logits
+    of forwards with one or two logit rows (speculation/forward.py). Forced on here (the tiny
+    model's head is below the size the engine measures): its logits equal the plain head's up to
+    rounding, the forward uses it exactly for those row counts, and greedy outputs, speculative
+    and not, alone and batched, equal HF generate's."""
+    from speculation.forward import PooledModel, Row
+
+    target = tiny_llama(seed=0)
+    plain = PooledModel(target, 4)
+    assert plain._head_t is None                      # too small to be measured: the plain head
+    head = target.get_output_embeddings().weight.detach()
+    target._specrag_head_t = (head.t().contiguous(), frozenset({1, 2}))
+    forced = PooledModel(target, 4)
+    assert forced._head_t is target._specrag_head_t
+    calls = []
+    real_head = target.get_output_embeddings().forward
+    target.get_output_embeddings().forward = lambda x: calls.append(x.shape[-2]) or real_head(x)
+    try:
+        rows = {1: [Row(0, 0, [1, 5, 7, 9], 3)], 2: [Row(0, 0, [1, 5, 7, 9], 2)], 3: [Row(0, 0, [1, 5, 7, 9], 1)],
+                "two rows": [Row(0, 0, [1, 5, 7], 2), Row(1, 0, [1, 8, 6, 4], 3)]}
+        with torch.inference_mode():
+            for name, rr in rows.items():
+                calls.clear()
+                a = forced.forward(rr)
+                # 1 or 2 logit rows: the copy (the module is never called); more: the module
+                assert calls == ([] if name in (1, 2, "two rows") else [3]), (name, calls)
+                b = plain.forward(rr)
+                assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), name
+                assert torch.equal(a.argmax(-1), b.argmax(-1)), name
+    finally:
+        del target.get_output_embeddings().forward
+    engine = SpeculativeEngine(target, TinyTokenizer(VOCAB), None, EngineConfig(min_ngram=1, drafters=("reference",)))
+    assert engine.runner._head_t is not None
+    cases = _mixed_requests(target, n=8, seed=11)
+    greedy = [(req, oracle) for req, oracle in cases if req.sampling.greedy and "draft_model" not in req.drafters]
+    alone = [engine.generate_one(req) for req, _ in greedy]
+    together = engine.generate([req for req, _ in greedy])
+    for n, ((req, oracle), a, b) in enumerate(zip(greedy, alone, together)):
+        assert a.token_ids == b.token_ids, f"case {n}: batched output differs from batch 1"
+        assert_same_tokens(target, req.prompt_ids, _hf_expected(oracle, req, TinyTokenizer(VOCAB)), a.token_ids,
+                           f"case {n}")
