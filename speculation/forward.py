@@ -15,15 +15,12 @@ The model keeps working for everybody else: a call without our batch metadata (H
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .kv import KVPool
-
-log = logging.getLogger(__name__)
 
 ATTENTION_NAME = "specrag_pool"
 _BATCH_KWARG = "specrag_batch"
@@ -163,52 +160,6 @@ def _register() -> None:
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
-HEAD_MIN_PARAMS = 1 << 22     # LM heads smaller than this are left alone (tiny test models)
-_HEAD_ROWS = (1, 2)           # logit rows the transposed copy may serve: decode and a one-token draft
-
-
-def _transposed_head(model: Any) -> tuple[torch.Tensor, frozenset[int]] | None:
-    """A copy of the LM head's weight stored [in, out], and the logit-row counts for which
-    ``hidden @ copy`` is measurably faster here than ``F.linear(hidden, weight)`` -- the same
-    product, another GEMM kernel path (on an AMD EPYC, fp32: a one-row decode step's LM head
-    in well under the time; for many rows the plain path stays faster, see
-    ``benchmarks/bench_layout.py``). None when no row count gains 10 %, the model's head is not a
-    plain bias-free linear layer, or it is small. Measured once per model, kept on it (several
-    engines on one model share the copy)."""
-    cached = getattr(model, "_specrag_head_t", False)
-    if cached is not False:
-        return cached
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    result = None
-    if (isinstance(head, torch.nn.Linear) and head.bias is None and head.weight.numel() >= HEAD_MIN_PARAMS
-            and getattr(cfg, "final_logit_softcapping", None) is None):
-        import time
-
-        w = head.weight.detach()
-        w_t = w.t().contiguous()
-        gen = torch.Generator().manual_seed(0)
-        faster = set()
-        with torch.inference_mode():
-            for rows in _HEAD_ROWS:
-                x = torch.randn(rows, w.shape[1], generator=gen).to(w.device, w.dtype)
-                best = {"plain": float("inf"), "transposed": float("inf")}
-                for n in range(6):     # alternating passes; each keeps its fastest (load only adds)
-                    for name in (("plain", "transposed") if n % 2 == 0 else ("transposed", "plain")):
-                        t0 = time.perf_counter()
-                        for _ in range(3):
-                            torch.nn.functional.linear(x, w) if name == "plain" else x @ w_t
-                        best[name] = min(best[name], time.perf_counter() - t0)
-                if best["transposed"] < 0.9 * best["plain"]:
-                    faster.add(rows)
-        if faster:
-            result = (w_t, frozenset(faster))
-            log.info("LM head: a transposed copy (%.0f MB) serves forwards of %s logit row(s), measured faster here",
-                     w_t.numel() * w_t.element_size() / 2**20, sorted(faster))
-    model._specrag_head_t = result
-    return result
-
-
 def _kv_geometry(config: Any) -> tuple[int, int, int]:
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = cfg.num_attention_heads
@@ -240,8 +191,6 @@ class PooledModel:
             from .invariant import make_rows_invariant
 
             make_rows_invariant(model)
-        # the batch-invariant forward computes every row by one kernel path: no second head there
-        self._head_t = None if invariant or self.device.type != "cpu" else _transposed_head(model)
         self._check_attention_is_ours(n_layers)
 
     def _check_attention_is_ours(self, n_layers: int) -> None:
@@ -342,16 +291,8 @@ class PooledModel:
             with invariant_rows():
                 out = self.model(input_ids=ids, position_ids=positions, attention_mask=self._dummy_mask,
                                  use_cache=False, logits_to_keep=keep_idx, **{_BATCH_KWARG: batch})
-            logits = out.logits[0]
-        elif self._head_t is not None and len(keep_idx) in self._head_t[1]:
-            # the decoder, then the LM head's product through its transposed copy
-            decoder = getattr(self.model, self.model.base_model_prefix)
-            out = decoder(input_ids=ids, position_ids=positions, attention_mask=self._dummy_mask, use_cache=False,
-                          **{_BATCH_KWARG: batch})
-            logits = out.last_hidden_state[0, keep_idx] @ self._head_t[0]
         else:
             out = self.model(input_ids=ids, position_ids=positions, attention_mask=self._dummy_mask, use_cache=False,
                              logits_to_keep=keep_idx, **{_BATCH_KWARG: batch})
-            logits = out.logits[0]
-        logits = logits.float()
+        logits = out.logits[0].float()
         return logits if keep else logits[:0]
