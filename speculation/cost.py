@@ -167,9 +167,11 @@ class Candidate:
 
 
 def choose_lengths(candidates: list[Candidate | None], base_tokens: int, rows: int, curve: CostCurve,
-                   acceptance: Acceptance) -> tuple[list[int], float, float]:
+                   acceptance: Acceptance, overhead: float = 0.0) -> tuple[list[int], float, float]:
     """Draft length per candidate (0 for None) maximising the step's goodput; also the predicted
-    step seconds and goodput (tokens/s) of the choice."""
+    forward seconds (the curve's) and goodput (tokens/s) of the choice. ``overhead``: seconds a
+    step costs beside the curve's forward, whatever its drafts (the engine's measured gap: its
+    own work, and a context longer than the calibration's); it dilutes what drafting adds."""
     lengths = [0] * len(candidates)
     heap: list[tuple[float, int, int]] = []          # (-marginal gain, candidate, position)
     chains: dict[int, list[float]] = {}
@@ -184,13 +186,13 @@ def choose_lengths(candidates: list[Candidate | None], base_tokens: int, rows: i
         chains[c] = gains
         if gains:
             heapq.heappush(heap, (-gains[0], c, 0))
-    best_n, best_goodput = 0, rows / curve(base_tokens, rows)
+    best_n, best_goodput = 0, rows / (curve(base_tokens, rows) + overhead)
     expected, picks = float(rows), []
     while heap:
         neg, c, i = heapq.heappop(heap)
         expected += -neg
         picks.append(c)
-        goodput = expected / curve(base_tokens + len(picks), rows)
+        goodput = expected / (curve(base_tokens + len(picks), rows) + overhead)
         if goodput > best_goodput:
             best_n, best_goodput = len(picks), goodput
         if i + 1 < len(chains[c]):

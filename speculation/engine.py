@@ -38,6 +38,8 @@ from .text import StopStringStreamer
 from .verify import SamplingParams, draws, greedy_accept, sample_at, tree_accept, warp_probs
 
 DRAFTERS = ("reference", "tree", "prompt_lookup", "draft_model")
+# weight of the latest decode step in the step-overhead estimate the cost model adds to its curve
+OVERHEAD_EWMA = 0.2
 
 log = logging.getLogger(__name__)
 
@@ -329,6 +331,8 @@ class SpeculativeEngine:
         self.drafters: dict[str, Drafter] = self._make_drafters()
         self.on_step: Callable[[StepRecord], None] | None = None
         self._predicted: float | None = None
+        # seconds a decode step costs beyond the curve's forward (EWMA of measured - predicted, >= 0)
+        self.step_overhead = 0.0
 
     def _batch_invariant(self) -> bool:
         from .invariant import rows_are_invariant
@@ -572,6 +576,9 @@ class SpeculativeEngine:
             self._commit(state, tokens, origins, on_commit)
             if draft is not None:
                 self.drafters[draft.source].accepted(state, draft, n_acc)
+        if self._predicted is not None and prefill_rows == 0:
+            self.step_overhead = max(0.0, (1 - OVERHEAD_EWMA) * self.step_overhead
+                                     + OVERHEAD_EWMA * (seconds - self._predicted))
         if self.on_step is not None:
             self.on_step(StepRecord(len(plans), sum(len(p.fed) + len(p.drafted) for p in plans), seconds,
                                     prefill_rows, self._predicted))
@@ -678,7 +685,8 @@ class SpeculativeEngine:
             else:
                 candidates.append(None)
         lengths, self._predicted, _ = choose_lengths(candidates, sum(len(p.fed) for p in plans), len(plans),
-                                                     self.cost, self.acceptance)  # type: ignore[arg-type]
+                                                     self.cost, self.acceptance,  # type: ignore[arg-type]
+                                                     self.step_overhead)
         deferred: list[_RowPlan] = []
         for p, k in zip(plans, lengths):
             if p.draft is not None:

@@ -54,6 +54,45 @@ def test_full_batch_drafts_nothing_when_it_does_not_pay():
     assert alone[0] >= 1
 
 
+def test_step_overhead_makes_drafts_pay_that_the_bare_forward_would_not():
+    """A step costs the curve's forward plus what the engine does beside it (its own work, a
+    longer context than the calibration's): that overhead dilutes a draft's extra cost, so the
+    same acceptance drafts where the curve alone says no."""
+    acc = _acceptance({("reference", 1): 0.2})
+    steep = CostCurve.synthetic(per_token=0.01, base=0.04)     # a drafted token: +25 % of a forward
+    cand = [Candidate("reference", 1, 16)]
+    assert choose_lengths(cand, 1, 1, steep, acc)[0] == [0]
+    lengths, predicted, goodput = choose_lengths(cand, 1, 1, steep, acc, overhead=0.1)
+    assert lengths[0] >= 1
+    # the predicted seconds stay the curve's forward (what the engine's estimate is learned against)
+    assert predicted == pytest.approx(steep(1 + lengths[0], 1))
+    assert goodput > 1 / (steep(1, 1) + 0.1)
+
+
+def test_engine_learns_its_step_overhead_from_decode_steps():
+    """The engine's estimate of the overhead is what its decode steps took beyond the curve's
+    prediction: a curve that predicts almost nothing gives an estimate near a real step's time;
+    one that predicts more than a step takes gives 0 (never negative)."""
+    from speculation.engine import EngineConfig, GenerationRequest, SpeculativeEngine
+    from tinymodels import TinyTokenizer, tiny_llama
+
+    target = tiny_llama(seed=0)
+    for base, positive in ((1e-7, True), (10.0, False)):
+        engine = SpeculativeEngine(target, TinyTokenizer(96), None,
+                                   EngineConfig(drafters=("reference",),
+                                                cost_curve=CostCurve.synthetic(per_token=1e-9, base=base)))
+        assert engine.step_overhead == 0.0
+        steps = []
+        engine.on_step = steps.append
+        engine.generate_one(GenerationRequest([1, 5, 9, 13, 17], [[5, 9, 13, 17, 21, 25]], max_new_tokens=12))
+        decode = [s.seconds for s in steps if s.prefill_rows == 0]
+        assert decode, "no decode step"
+        if positive:
+            assert 0.0 < engine.step_overhead <= max(decode)
+        else:
+            assert engine.step_overhead == 0.0
+
+
 def test_acceptance_is_per_position_and_smoothed():
     acc = Acceptance(prior=0.5, prior_weight=2.0)
     assert acc.rates("reference", 3, 3) == [0.5, 0.5, 0.5]
