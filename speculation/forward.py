@@ -264,7 +264,8 @@ class PooledModel:
             # query t sees the cached prefix and the new tokens up to itself (its ancestors, in a tree)
             mask[b, :n, :r.start] = True
             mask[b, :n, r.start:r.start + n] = r.visible()
-        whole = packed == padded and len(packed) == sum(len(r.tokens) for r in rows)
+        # every token of the forward, in slot order, each row exactly t_max long (no padding at all)
+        whole = len(packed) == sum(len(r.tokens) for r in rows) == (hi - lo) * t_max and packed == padded
         # the batch-invariant attention always takes its mask: a row's result must not depend on
         # whether it was alone
         full = not self.invariant and bool(mask.all())

@@ -266,3 +266,36 @@ def test_callback_error_ends_its_row_only(models):
     target, _ = models
     assert good.result(30).token_ids == hf_greedy(target, [1, 8, 9], 30)
     loop.close()
+
+
+@pytest.mark.parametrize("layout", [
+    [(0, 4), (1, 3)],            # one bucket, slot order, the last row shorter: padding at the end
+    [(0, 1), (1, 1), (2, 1)],    # a decode batch in slot order: no padding at all
+    [(2, 2), (0, 2)],            # slots out of order
+    [(1, 1)],                    # a lone decode token
+    [(0, 1), (2, 1)],            # a gap between the slots
+    [(3, 5)],                    # a lone row of drafts
+])
+def test_pooled_forward_equals_hf_forward_for_every_row_layout(models, layout):
+    """Each row's logits from one pooled forward equal HF's forward of that row's whole sequence,
+    whatever the rows' slots, order and lengths (the attention's fast paths and its padded path)."""
+    from speculation.forward import PooledModel, Row
+
+    target, _ = models
+    runner = PooledModel(target, 4)
+    rng = random.Random(len(layout) * 10 + layout[0][1])
+    seqs, rows = [], []
+    with torch.inference_mode():
+        for slot, n in layout:
+            prefix = [1] + [rng.randrange(3, VOCAB) for _ in range(2 + 2 * slot)]
+            new = [rng.randrange(3, VOCAB) for _ in range(n)]
+            runner.forward([Row(slot, 0, prefix, len(prefix))])          # its cached prefix
+            seqs.append((prefix, new))
+            rows.append(Row(slot, len(prefix), new, 0))
+        logits = runner.forward(rows)
+        at = 0
+        for (prefix, new), row in zip(seqs, rows):
+            expected = target(input_ids=torch.tensor([prefix + new])).logits[0, len(prefix):].float()
+            got = logits[at:at + len(new)]
+            at += len(new)
+            assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (layout, row.slot, (got - expected).abs().max())
