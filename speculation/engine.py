@@ -331,7 +331,10 @@ class SpeculativeEngine:
         self.drafters: dict[str, Drafter] = self._make_drafters()
         self.on_step: Callable[[StepRecord], None] | None = None
         self._predicted: float | None = None
-        # seconds a decode step costs beyond the curve's forward (EWMA of measured - predicted, >= 0)
+        # seconds a one-row decode step costs beyond the curve's forward (EWMA of measured -
+        # predicted, >= 0). Batched steps are priced by the curve alone: there the gap grows with
+        # the drafts (ragged rows cost more than the curve's uniform shapes), so it is no fixed
+        # overhead, and counting it as one would draft more exactly where drafts cost most
         self.step_overhead = 0.0
 
     def _batch_invariant(self) -> bool:
@@ -576,7 +579,7 @@ class SpeculativeEngine:
             self._commit(state, tokens, origins, on_commit)
             if draft is not None:
                 self.drafters[draft.source].accepted(state, draft, n_acc)
-        if self._predicted is not None and prefill_rows == 0:
+        if self._predicted is not None and prefill_rows == 0 and len(plans) == 1:
             self.step_overhead = max(0.0, (1 - OVERHEAD_EWMA) * self.step_overhead
                                      + OVERHEAD_EWMA * (seconds - self._predicted))
         if self.on_step is not None:
@@ -686,7 +689,7 @@ class SpeculativeEngine:
                 candidates.append(None)
         lengths, self._predicted, _ = choose_lengths(candidates, sum(len(p.fed) for p in plans), len(plans),
                                                      self.cost, self.acceptance,  # type: ignore[arg-type]
-                                                     self.step_overhead)
+                                                     self.step_overhead if len(plans) == 1 else 0.0)
         deferred: list[_RowPlan] = []
         for p, k in zip(plans, lengths):
             if p.draft is not None:

@@ -70,9 +70,10 @@ def test_step_overhead_makes_drafts_pay_that_the_bare_forward_would_not():
 
 
 def test_engine_learns_its_step_overhead_from_decode_steps():
-    """The engine's estimate of the overhead is what its decode steps took beyond the curve's
-    prediction: a curve that predicts almost nothing gives an estimate near a real step's time;
-    one that predicts more than a step takes gives 0 (never negative)."""
+    """The engine's estimate of the overhead is what its one-row decode steps took beyond the
+    curve's prediction: a curve that predicts almost nothing gives an estimate near a real step's
+    time; one that predicts more than a step takes gives 0 (never negative); batched steps
+    neither teach it nor use it."""
     from speculation.engine import EngineConfig, GenerationRequest, SpeculativeEngine
     from tinymodels import TinyTokenizer, tiny_llama
 
@@ -88,10 +89,20 @@ def test_engine_learns_its_step_overhead_from_decode_steps():
         assert any(s.prefill_rows == 0 for s in steps), "no decode step"
         expected = 0.0           # the estimate replayed from the step records: decode steps only
         for s in steps:
-            if s.prefill_rows == 0 and s.predicted_seconds is not None:
+            if s.prefill_rows == 0 and s.predicted_seconds is not None and s.rows == 1:
                 expected = max(0.0, 0.8 * expected + 0.2 * (s.seconds - s.predicted_seconds))
         assert engine.step_overhead == pytest.approx(expected)
         assert (engine.step_overhead > 0.0) == positive
+    # two requests in one batch: their shared steps leave the estimate where it was
+    learned = engine.step_overhead = 0.5
+    steps.clear()
+    engine.generate([GenerationRequest([1, 5, 9, 13], [[5, 9, 13, 17, 21]], max_new_tokens=6),
+                     GenerationRequest([1, 7, 11], [], max_new_tokens=6)])
+    assert any(s.rows == 2 and s.prefill_rows == 0 for s in steps), "the requests never shared a decode step"
+    for s in steps:           # only the steps one request ran alone move it
+        if s.prefill_rows == 0 and s.predicted_seconds is not None and s.rows == 1:
+            learned = max(0.0, 0.8 * learned + 0.2 * (s.seconds - s.predicted_seconds))
+    assert engine.step_overhead == pytest.approx(learned)
 
 
 def test_acceptance_is_per_position_and_smoothed():
