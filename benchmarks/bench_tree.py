@@ -201,11 +201,16 @@ def main() -> int:
               "load_average_after": [round(x, 2) for x in os.getloadavg()],
               "batch1": batch1, "concurrent": concurrency, "targets": targets, "divergences": divergences,
               "command": "benchmarks/bench_tree.py" + (" --quick" if args.quick else "")}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    args.out.with_suffix(".md").write_text(render_markdown(result))
-    print(render_markdown(result))
+    save(args.out, result, render_markdown(result))
     return 0
+
+
+def save(out: Path, result: dict[str, Any], markdown: str) -> None:
+    """``out``.json and ``out``.md, and the markdown printed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text(markdown)
+    print(markdown)
 
 
 def render_markdown(r: dict[str, Any]) -> str:

@@ -20,7 +20,6 @@ trees can give with these documents, this model and this drafting.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -33,7 +32,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_engine import machine_info  # noqa: E402
-from bench_tree import rag_cases  # noqa: E402
+from bench_tree import rag_cases, save  # noqa: E402
 
 # name -> (drafter kind, options); depth 16 everywhere (the engine's max_draft)
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -127,10 +126,7 @@ def main() -> int:
     result = {"machine": machine_info(), "questions": len(cases), "k": args.k, "max_tokens": args.max_tokens,
               "depth": DEPTH, "generate_s": round(generate_s, 1), "configs": rows,
               "command": "benchmarks/tree_headroom.py"}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    args.out.with_suffix(".md").write_text(render_markdown(result))
-    print(render_markdown(result))
+    save(args.out, result, render_markdown(result))
     return 0
 
 

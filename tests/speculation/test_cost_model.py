@@ -74,7 +74,7 @@ def test_engine_learns_its_step_overhead_from_decode_steps():
     curve's prediction: a curve that predicts almost nothing gives an estimate near a real step's
     time; one that predicts more than a step takes gives 0 (never negative); batched steps
     neither teach it nor use it."""
-    from speculation.engine import EngineConfig, GenerationRequest, SpeculativeEngine
+    from speculation.engine import OVERHEAD_EWMA, EngineConfig, GenerationRequest, SpeculativeEngine
     from tinymodels import TinyTokenizer, tiny_llama
 
     target = tiny_llama(seed=0)
@@ -90,7 +90,7 @@ def test_engine_learns_its_step_overhead_from_decode_steps():
         expected = 0.0           # the estimate replayed from the step records: decode steps only
         for s in steps:
             if s.prefill_rows == 0 and s.predicted_seconds is not None and s.rows == 1:
-                expected = max(0.0, 0.8 * expected + 0.2 * (s.seconds - s.predicted_seconds))
+                expected = max(0.0, (1 - OVERHEAD_EWMA) * expected + OVERHEAD_EWMA * (s.seconds - s.predicted_seconds))
         assert engine.step_overhead == pytest.approx(expected)
         assert (engine.step_overhead > 0.0) == positive
     # two requests in one batch: their shared steps leave the estimate where it was
@@ -101,7 +101,7 @@ def test_engine_learns_its_step_overhead_from_decode_steps():
     assert any(s.rows == 2 and s.prefill_rows == 0 for s in steps), "the requests never shared a decode step"
     for s in steps:           # only the steps one request ran alone move it
         if s.prefill_rows == 0 and s.predicted_seconds is not None and s.rows == 1:
-            learned = max(0.0, 0.8 * learned + 0.2 * (s.seconds - s.predicted_seconds))
+            learned = max(0.0, (1 - OVERHEAD_EWMA) * learned + OVERHEAD_EWMA * (s.seconds - s.predicted_seconds))
     assert engine.step_overhead == pytest.approx(learned)
 
 
