@@ -268,6 +268,23 @@ def test_callback_error_ends_its_row_only(models):
     loop.close()
 
 
+def test_short_rows_share_attention_calls_where_one_call_is_cheaper():
+    """Length buckets scattered over the pool merge into one padded call (each call reads every
+    slot in its range); a lone long draft beside many decode rows keeps its own call."""
+    from speculation.forward import Row, _short_groups
+
+    def rows(lens, start=100):
+        return [Row(slot, start, [1] * n, 0) for slot, n in enumerate(lens)]
+
+    assert _short_groups(rows([2, 1, 5, 1, 2, 1, 1, 5])) == [list(range(8))]
+    assert _short_groups(rows([1] * 15 + [9])) == [list(range(15)), [15]]
+    # rows in separate parts of the pool: no call spans the other's slots
+    lone = [Row(0, 100, [1], 0), Row(15, 100, [1] * 3, 0)]
+    assert _short_groups(lone) == [[0], [1]]
+    # rows too long to pad anybody to: not in any short call
+    assert _short_groups([Row(0, 0, [1] * 40, 0), Row(1, 5, [1], 0)]) == [[1]]
+
+
 @pytest.mark.parametrize("layout", [
     [(0, 4), (1, 3)],            # one bucket, slot order, the last row shorter: padding at the end
     [(0, 1), (1, 1), (2, 1)],    # a decode batch in slot order: no padding at all
@@ -275,6 +292,7 @@ def test_callback_error_ends_its_row_only(models):
     [(1, 1)],                    # a lone decode token
     [(0, 1), (2, 1)],            # a gap between the slots
     [(3, 5)],                    # a lone row of drafts
+    [(0, 1), (1, 5), (2, 2), (3, 1)],   # decode rows and drafts interleaved: one call, padded to 5
 ])
 def test_pooled_forward_equals_hf_forward_for_every_row_layout(models, layout):
     """Each row's logits from one pooled forward equal HF's forward of that row's whole sequence,
