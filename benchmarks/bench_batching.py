@@ -63,7 +63,8 @@ def _closed_loop(send, questions: list[str], concurrency: int) -> dict:
             "answers": [r[1] for r in results]}
 
 
-def bench(index_dir: Path, questions: list[str], levels: list[int], max_tokens: int, k: int) -> dict:
+def bench(index_dir: Path, questions: list[str], levels: list[int], max_tokens: int, k: int,
+          http_too: bool = True) -> dict:
     import httpx
     import torch
 
@@ -81,11 +82,12 @@ def bench(index_dir: Path, questions: list[str], levels: list[int], max_tokens: 
         "generator": {"num_cpus": 0.5, "max_ongoing_requests": 16},
         "retriever": {"num_cpus": 0.25}, "ingress": {"num_cpus": 0.1},
     })
-    local.init_ray(num_cpus=2, log_to_driver=False, direct_ingress_port=8876)
-    local.start_service(cfg, port=8875)
-    url = local.direct_url("127.0.0.1") or "http://127.0.0.1:8875"
-    local.wait_healthy(url)
-    client = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=32))
+    if http_too:
+        local.init_ray(num_cpus=2, log_to_driver=False, direct_ingress_port=8876)
+        local.start_service(cfg, port=8875)
+        url = local.direct_url("127.0.0.1") or "http://127.0.0.1:8875"
+        local.wait_healthy(url)
+        client = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=32))
 
     def inproc(spec: bool):
         def send(q: str) -> tuple[str, dict]:
@@ -104,21 +106,25 @@ def bench(index_dir: Path, questions: list[str], levels: list[int], max_tokens: 
             return d["choices"][0]["message"]["content"], d["metrics"]["speculation"]
         return send
 
-    for send in (inproc(True), http(True)):      # warm-up: first forwards, Serve's handles
+    for send in (inproc(True), http(True)) if http_too else (inproc(True),):   # warm-up: first forwards, handles
         send("warm-up question about json")
     runs: dict[str, dict[str, dict]] = {}
     for c in levels:
         print(f"concurrency {c} ...", file=sys.stderr, flush=True)
         level_questions = (questions * (c // len(questions) + 1))[:max(len(questions), c)]
-        for name, send in (("inproc_spec", inproc(True)), ("inproc_plain", inproc(False)),
-                           ("http_spec", http(True)), ("http_plain", http(False))):
+        sends = [("inproc_spec", inproc(True)), ("inproc_plain", inproc(False))]
+        if http_too:
+            sends += [("http_spec", http(True)), ("http_plain", http(False))]
+        for name, send in sends:
             runs.setdefault(name, {})[str(c)] = _closed_loop(send, level_questions, c)
             r = runs[name][str(c)]
             print(f"  {name}: {r['tokens_per_s']} tok/s, p50 {r['p50_s']} s, rows/step {r['mean_rows_per_step']}",
                   file=sys.stderr, flush=True)
-    health = client.get(url + "/health").json()
-    client.close()
-    local.shutdown()
+    health = pipe.generation.health()
+    if http_too:
+        health = client.get(url + "/health").json()
+        client.close()
+        local.shutdown()
     pipe.close()
     reference = runs["inproc_plain"][str(levels[0])]["answers"]
     for per_level in runs.values():
@@ -157,7 +163,7 @@ def markdown(res: dict) -> str:
            "tokens, greedy, closed loop; one engine loop (in-process) / one Generator replica (HTTP).", "",
            "| path | speculation | concurrency | tokens/s | questions/s | p50 s | p99 s | tokens/forward | rows/step "
            "| identical |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for name in ("inproc_spec", "inproc_plain", "http_spec", "http_plain"):
+    for name in [n for n in ("inproc_spec", "inproc_plain", "http_spec", "http_plain") if n in runs]:
         path, mode = name.split("_")
         for c in levels:
             r = runs[name][str(c)]
@@ -166,7 +172,7 @@ def markdown(res: dict) -> str:
                        f"| {r['tokens_per_forward']} | {r['mean_rows_per_step']} "
                        f"| {r['identical_to_reference']}/{r['requests']} |")
     out += ["", "| ratio | " + " | ".join(f"c={c}" for c in levels) + " |", "|---|" + "---|" * len(levels)]
-    for label, fn in (
+    for label, fn in [row for row in (
         ("HTTP throughput vs c=1 (spec on)", lambda c: runs["http_spec"][str(c)]["tokens_per_s"]
          / runs["http_spec"][str(levels[0])]["tokens_per_s"]),
         ("in-process throughput vs c=1 (spec on)", lambda c: runs["inproc_spec"][str(c)]["tokens_per_s"]
@@ -175,7 +181,7 @@ def markdown(res: dict) -> str:
          / runs["http_plain"][str(c)]["tokens_per_s"]),
         ("speculation on / off, in-process", lambda c: runs["inproc_spec"][str(c)]["tokens_per_s"]
          / runs["inproc_plain"][str(c)]["tokens_per_s"]),
-    ):
+    ) if "HTTP" not in row[0] or "http_spec" in runs]:
         out.append(f"| {label} | " + " | ".join(f"{fn(c):.2f}x" for c in levels) + " |")
     if res.get("batch"):
         out += ["", "| `specrag batch` actors | questions/s | steady questions/s | tokens/s |", "|---|---|---|---|"]
@@ -193,6 +199,8 @@ def plot(res: dict, path: Path) -> None:
     levels = res["levels"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for name, style in (("inproc_spec", "o-"), ("inproc_plain", "o--"), ("http_spec", "s-"), ("http_plain", "s--")):
+        if name not in res["runs"]:
+            continue
         runs = res["runs"][name]
         a.plot(levels, [runs[str(c)]["tokens_per_s"] for c in levels], style, label=name.replace("_", ", "))
         b.plot(levels, [runs[str(c)]["p50_s"] for c in levels], style, label=name.replace("_", ", "))
@@ -218,6 +226,8 @@ def main() -> int:
     ap.add_argument("-k", type=int, default=2)
     ap.add_argument("--batch-questions", type=int, default=16)
     ap.add_argument("--skip-batch", action="store_true")
+    ap.add_argument("--in-process-only", action="store_true",
+                    help="no Ray Serve run (and no `specrag batch`); writes batching_inproc.{json,md,png}")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args()
@@ -231,9 +241,9 @@ def main() -> int:
     levels = [int(x) for x in args.levels.split(",")]
     questions = (QUESTIONS * (args.requests // len(QUESTIONS) + 1))[:args.requests]
     load_start = [round(x, 2) for x in os.getloadavg()]
-    raw = bench(index_dir, questions, levels, args.max_tokens, args.k)
+    raw = bench(index_dir, questions, levels, args.max_tokens, args.k, http_too=not args.in_process_only)
     batch = {}
-    if not args.skip_batch:
+    if not args.skip_batch and not args.in_process_only:
         for a in (1, 2):
             print(f"specrag batch, {a} actor(s) ...", file=sys.stderr, flush=True)
             batch[str(a)] = bench_batch(index_dir, args.batch_questions, args.max_tokens, a, args.k)
@@ -244,9 +254,10 @@ def main() -> int:
            "levels": levels, "requests": len(questions), "max_tokens": args.max_tokens, "k": args.k,
            **raw, "batch": batch}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "batching.json").write_text(json.dumps(res, indent=2) + "\n")
-    (args.out / "batching.md").write_text(markdown(res))
-    plot(res, args.out / "batching.png")
+    stem = "batching_inproc" if args.in_process_only else "batching"
+    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(res))
+    plot(res, args.out / f"{stem}.png")
     print(markdown(res))
     return 0
 

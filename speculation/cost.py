@@ -167,11 +167,14 @@ class Candidate:
 
 
 def choose_lengths(candidates: list[Candidate | None], base_tokens: int, rows: int, curve: CostCurve,
-                   acceptance: Acceptance, overhead: float = 0.0) -> tuple[list[int], float, float]:
+                   acceptance: Acceptance, overhead: float = 0.0,
+                   per_draft: float = 0.0) -> tuple[list[int], float, float]:
     """Draft length per candidate (0 for None) maximising the step's goodput; also the predicted
     forward seconds (the curve's) and goodput (tokens/s) of the choice. ``overhead``: seconds a
     step costs beside the curve's forward, whatever its drafts (the engine's measured gap: its
-    own work, and a context longer than the calibration's); it dilutes what drafting adds."""
+    own work, and a context longer than the calibration's); it dilutes what drafting adds.
+    ``per_draft``: seconds each draft token costs beyond the curve's price for it (in a batch,
+    ragged rows pad each other's attention; the draft model's own forwards)."""
     lengths = [0] * len(candidates)
     heap: list[tuple[float, int, int]] = []          # (-marginal gain, candidate, position)
     chains: dict[int, list[float]] = {}
@@ -192,7 +195,7 @@ def choose_lengths(candidates: list[Candidate | None], base_tokens: int, rows: i
         neg, c, i = heapq.heappop(heap)
         expected += -neg
         picks.append(c)
-        goodput = expected / (curve(base_tokens + len(picks), rows) + overhead)
+        goodput = expected / (curve(base_tokens + len(picks), rows) + overhead + per_draft * len(picks))
         if goodput > best_goodput:
             best_n, best_goodput = len(picks), goodput
         if i + 1 < len(chains[c]):
@@ -200,6 +203,52 @@ def choose_lengths(candidates: list[Candidate | None], base_tokens: int, rows: i
     for c in picks[:best_n]:
         lengths[c] += 1
     return lengths, curve(base_tokens + best_n, rows), best_goodput
+
+
+class StepResidual:
+    """What batched steps cost beyond the curve's price, fitted as ``a + b * draft tokens`` per
+    row-count bucket (2, 3-4, 5-8, 9-16, ...) by exponentially weighted least squares over the
+    latest steps (``weight``: the latest step's). The curve is measured on uniform rows at a short
+    context; a real batch has ragged rows (one row's drafts pad the others' attention), longer
+    contexts and the engine's own work, and the gap grows with the drafts. ``b`` is the slope;
+    while a bucket's steps do not vary their drafts enough to measure it (fewer than ``min_var``
+    tokens squared of variance, e.g. because ``b`` stopped drafting) it decays toward 0, so that
+    drafting is retried and the slope measured again. Both terms are clamped at 0."""
+
+    def __init__(self, weight: float = 0.1, min_var: float = 1.0) -> None:
+        self.weight, self.min_var = weight, min_var
+        self._moments: dict[int, list[float]] = {}          # bucket -> [x, y, xx, xy] means
+        self._slope: dict[int, float] = {}
+        self.steps = 0
+
+    @staticmethod
+    def bucket(rows: int) -> int:
+        return (max(rows, 2) - 1).bit_length()
+
+    def update(self, rows: int, drafted: int, residual: float) -> None:
+        b = self.bucket(rows)
+        x, y, w = float(drafted), float(residual), self.weight
+        m = self._moments.get(b)
+        if m is None:
+            m = self._moments[b] = [x, y, x * x, x * y]
+        else:
+            for i, v in enumerate((x, y, x * x, x * y)):
+                m[i] += w * (v - m[i])
+        var = m[2] - m[0] * m[0]
+        if var >= self.min_var:
+            self._slope[b] = max(0.0, (m[3] - m[0] * m[1]) / var)
+        else:
+            self._slope[b] = (1 - w) * self._slope.get(b, 0.0)
+        self.steps += 1
+
+    def terms(self, rows: int) -> tuple[float, float]:
+        """(overhead seconds, seconds per draft token) for a step of ``rows`` rows."""
+        b = self.bucket(rows)
+        m = self._moments.get(b)
+        if m is None:
+            return 0.0, 0.0
+        slope = self._slope.get(b, 0.0)
+        return max(0.0, m[1] - slope * m[0]), slope
 
 
 # ---- calibration ------------------------------------------------------------------------------

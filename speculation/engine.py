@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import torch
 
-from .cost import Acceptance, Candidate, CostCurve, choose_lengths, load_or_measure, tally_positions
+from .cost import Acceptance, Candidate, CostCurve, StepResidual, choose_lengths, load_or_measure, tally_positions
 from .drafters import GIVEN, TARGET, Draft, Drafter, ModelDrafter, NgramDrafter, Origin, TreeDrafter
 from .errors import GenerationInputError
 from .forward import SHORT_ROW, PooledModel, Row
@@ -332,10 +332,10 @@ class SpeculativeEngine:
         self.on_step: Callable[[StepRecord], None] | None = None
         self._predicted: float | None = None
         # seconds a one-row decode step costs beyond the curve's forward (EWMA of measured -
-        # predicted, >= 0). Batched steps are priced by the curve alone: there the gap grows with
-        # the drafts (ragged rows cost more than the curve's uniform shapes), so it is no fixed
-        # overhead, and counting it as one would draft more exactly where drafts cost most
+        # predicted, >= 0). In a batch the gap grows with the drafts (ragged rows cost more than
+        # the curve's uniform shapes), so there it is fitted as overhead + slope x draft tokens
         self.step_overhead = 0.0
+        self.batch_residual = StepResidual()
 
     def _batch_invariant(self) -> bool:
         from .invariant import rows_are_invariant
@@ -582,6 +582,10 @@ class SpeculativeEngine:
         if self._predicted is not None and prefill_rows == 0 and len(plans) == 1:
             self.step_overhead = max(0.0, (1 - OVERHEAD_EWMA) * self.step_overhead
                                      + OVERHEAD_EWMA * (seconds - self._predicted))
+        elif self.cost is not None and prefill_rows == 0 and len(plans) > 1:
+            drafted = sum(len(p.drafted) for p in plans)
+            fed = sum(len(p.fed) for p in plans)
+            self.batch_residual.update(len(plans), drafted, seconds - self.cost(fed + drafted, len(plans)))
         if self.on_step is not None:
             self.on_step(StepRecord(len(plans), sum(len(p.fed) + len(p.drafted) for p in plans), seconds,
                                     prefill_rows, self._predicted))
@@ -687,9 +691,11 @@ class SpeculativeEngine:
                 candidates.append(Candidate(model.name, 0, min(p.draft_limit, model.max_draft)))
             else:
                 candidates.append(None)
+        overhead, per_draft = ((self.step_overhead, 0.0) if len(plans) == 1
+                               else self.batch_residual.terms(len(plans)))
         lengths, self._predicted, _ = choose_lengths(candidates, sum(len(p.fed) for p in plans), len(plans),
                                                      self.cost, self.acceptance,  # type: ignore[arg-type]
-                                                     self.step_overhead if len(plans) == 1 else 0.0)
+                                                     overhead, per_draft)
         deferred: list[_RowPlan] = []
         for p, k in zip(plans, lengths):
             if p.draft is not None:

@@ -164,3 +164,54 @@ def test_measured_curve_is_cached_per_machine(tmp_path, monkeypatch):
     assert len(calls) == 1
     assert first.cost.rows == second.cost.rows == [1, 2] and first.cost(4, 1) > 0
     assert list((tmp_path / "cost").glob("*.json"))
+
+
+def test_draft_cost_beyond_the_curve_makes_a_batch_draft_less():
+    """A slope per draft token on top of the curve (what ragged rows really cost) prices drafts
+    out that the curve alone would take; the predicted seconds stay the curve's."""
+    acc = _acceptance({("reference", 2): 0.6})
+    flat = CostCurve.synthetic(per_token=0.001, base=0.2)
+    cands = [Candidate("reference", 2, 8)] * 4 + [None] * 12
+    free, _, _ = choose_lengths(cands, 16, 16, flat, acc)
+    assert sum(free) > 0
+    priced, predicted, _ = choose_lengths(cands, 16, 16, flat, acc, per_draft=0.05)
+    assert sum(priced) < sum(free)
+    assert predicted == pytest.approx(flat(16 + sum(priced), 16))
+
+
+def test_step_residual_fits_overhead_and_slope_and_forgets_an_unmeasurable_slope():
+    from speculation.cost import StepResidual
+
+    res = StepResidual(weight=0.2)
+    assert res.terms(8) == (0.0, 0.0)
+    for i in range(200):
+        drafted = (i * 7) % 11
+        res.update(8, drafted, 0.03 + 0.004 * drafted)
+    a, b = res.terms(8)
+    assert a == pytest.approx(0.03, abs=1e-6) and b == pytest.approx(0.004, abs=1e-6)
+    assert res.terms(6) == (a, b)                # same bucket (5-8 rows)
+    assert res.terms(16) == (0.0, 0.0)           # another bucket learned nothing
+    for _ in range(60):                          # drafting stopped: the slope cannot be measured
+        res.update(8, 0, 0.03)
+    a, b = res.terms(8)
+    assert b < 0.004 * 0.01 and a == pytest.approx(0.03, abs=1e-3)
+    res.update(2, 3, -1.0)                       # a curve that overprices: no negative terms
+    assert res.terms(2) == (0.0, 0.0)
+
+
+def test_engine_fits_the_batch_residual_from_shared_steps_only():
+    """Batched decode steps teach the residual fit (with the curve's price of the tokens they
+    actually fed); one-row steps and prefill steps do not."""
+    from speculation.engine import GenerationRequest
+
+    engine = _engine(CostCurve.synthetic(per_token=1e-9, base=1e-7))
+    steps = []
+    engine.on_step = steps.append
+    engine.generate_one(GenerationRequest([1, 5, 9, 13, 17], [[5, 9, 13, 17, 21, 25]], max_new_tokens=8))
+    assert engine.batch_residual.steps == 0
+    engine.generate([GenerationRequest([1, 5, 9, 13], [[5, 9, 13, 17, 21]], max_new_tokens=8),
+                     GenerationRequest([1, 7, 11], [], max_new_tokens=8)])
+    shared = [s for s in steps if s.rows > 1 and s.prefill_rows == 0]
+    assert shared and engine.batch_residual.steps == len(shared)
+    overhead, slope = engine.batch_residual.terms(2)
+    assert overhead > 0.0 and slope >= 0.0       # a real step costs more than a 100-ns curve
