@@ -106,25 +106,25 @@ def bench(index_dir: Path, questions: list[str], levels: list[int], max_tokens: 
             return d["choices"][0]["message"]["content"], d["metrics"]["speculation"]
         return send
 
-    for send in (inproc(True), http(True)) if http_too else (inproc(True),):   # warm-up: first forwards, handles
-        send("warm-up question about json")
+    paths = {"inproc": inproc, "http": http} if http_too else {"inproc": inproc}
+    for make in paths.values():                   # warm-up: first forwards, Serve's handles
+        make(True)("warm-up question about json")
     runs: dict[str, dict[str, dict]] = {}
     for c in levels:
         print(f"concurrency {c} ...", file=sys.stderr, flush=True)
         level_questions = (questions * (c // len(questions) + 1))[:max(len(questions), c)]
-        sends = [("inproc_spec", inproc(True)), ("inproc_plain", inproc(False))]
-        if http_too:
-            sends += [("http_spec", http(True)), ("http_plain", http(False))]
-        for name, send in sends:
+        for name, send in [(f"{path}_{'spec' if spec else 'plain'}", make(spec))
+                           for path, make in paths.items() for spec in (True, False)]:
             runs.setdefault(name, {})[str(c)] = _closed_loop(send, level_questions, c)
             r = runs[name][str(c)]
             print(f"  {name}: {r['tokens_per_s']} tok/s, p50 {r['p50_s']} s, rows/step {r['mean_rows_per_step']}",
                   file=sys.stderr, flush=True)
-    health = pipe.generation.health()
     if http_too:
         health = client.get(url + "/health").json()
         client.close()
         local.shutdown()
+    else:
+        health = pipe.generation.health()
     pipe.close()
     reference = runs["inproc_plain"][str(levels[0])]["answers"]
     for per_level in runs.values():
@@ -172,17 +172,20 @@ def markdown(res: dict) -> str:
                        f"| {r['tokens_per_forward']} | {r['mean_rows_per_step']} "
                        f"| {r['identical_to_reference']}/{r['requests']} |")
     out += ["", "| ratio | " + " | ".join(f"c={c}" for c in levels) + " |", "|---|" + "---|" * len(levels)]
-    for label, fn in [row for row in (
-        ("HTTP throughput vs c=1 (spec on)", lambda c: runs["http_spec"][str(c)]["tokens_per_s"]
-         / runs["http_spec"][str(levels[0])]["tokens_per_s"]),
-        ("in-process throughput vs c=1 (spec on)", lambda c: runs["inproc_spec"][str(c)]["tokens_per_s"]
-         / runs["inproc_spec"][str(levels[0])]["tokens_per_s"]),
-        ("speculation on / off, HTTP", lambda c: runs["http_spec"][str(c)]["tokens_per_s"]
-         / runs["http_plain"][str(c)]["tokens_per_s"]),
-        ("speculation on / off, in-process", lambda c: runs["inproc_spec"][str(c)]["tokens_per_s"]
-         / runs["inproc_plain"][str(c)]["tokens_per_s"]),
-    ) if "HTTP" not in row[0] or "http_spec" in runs]:
-        out.append(f"| {label} | " + " | ".join(f"{fn(c):.2f}x" for c in levels) + " |")
+    ratios = (   # label, run, vs: "c1" (the same run at the first level) or the run without speculation
+        ("HTTP throughput vs c=1 (spec on)", "http_spec", "c1"),
+        ("in-process throughput vs c=1 (spec on)", "inproc_spec", "c1"),
+        ("speculation on / off, HTTP", "http_spec", "http_plain"),
+        ("speculation on / off, in-process", "inproc_spec", "inproc_plain"),
+    )
+    for label, name, vs in ratios:
+        if name not in runs:
+            continue
+        cells = []
+        for c in levels:
+            base = runs[name][str(levels[0])] if vs == "c1" else runs[vs][str(c)]
+            cells.append(f"{runs[name][str(c)]['tokens_per_s'] / base['tokens_per_s']:.2f}x")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
     if res.get("batch"):
         out += ["", "| `specrag batch` actors | questions/s | steady questions/s | tokens/s |", "|---|---|---|---|"]
         for a, d in res["batch"].items():

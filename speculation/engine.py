@@ -579,16 +579,15 @@ class SpeculativeEngine:
             self._commit(state, tokens, origins, on_commit)
             if draft is not None:
                 self.drafters[draft.source].accepted(state, draft, n_acc)
+        drafted = sum(len(p.drafted) for p in plans)
+        step_tokens = sum(len(p.fed) for p in plans) + drafted
         if self._predicted is not None and prefill_rows == 0 and len(plans) == 1:
             self.step_overhead = max(0.0, (1 - OVERHEAD_EWMA) * self.step_overhead
                                      + OVERHEAD_EWMA * (seconds - self._predicted))
         elif self.cost is not None and prefill_rows == 0 and len(plans) > 1:
-            drafted = sum(len(p.drafted) for p in plans)
-            fed = sum(len(p.fed) for p in plans)
-            self.batch_residual.update(len(plans), drafted, seconds - self.cost(fed + drafted, len(plans)))
+            self.batch_residual.update(len(plans), drafted, seconds - self.cost(step_tokens, len(plans)))
         if self.on_step is not None:
-            self.on_step(StepRecord(len(plans), sum(len(p.fed) + len(p.drafted) for p in plans), seconds,
-                                    prefill_rows, self._predicted))
+            self.on_step(StepRecord(len(plans), step_tokens, seconds, prefill_rows, self._predicted))
 
     @staticmethod
     def _row(plan: _RowPlan) -> Row:

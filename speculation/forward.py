@@ -7,7 +7,8 @@ new keys and values into each row's slot at its positions, then attends each row
 slot only -- the cached prefix plus its new tokens, causally, or along a tree (``Row.parents``:
 each token sees the prefix and its ancestors, at the position of its depth). Short rows
 (decode tokens + drafts) are attended together in padded calls, one per run of length buckets
-(merged where one call costs less than several); a long row (a prompt chunk) alone. Padding never attends and is never attended: it is masked out and its output dropped.
+(merged where one call costs less than several); a long row (a prompt chunk) alone. Padding
+never attends and is never attended: it is masked out and its output dropped.
 
 The model keeps working for everybody else: a call without our batch metadata (Hugging Face
 ``generate``, the tests' oracle) goes to the SDPA attention the model had.
