@@ -17,6 +17,7 @@ from dataclasses import asdict, is_dataclass
 from typing import Any, Literal
 
 from openai.types import CompletionUsage
+from openai.types.completion_usage import PromptTokensDetails
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
 from openai.types.chat.chat_completion import Choice
 from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
@@ -177,10 +178,14 @@ def response_metrics(result: AskResult, extra_seconds: dict[str, float] | None =
 
 
 def usage(result: AskResult) -> CompletionUsage:
+    """Token counts; ``prompt_tokens_details.cached_tokens``: prompt positions the engine's
+    prefix cache supplied instead of a prefill."""
+    cached = min(int((result.stats or {}).get("cached_prompt_tokens", 0)), int(result.prompt_tokens))
     return CompletionUsage(
         prompt_tokens=int(result.prompt_tokens),
         completion_tokens=int(result.completion_tokens),
         total_tokens=int(result.prompt_tokens + result.completion_tokens),
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
     )
 
 

@@ -39,6 +39,8 @@ class PipelineConfig(BaseModel):
     # continuous batching: sequences one engine loop holds (KV slots), tokens one forward feeds
     max_batch: int = Field(16, ge=1, le=256)
     max_tokens_per_step: int = Field(512, ge=32)
+    # reuse the KV of a prompt prefix a slot already holds (the shared system prompt, repeated sources)
+    prefix_cache: bool = True
     # draft lengths: "cost" (the measured cost model) or "fixed" (adaptive lengths, >= 3-token matches on CPU)
     draft_policy: Literal["cost", "fixed"] = "cost"
     max_tokens: int = Field(256, ge=1)

@@ -107,7 +107,8 @@ class GenerationStage:
         core = SpeculativeEngine(self.models.target, self.tokenizer, self.models.draft,
                                  EngineConfig(max_draft_tokens=config.max_draft_tokens, max_batch=config.max_batch,
                                               max_tokens_per_step=config.max_tokens_per_step,
-                                              draft_policy=config.draft_policy, **chosen))
+                                              draft_policy=config.draft_policy,
+                                              prefix_cache=config.prefix_cache, **chosen))
         # one engine loop: every request of this stage, from any thread, steps in shared forwards
         self.loop = EngineLoop(core)
         self.engine = LoopEngine(self.loop)

@@ -44,6 +44,23 @@ OVERHEAD_EWMA = 0.2
 log = logging.getLogger(__name__)
 
 
+def _common_prefix(a: list[int], b: list[int], bound: int) -> int:
+    """Length of the longest common prefix of ``a`` and ``b``, at most ``bound`` (bisection
+    on slice equality: C-speed comparisons)."""
+    lo, hi = 0, min(len(a), len(b), bound)
+    if hi == 0 or a[0] != b[0]:
+        return 0
+    if a[:hi] == b[:hi]:
+        return hi
+    while lo < hi - 1:                  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 def parse_drafters(text: str) -> tuple[str, ...]:
     """A comma-separated drafter order (a CLI flag) as names, each one checked."""
     names = tuple(d.strip() for d in text.split(",") if d.strip())
@@ -101,6 +118,11 @@ class EngineConfig:
     # bf16. None: on for a low-precision model on a CPU whose matmuls compute rows independently
     # (checked at start-up); fp32 stays on the plain kernels (exact up to fp32 near-ties).
     batch_invariant: bool | None = None
+    # a new sequence whose prompt starts like what a KV slot holds (a released sequence's, or a
+    # running one's) starts from there instead of prefilling it (speculation/kv.py), when the
+    # shared prefix is at least prefix_cache_min_tokens long
+    prefix_cache: bool = True
+    prefix_cache_min_tokens: int = 16
 
 
 @dataclass
@@ -167,6 +189,7 @@ class GenerationStats:
     generated_tokens: int = 0
     target_forwards: int = 0          # forwards this sequence took part in (prompt chunks + decode steps)
     prefills: int = 0
+    cached_prompt_tokens: int = 0     # prompt positions taken from the prefix cache, not prefilled
     draft_tokens: int = 0
     accepted_tokens: int = 0
     prefill_seconds: float = 0.0
@@ -215,7 +238,7 @@ class GenerationStats:
 
     def merge(self, other: "GenerationStats") -> None:
         """Add another run's counts (the iterative pipeline runs several sequences per answer)."""
-        for name in ("generated_tokens", "target_forwards", "prefills", "draft_tokens", "accepted_tokens",
+        for name in ("generated_tokens", "target_forwards", "prefills", "cached_prompt_tokens", "draft_tokens", "accepted_tokens",
                      "prefill_seconds", "decode_seconds", "batch_rows", "predicted_seconds"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for k, v in other.by_drafter.items():
@@ -238,6 +261,7 @@ class SequenceState:
     drafter_state: dict[str, Any] = field(default_factory=dict)
     slot: int | None = None                 # KV pool slot; None: none held (new, released, evicted)
     cached: int = 0                         # positions of the slot holding this sequence's KV
+    fresh: bool = False                     # on a new slot, not fed yet: its next feed is a prefill
     finished: bool = False
     finish_reason: str | None = None        # "stop" (EOS / stop string) | "length" | "cancelled"
     error: BaseException | None = None      # raised by the commit callback; the sequence ended there
@@ -455,10 +479,35 @@ class SpeculativeEngine:
                 evicted(state)
 
     def release(self, state: SequenceState) -> None:
-        """Give the sequence's slot back (a finished request; the iterative pipeline's chunks)."""
+        """Give the sequence's slot back (a finished request; the iterative pipeline's chunks).
+        Its keys and values stay there for a later prompt that starts the same way."""
         if state.slot is not None:
-            self.slots.release(state.slot)
+            self.slots.release(state.slot, self._held(state) if self.config.prefix_cache else None)
             self._evict(state)
+
+    @staticmethod
+    def _held(state: SequenceState) -> list[int]:
+        """The tokens whose keys and values the sequence's slot holds."""
+        return (state.tokens + state.ahead)[:state.cached]
+
+    def _acquire(self, state: SequenceState, busy: set[int]) -> None:
+        """A slot for a sequence without one, starting from the longest cached prefix of its
+        tokens (copied in, or in place when the slot holding it is the one handed out); it
+        always feeds at least its pending token."""
+        donor, length = None, 0
+        if self.config.prefix_cache:
+            bound = len(state.tokens) - 1
+            for slot, held in self.slots.contents(self._held):
+                n = _common_prefix(held, state.tokens, bound)
+                if n > length:
+                    donor, length = slot, n
+            if length < max(1, self.config.prefix_cache_min_tokens):
+                donor, length = None, 0
+        state.slot = self.slots.acquire(state, busy, prefer=donor, allocated=self.runner.pool.slots)
+        state.cached, state.fresh = length, True
+        if donor is not None and donor != state.slot:
+            self.runner.pool.copy_prefix(donor, state.slot, length)
+        state.stats.cached_prompt_tokens += min(length, state.n_prompt)
 
     def _commit(self, state: SequenceState, new_tokens: list[int], origins: list[Origin],
                 on_commit: CommitCallback | None) -> None:
@@ -530,8 +579,7 @@ class SpeculativeEngine:
         busy = {id(s) for s in rows}
         for state in rows:
             if state.slot is None:
-                state.slot = self.slots.acquire(state, busy)
-                state.cached = 0
+                self._acquire(state, busy)
             else:
                 self.slots.touch(state.slot)
         plans = self._plan(rows)
@@ -542,7 +590,7 @@ class SpeculativeEngine:
         prefill_rows = 0
         for plan in plans:
             state = plan.state
-            first_chunk = state.cached == 0
+            first_chunk, state.fresh = state.fresh, False
             base = state.cached + len(plan.fed)        # where the draft's keys and values start
             state.cached = base + len(plan.drafted)
             st = state.stats

@@ -10,6 +10,15 @@ Slots are handed out lowest first, so the running rows stay packed at the front 
 the batched attention reads one contiguous range. When every slot is taken, the least recently
 used sequence that is not stepping now (a finished one nobody released, a parked iterative
 chunk) is evicted: its slot is reused and it re-prefills if it is ever stepped again.
+
+Prefix caching: a released slot keeps its keys and values until it is handed out again, and the
+table keeps the tokens they belong to. A new sequence whose prompt starts like what a slot holds
+(a released one, or one in use) starts from those positions instead of prefilling them: it gets
+a copy of the prefix (``KVPool.copy_prefix``) in a slot that holds nothing kept, or, when there
+is none, takes the released slot over. A position's keys
+and values depend only on the tokens up to it, so the reused prefix is what a prefill would
+compute (bitwise on the batch-invariant forward; up to fp32 rounding otherwise, as with chunked
+prefill).
 """
 
 from __future__ import annotations
@@ -64,28 +73,43 @@ class KVPool:
             for layer in store:
                 layer[slot, :, d] = layer[slot, :, s]     # the right side is gathered first
 
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        """Copy positions ``[0, length)`` of slot ``src`` into slot ``dst`` (a shared prompt prefix)."""
+        self.ensure(dst + 1, length)
+        for store in (self.keys, self.values):
+            for layer in store:
+                layer[dst, :, :length] = layer[src, :, :length]
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
 
 class SlotTable:
-    """Which sequence holds which slot, least recently used first."""
+    """Which sequence holds which slot, least recently used first; and, for a free slot, the
+    tokens whose keys and values it still holds (a released sequence's, for prefix caching)."""
 
     def __init__(self, max_slots: int, on_evict: Callable[[Any], None]) -> None:
         self.max_slots = max_slots
         self._owners: OrderedDict[int, Any] = OrderedDict()   # slot -> owner, LRU order
+        self._left: dict[int, list[int]] = {}                   # free slot -> tokens its KV holds
         self._on_evict = on_evict
 
     def __len__(self) -> int:
         return len(self._owners)
 
-    def acquire(self, owner: Any, busy: set[Hashable]) -> int:
-        """A free slot for ``owner`` (lowest index first), evicting the least recently used owner
-        whose ``id`` is not in ``busy``."""
-        for slot in range(self.max_slots):
-            if slot not in self._owners:
-                self._owners[slot] = owner
-                return slot
+    def acquire(self, owner: Any, busy: set[Hashable], prefer: int | None = None, allocated: int = 0) -> int:
+        """A slot for ``owner``. A free one if any: the lowest of those that hold nothing kept
+        and are already ``allocated`` (so what the others hold stays for later prompts; the
+        caller copies the shared prefix in), else ``prefer`` (the slot holding the owner's
+        prefix, taken over in place), else the lowest. Else the least recently used owner whose
+        ``id`` is not in ``busy`` is evicted."""
+        free = [slot for slot in range(self.max_slots) if slot not in self._owners]
+        if free:
+            empty = [slot for slot in free if slot not in self._left and slot < allocated]
+            slot = empty[0] if empty else prefer if prefer in free else free[0]
+            self._owners[slot] = owner
+            self._left.pop(slot, None)
+            return slot
         for slot, other in self._owners.items():
             if id(other) not in busy:
                 self._on_evict(other)
@@ -98,8 +122,16 @@ class SlotTable:
     def touch(self, slot: int) -> None:
         self._owners.move_to_end(slot)
 
-    def release(self, slot: int) -> None:
+    def release(self, slot: int, tokens: list[int] | None = None) -> None:
+        """Free ``slot``; ``tokens``: those whose keys and values it holds, kept for reuse."""
         self._owners.pop(slot, None)
+        if tokens:
+            self._left[slot] = tokens
+
+    def contents(self, held: Callable[[Any], list[int]]) -> list[tuple[int, list[int]]]:
+        """(slot, tokens its KV holds) for every slot: ``held(owner)`` for one in use, the
+        released sequence's tokens for a free one."""
+        return [(slot, held(owner)) for slot, owner in self._owners.items()] + list(self._left.items())
 
     def owner(self, slot: int) -> Any:
         return self._owners.get(slot)

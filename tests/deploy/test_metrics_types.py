@@ -10,6 +10,7 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 from openai.types import CompletionUsage
+from openai.types.completion_usage import PromptTokensDetails
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -128,7 +129,8 @@ def test_every_response_and_chunk_parses_as_the_openai_types():
         metrics = c.get("/metrics")
     assert plain.status_code == 200, plain.text
     r = ChatCompletion.model_validate(plain.json())
-    assert r.usage == CompletionUsage(prompt_tokens=14, completion_tokens=6, total_tokens=20)
+    assert r.usage == CompletionUsage(prompt_tokens=14, completion_tokens=6, total_tokens=20,
+                                 prompt_tokens_details=PromptTokensDetails(cached_tokens=0))
     assert r.choices[0].message.content and r.choices[0].finish_reason == "length"
     assert set(r.model_extra or {}) == {"sources", "metrics"}
     assert set(r.choices[0].message.model_extra or {}) == {"provenance"}
@@ -163,12 +165,14 @@ def test_builders_keep_our_extra_fields_and_no_empty_ones():
         "id": "chatcmpl-1", "object": "chat.completion", "created": 5, "model": "m",
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "a b c", "provenance": []},
                      "finish_reason": "length", "logprobs": None}],
-        "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
+        "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13,
+                                                "prompt_tokens_details": {"cached_tokens": 0}},
         "sources": [{"id": "d1", "title": "t", "source": "s.rst", "score": 0.5, "text": "x", "spans": []}],
         "metrics": {"speculation": {}, "retrieval": {}, "seconds": {}},
     }
     last = oa.chunk(model="m", completion_id="chatcmpl-1", created=5, empty_choices=True,
                     usage=oa.usage(_result()), sources=[])
     assert last == {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 5, "model": "m",
-                    "choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
+                    "choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13,
+                                                "prompt_tokens_details": {"cached_tokens": 0}},
                     "sources": []}

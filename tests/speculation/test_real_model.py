@@ -83,6 +83,8 @@ def test_sixteen_concurrent_requests_equal_hf_generate(smollm):
     results = [h.result(600) for h in handles]
     loop.close()
     assert max(rows) >= 12, max(rows)
+    # repeated prompts joined while their twins ran: the prefix was copied from a running row
+    assert sum(r.stats.cached_prompt_tokens for r in results) > 0
     # longest limits first: the oracle of a shorter limit on the same prompt is then a slice
     for i in sorted(range(len(cases)), key=lambda i: -cases[i].max_new_tokens):
         req, res = cases[i], results[i]
@@ -119,6 +121,8 @@ def test_bf16_speculative_output_is_bitwise_the_plain_output(smollm):
              for r in reqs]
     alone = [engine.generate_one(r) for r in reqs]
     assert [a.token_ids for a in alone] == plain
+    # each prompt's keys and values came from the prefix cache (its plain run's slot): bitwise a prefill
+    assert [a.stats.cached_prompt_tokens for a in alone] == [len(r.prompt_ids) - 1 for r in reqs]
     assert sum(a.stats.accepted_tokens for a in alone) > 0
     assert [r.token_ids for r in engine.generate(reqs)] == plain
     # two bf16 forwards (HF's bf16 SDPA, our fp32 chunked attention) may differ by a few bf16 ulps
