@@ -490,10 +490,9 @@ class SpeculativeEngine:
         """The tokens whose keys and values the sequence's slot holds."""
         return (state.tokens + state.ahead)[:state.cached]
 
-    def _acquire(self, state: SequenceState, busy: set[int]) -> None:
-        """A slot for a sequence without one, starting from the longest cached prefix of its
-        tokens (copied in, or in place when the slot holding it is the one handed out); it
-        always feeds at least its pending token."""
+    def _cached_prefix(self, state: SequenceState) -> tuple[int | None, int]:
+        """(slot, length): the slot holding the longest prefix of the sequence's tokens (at
+        least ``prefix_cache_min_tokens``, at most all but the pending token); (None, 0): none."""
         donor, length = None, 0
         if self.config.prefix_cache:
             bound = len(state.tokens) - 1
@@ -501,13 +500,27 @@ class SpeculativeEngine:
                 n = _common_prefix(held, state.tokens, bound)
                 if n > length:
                     donor, length = slot, n
-            if length < max(1, self.config.prefix_cache_min_tokens):
-                donor, length = None, 0
+        if length < max(1, self.config.prefix_cache_min_tokens):
+            return None, 0
+        return donor, length
+
+    def _acquire(self, state: SequenceState, busy: set[int]) -> None:
+        """A slot for a sequence without one, starting from the longest cached prefix of its
+        tokens (copied in, or in place when the slot holding it is the one handed out); it
+        always feeds at least its pending token."""
+        donor, length = self._cached_prefix(state)
         state.slot = self.slots.acquire(state, busy, prefer=donor, allocated=self.runner.pool.slots)
-        state.cached, state.fresh = length, True
-        if donor is not None and donor != state.slot:
-            self.runner.pool.copy_prefix(donor, state.slot, length)
-        state.stats.cached_prompt_tokens += min(length, state.n_prompt)
+        state.cached, state.fresh = 0, True
+        self._reuse(state, donor, length)
+
+    def _reuse(self, state: SequenceState, donor: int | None, length: int) -> None:
+        """Start the sequence's (not yet fed) slot from ``donor``'s first ``length`` positions."""
+        if donor is None or length <= state.cached:
+            return
+        if donor != state.slot:
+            self.runner.pool.copy_prefix(donor, state.slot, length)  # type: ignore[arg-type]
+        state.stats.cached_prompt_tokens += min(length, state.n_prompt) - min(state.cached, state.n_prompt)
+        state.cached = length
 
     def _commit(self, state: SequenceState, new_tokens: list[int], origins: list[Origin],
                 on_commit: CommitCallback | None) -> None:
@@ -582,6 +595,8 @@ class SpeculativeEngine:
                 self._acquire(state, busy)
             else:
                 self.slots.touch(state.slot)
+                if state.fresh:         # waited for room: a row fed since may hold its prefix now
+                    self._reuse(state, *self._cached_prefix(state))
         plans = self._plan(rows)
         self._draft(plans)
         logits = self.runner.forward([self._row(p) for p in plans])

@@ -178,3 +178,28 @@ def test_reused_prefix_is_bitwise_a_prefill_on_the_batch_invariant_forward(model
         for k1, k2 in zip(cached.runner.pool.keys, plain.runner.pool.keys):
             assert torch.equal(k1[state.slot, :, :n], k2[fresh.slot, :, :n])
     assert state.generated == fresh.generated
+
+
+def test_a_newcomer_waiting_for_room_picks_up_the_prefix_fed_meanwhile(models):
+    """Two prompts sharing 91 tokens arrive together; the step's token budget feeds the first
+    one's prompt in chunks while the second waits, and the second then starts from what the
+    first has fed so far instead of prefilling the shared part itself."""
+    target = models[0]
+    prompts = _family(seed=19)
+    a_prompt, b_prompt = prompts[0], prompts[2]
+    engine = _engine(models, drafters=(), max_tokens_per_step=64, max_prefill_tokens=64)
+    a, b = (engine.new_state(GenerationRequest(p, max_new_tokens=8)) for p in (a_prompt, b_prompt))
+    engine.step([a, b])
+    assert a.cached == 64 and b.cached == 0           # b waited for room
+    engine.run([a, b])
+    shared = _common(a_prompt, b_prompt)
+    assert b.stats.cached_prompt_tokens == shared and b.stats.prefills == 1
+    for s, p in ((a, a_prompt), (b, b_prompt)):
+        assert_same_tokens(target, p, hf_greedy(target, p, 8), s.generated, "waited for room")
+
+
+def _common(x, y):
+    n = 0
+    while n < min(len(x), len(y)) and x[n] == y[n]:
+        n += 1
+    return n
