@@ -10,7 +10,8 @@ in LLM Inference", which vLLM offers on GPUs as VLLM_BATCH_INVARIANT):
 
 * Attention: fp32, over the pool in fixed chunks of ``KV_CHUNK`` positions aligned at
   position 0: the softmax against the row's exact maximum, per-chunk sums and products, the
-  chunks added in order; a chunk past a row's length adds exact zeros (a bitwise no-op). The products are [M, D] @ [D, C] with at least ``Q_TILE`` query rows
+  chunks added in order; a chunk past a row's length adds exact zeros (a bitwise no-op), so
+  a long prompt chunk's queries are grouped by the chunks they can see and skip the rest. The products are [M, D] @ [D, C] with at least ``Q_TILE`` query rows
   where this machine's fp32 kernel computes a row independently of M (measured: AMD EPYC, M >=
   4), else in fixed tiles of ``Q_TILE`` rows (one shape whatever the batch). Either way a
   query's output depends only on its own row.
@@ -35,8 +36,37 @@ KV_CHUNK = 256
 Q_TILE = 4
 
 
+# queries one attention call must hold before it is split by the chunks they see
+SPLIT_QUERIES = 64
+
+
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
               scaling: float) -> torch.Tensor:
+    """:func:`chunked_attention` of every query over the chunks up to the last position it
+    may see, the queries grouped by that count: a long prompt chunk's early queries skip the
+    later chunks (a prefill of 900 tokens computes ~45 % fewer scores). Bitwise the same as
+    over every chunk: a chunk past a query's last visible position adds exact zeros there, and a
+    query's row never depends on the other queries of its product."""
+    b, hkv, m, d = q.shape
+    length = keys.shape[2]
+    if m < SPLIT_QUERIES or length <= KV_CHUNK:
+        return chunked_attention(q, keys, values, mask, scaling)
+    cols = torch.arange(1, length + 1, device=mask.device)
+    last = (mask[:, 0] * cols).amax(dim=(0, 2))                 # [M]: 1 + last visible position
+    need = ((last + KV_CHUNK - 1) // KV_CHUNK).clamp_min(1).tolist()
+    if min(need) * KV_CHUNK >= length:
+        return chunked_attention(q, keys, values, mask, scaling)
+    out = q.new_empty(b, hkv, m, d)
+    for n in sorted(set(need)):
+        rows = torch.tensor([i for i, c in enumerate(need) if c == n], device=q.device)
+        span = min(n * KV_CHUNK, length)
+        out[:, :, rows] = chunked_attention(q[:, :, rows], keys[:, :, :span], values[:, :, :span],
+                                            mask[:, :, rows, :span], scaling)
+    return out
+
+
+def chunked_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                      scaling: float) -> torch.Tensor:
     """q: [B, Hkv, M, D] (M = query heads per kv head x padded tokens), keys / values:
     [B, Hkv, L, D] views of the pool, mask: [B, 1, M, L] bool. Returns [B, Hkv, M, D] in q's
     dtype, each query's row computed with the same operations whatever B, M and L are.

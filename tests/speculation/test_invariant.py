@@ -46,6 +46,33 @@ def test_position_logits_are_bitwise_the_same_alone_in_a_block_and_in_a_batch(mo
     assert torch.equal(one_by_one, in_batch), (one_by_one - in_batch).abs().max()
 
 
+def test_a_long_prompt_chunk_computes_every_position_as_decoding_it_alone_does(model):
+    """A 600-token prompt in one forward: its early queries skip the key chunks past what they
+    may see (``invariant.attention`` groups queries by the chunks they need), and every
+    position's logits are still bitwise those of feeding that token alone after its prefix."""
+    from speculation import invariant
+
+    rng = random.Random(2)
+    seq = [1] + [rng.randrange(3, 96) for _ in range(599)]
+    calls = []
+    inner = invariant.chunked_attention
+
+    def spy(q, keys, *args):
+        calls.append(keys.shape[2])
+        return inner(q, keys, *args)
+
+    with torch.inference_mode():
+        invariant.chunked_attention = spy
+        try:
+            whole = PooledModel(model, 2, invariant=True).forward([Row(0, 0, seq, 0)])
+        finally:
+            invariant.chunked_attention = inner
+        alone = PooledModel(model, 2, invariant=True)
+        one_by_one = torch.stack([alone.forward([Row(0, p, [seq[p]], 0)])[0] for p in range(len(seq))])
+    assert min(calls) < max(calls), "no query skipped a key chunk"
+    assert torch.equal(whole, one_by_one), (whole - one_by_one).abs().max()
+
+
 def test_invariant_attention_is_close_to_sdpa(model):
     """Exactness against HF is checked elsewhere; here: the fixed-chunk attention computes the
     same function as SDPA up to rounding."""
