@@ -240,6 +240,8 @@ def main() -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
+    from speculation.models import cpu_info
+
     index_dir = ensure_index(args)
     levels = [int(x) for x in args.levels.split(",")]
     questions = (QUESTIONS * (args.requests // len(QUESTIONS) + 1))[:args.requests]
@@ -251,7 +253,7 @@ def main() -> int:
             print(f"specrag batch, {a} actor(s) ...", file=sys.stderr, flush=True)
             batch[str(a)] = bench_batch(index_dir, args.batch_questions, args.max_tokens, a, args.k)
     res = {"command": "python benchmarks/bench_batching.py " + shlex.join(sys.argv[1:]),
-           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+           "machine": f"{cpu_info()['model'] or platform.machine()}, {os.cpu_count()} CPUs, "
                       f"torch threads {torch.get_num_threads()}",
            "load_average_at_start": load_start, "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
            "levels": levels, "requests": len(questions), "max_tokens": args.max_tokens, "k": args.k,
