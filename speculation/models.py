@@ -41,10 +41,10 @@ def cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which models to load and where. ``device``/``dtype`` "auto": bf16 on CUDA, fp32 on a CPU
-    (bf16 with the invariant forward is exact there, but measured slower end to end on this
-    project's machine). ``dtype`` "fastest": on a CPU, bf16 where ``load_models`` measures it
-    clearly faster and exact (``choose_cpu_dtype``), else fp32."""
+    """Which models to load and where. ``dtype`` "auto" (or its older name "fastest"): bf16 on
+    CUDA; on a CPU, bf16 where ``load_models`` measures it clearly faster and exact on this
+    machine (``choose_cpu_dtype``: the batch-invariant forward holds and a RAG request's
+    forwards cost >= 10% less), else fp32. ``resolved_dtype`` is the dtype weights load in."""
 
     model: str = DEFAULT_MODEL
     draft_model: str | None = None
@@ -205,7 +205,7 @@ def cpu_has_bf16() -> bool:
 
 
 def choose_cpu_dtype(model: Any) -> tuple[Any, dict[str, Any]]:
-    """``--dtype fastest`` on a CPU: bf16 where it keeps speculative output identical to
+    """``--dtype auto`` on a CPU: bf16 where it keeps speculative output identical to
     non-speculative output (its matmuls compute rows independently, so the batch-invariant
     forward holds) and measures faster than fp32 on this machine; else fp32. The decision is
     cached per model / CPU / thread count. Returns (model in the chosen dtype, the reasons)."""
@@ -244,7 +244,7 @@ def choose_cpu_dtype(model: Any) -> tuple[Any, dict[str, Any]]:
         del bf16
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(info, indent=1))
-    log.info("--dtype fastest on this CPU: %s (%s)", info["dtype"], info["why"])
+    log.info("--dtype auto on this CPU: %s (%s)", info["dtype"], info["why"])
     return (model.to(torch.bfloat16) if info["dtype"] == "bfloat16" else model), info
 
 
@@ -256,11 +256,11 @@ def _request_ms(ms: dict[str, float]) -> float:
 
 def load_models(config: ModelConfig) -> LoadedModels:
     """Load target (+ draft) with the configured device and dtype; reject mismatched tokenizers.
-    ``dtype`` fastest on a CPU measures whether bf16 pays and stays exact (``choose_cpu_dtype``)."""
+    ``dtype`` auto on a CPU measures whether bf16 pays and stays exact (``choose_cpu_dtype``)."""
     device, dtype = config.resolved_device(), config.resolved_dtype()
     tokenizer = load_tokenizer(config.model)
     target = load_causal_lm(config.model, device, dtype)
-    if config.dtype == "fastest" and device == "cpu":
+    if config.dtype in ("auto", "fastest") and device == "cpu":
         target, _ = choose_cpu_dtype(target)
         dtype = next(target.parameters()).dtype
     draft = None

@@ -27,7 +27,7 @@ def test_auto_config_picks_cuda_bf16():
 
 @pytest.mark.parametrize("drafters", [("reference",), ("reference", "draft_model"), ("draft_model",)])
 def test_bf16_cuda_greedy_matches_hf_generate(monkeypatch, drafters):
-    monkeypatch.setattr(exactness, "NEAR_TIE", 0.125)   # ~ bf16 spacing for logits of magnitude 8-16
+    monkeypatch.setattr(exactness, "NEAR_TIE_LOW_PRECISION", 0.125)   # ~ bf16 spacing for logits of magnitude 8-16
     # copies: tiny_llama() is cached and .to() would move the CPU tests' models too
     target = copy.deepcopy(tiny_llama(seed=0)).to("cuda", torch.bfloat16)
     draft = copy.deepcopy(tiny_llama(seed=1)).to("cuda", torch.bfloat16)

@@ -108,7 +108,6 @@ def test_bf16_speculative_output_is_bitwise_the_plain_output(smollm):
 
     import torch
 
-    import exactness
     from speculation.engine import EngineConfig, GenerationRequest, SpeculativeEngine
     from speculation.invariant import rows_are_invariant
 
@@ -132,11 +131,7 @@ def test_bf16_speculative_output_is_bitwise_the_plain_output(smollm):
     assert [a.stats.cached_prompt_tokens for a in alone] == [len(r.prompt_ids) - 1 for r in reqs]
     assert sum(a.stats.accepted_tokens for a in alone) > 0
     assert [r.token_ids for r in engine.generate(reqs)] == plain
-    # two bf16 forwards (HF's bf16 SDPA, our fp32 chunked attention) may differ by a few bf16 ulps
-    # of the logits (0.125-0.25 at SmolLM2's logit scale): a divergence there is reported
-    exactness.NEAR_TIE, saved = 0.5, exactness.NEAR_TIE
-    try:
-        for r, got in zip(reqs[:2], plain[:2]):
-            assert_same_tokens(target, r.prompt_ids, hf_greedy(target, r.prompt_ids, 32), got, "bf16 vs HF")
-    finally:
-        exactness.NEAR_TIE = saved
+    # against HF generate in bf16 a divergence is accepted (and reported) at a bf16 near-tie
+    # (exactness.NEAR_TIE_LOW_PRECISION)
+    for r, got in zip(reqs[:2], plain[:2]):
+        assert_same_tokens(target, r.prompt_ids, hf_greedy(target, r.prompt_ids, 32), got, "bf16 vs HF")
