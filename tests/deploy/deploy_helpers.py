@@ -159,3 +159,37 @@ def running_replicas(app: str, deployment: str) -> int:
 
     states = serve.status().applications[app].deployments[deployment].replica_states
     return int(states.get("RUNNING", 0))
+
+
+def load_until(send, done, *, clients: int, min_requests: int, max_requests: int) -> list:
+    """A closed-loop load of ``clients`` threads calling ``send(i)`` (i = 0, 1, ...): at least
+    ``min_requests``, then on until ``done()`` is true (what the load is for was seen) or
+    ``max_requests`` were sent. A faster engine answers a fixed load before Serve's scale-up
+    lands; this keeps the load on until it has. Returns the results in request order."""
+    import threading
+
+    lock = threading.Lock()
+    results: dict[int, Any] = {}
+    errors: list[BaseException] = []
+    issued = [0]
+
+    def client() -> None:
+        while not errors:
+            with lock:
+                i = issued[0]
+                if i >= max_requests or (i >= min_requests and done()):
+                    return
+                issued[0] += 1
+            try:
+                results[i] = send(i)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                errors.append(exc)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return [results[i] for i in sorted(results)]

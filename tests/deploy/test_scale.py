@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from deploy_helpers import QUESTIONS, REDIS_URL, free_port, running_replicas, wait_for
+from deploy_helpers import QUESTIONS, REDIS_URL, free_port, load_until, running_replicas, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -147,14 +147,17 @@ def test_retriever_replicas_share_the_cache_and_the_store(service):
 def test_generator_scales_up_under_load_and_back_down(service):
     """1 -> 2 Generator replicas under a bounded load, every request answered, back to 1 after."""
     assert wait_for(lambda: running("Generator") == 1, 60, "one Generator replica at rest")
-    questions = [f"{QUESTIONS[i % len(QUESTIONS)]} Variant {i}." for i in range(32)]
-    with Timeline() as timeline, cf.ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(lambda q: post(service, q, max_tokens=32), questions))
+    question = lambda i: f"{QUESTIONS[i % len(QUESTIONS)]} Variant {i}."  # noqa: E731
+    with Timeline() as timeline:
+        # 32 requests, and on (up to 128) until the second replica runs
+        results = load_until(lambda i: post(service, question(i), max_tokens=32),
+                             lambda: any(n >= 2 for _, n in timeline.points), clients=8, min_requests=32,
+                             max_requests=128)
         peak = max((n for _, n in timeline.points), default=0)
         wait_for(lambda: running("Generator") == 1, 90, "scale-down to one Generator replica")
         timeline.points.append((round(time.monotonic() - timeline._t0, 1), running("Generator")))
     print(f"\nGenerator replicas over time (s, running): {timeline.points}")
-    assert [s for s, _, _ in results] == [200] * len(questions), [b for s, _, b in results if s != 200][:3]
+    assert [s for s, _, _ in results] == [200] * len(results), [b for s, _, b in results if s != 200][:3]
     assert peak >= 2, f"Serve never added a Generator replica: {timeline.points}"
     assert timeline.points[-1][1] == 1
 

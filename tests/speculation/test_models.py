@@ -46,6 +46,8 @@ def test_auto_dtype_on_a_cpu_is_measured_and_cached(monkeypatch, tmp_path):
     """--dtype auto on a CPU: fp32 where the CPU lacks bf16 instructions or its bf16 matmuls are
     not row-invariant (speculation could change tokens); otherwise the measured choice, recorded
     with both timings and reused from the cache without measuring again."""
+    import copy
+
     import torch
 
     from speculation import cost, invariant, models
@@ -53,14 +55,14 @@ def test_auto_dtype_on_a_cpu_is_measured_and_cached(monkeypatch, tmp_path):
 
     monkeypatch.setenv("SPECRAG_CACHE_DIR", str(tmp_path / "no-bf16"))
     monkeypatch.setattr(models, "cpu_has_bf16", lambda: False)
-    model, info = models.choose_cpu_dtype(tiny_llama(seed=0))
+    model, info = models.choose_cpu_dtype(copy.deepcopy(tiny_llama(seed=0)))
     assert info["dtype"] == "float32" and "neither AVX512-BF16 nor AMX-BF16" in info["why"]
     assert next(model.parameters()).dtype == torch.float32
 
     monkeypatch.setenv("SPECRAG_CACHE_DIR", str(tmp_path / "not-invariant"))
     monkeypatch.setattr(models, "cpu_has_bf16", lambda: True)
     monkeypatch.setattr(invariant, "rows_are_invariant", lambda m: False)
-    _, info = models.choose_cpu_dtype(tiny_llama(seed=0))
+    _, info = models.choose_cpu_dtype(copy.deepcopy(tiny_llama(seed=0)))
     assert info["dtype"] == "float32" and "not row-invariant" in info["why"]
 
     monkeypatch.setenv("SPECRAG_CACHE_DIR", str(tmp_path / "measured"))
@@ -68,18 +70,18 @@ def test_auto_dtype_on_a_cpu_is_measured_and_cached(monkeypatch, tmp_path):
     timings = {False: {"prefill": 100.0, "decode_1": 10.0, "verify_16": 20.0, "rows_8": 20.0},
                True: {"prefill": 60.0, "decode_1": 6.0, "verify_16": 10.0, "rows_8": 12.0}}
     monkeypatch.setattr(cost, "rag_forward_ms", lambda m, invariant: timings[invariant])
-    model, info = models.choose_cpu_dtype(tiny_llama(seed=0))
+    model, info = models.choose_cpu_dtype(copy.deepcopy(tiny_llama(seed=0)))
     assert info["dtype"] == "bfloat16" and info["bf16_ms"] == timings[True]
     assert next(model.parameters()).dtype == torch.bfloat16
 
     def no_measuring(*a, **k):
         raise AssertionError("measured again instead of reading the cache")
     monkeypatch.setattr(cost, "rag_forward_ms", no_measuring)
-    model, again = models.choose_cpu_dtype(tiny_llama(seed=0))
+    model, again = models.choose_cpu_dtype(copy.deepcopy(tiny_llama(seed=0)))
     assert again == info and next(model.parameters()).dtype == torch.bfloat16
 
     timings[True] = {k: v * 0.95 for k, v in timings[False].items()}     # 5 % faster: within noise
     monkeypatch.setenv("SPECRAG_CACHE_DIR", str(tmp_path / "close"))
     monkeypatch.setattr(cost, "rag_forward_ms", lambda m, invariant: timings[invariant])
-    _, info = models.choose_cpu_dtype(tiny_llama(seed=0))
+    _, info = models.choose_cpu_dtype(copy.deepcopy(tiny_llama(seed=0)))
     assert info["dtype"] == "float32" and ">= 10% faster" in info["why"]
