@@ -1,7 +1,7 @@
 """Where a batched engine step's time goes: ``--rows`` RAG requests stepped together.
 
     .venv/bin/python benchmarks/profile_step.py                  # 16 rows, reference drafting
-    .venv/bin/python benchmarks/profile_step.py --rows 8 --no-speculation
+    .venv/bin/python benchmarks/profile_step.py --rows 8 --no-speculation --dtype float32
     .venv/bin/python benchmarks/profile_step.py --out benchmarks/results/profile_step.md
 
 The requests are the batching benchmark's: SERVE_QUESTIONS over the python-docs index, k
@@ -39,14 +39,15 @@ FAMILIES = (("matmul (linear layers, LM head)", ("aten::mm", "aten::addmm", "ate
                                              "aten::gather", "aten::cat")))
 
 
-def build_requests(index_dir: Path, n: int, k: int, max_tokens: int, speculate: bool) -> tuple[object, list]:
+def build_requests(index_dir: Path, n: int, k: int, max_tokens: int, speculate: bool,
+                   dtype: str = "auto") -> tuple[object, list]:
     from pipeline.config import PipelineConfig
     from pipeline.prompts import one_shot_prompt
     from pipeline.rag import RetrievalStage
     from speculation.engine import GenerationRequest
     from speculation.models import ModelConfig, load_models
 
-    models = load_models(ModelConfig())
+    models = load_models(ModelConfig(dtype=dtype))
     questions = (QUESTIONS * (n // len(QUESTIONS) + 1))[:n]
     sources = RetrievalStage(PipelineConfig(index_dir=str(index_dir), k=k)).retrieve(questions, k)
     context = int(getattr(models.target.config, "max_position_embeddings", 2048) or 2048)
@@ -124,6 +125,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("-k", type=int, default=2)
     ap.add_argument("--no-speculation", action="store_true")
+    ap.add_argument("--dtype", default="auto", help="auto (measured on this CPU), float32 or bfloat16")
     ap.add_argument("--profile-steps", type=int, default=8)
     ap.add_argument("--out", type=Path, help="also write the report (markdown) here")
     args = ap.parse_args()
@@ -133,7 +135,8 @@ def main() -> int:
     from speculation.engine import EngineConfig, SpeculativeEngine
 
     load0 = os.getloadavg()
-    models, reqs = build_requests(ensure_index(args), args.rows, args.k, args.max_tokens, not args.no_speculation)
+    models, reqs = build_requests(ensure_index(args), args.rows, args.k, args.max_tokens, not args.no_speculation,
+                                   args.dtype)
     engine = SpeculativeEngine(models.target, models.tokenizer, None,
                                EngineConfig(drafters=("reference",), max_batch=max(16, args.rows)))
     engine.generate_one(reqs[0])                                   # warm-up (first forwards, allocator)

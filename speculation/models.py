@@ -234,7 +234,11 @@ def choose_cpu_dtype(model: Any) -> tuple[Any, dict[str, Any]]:
         if not rows_are_invariant(bf16):
             info["why"] = "bf16 matmuls here are not row-invariant: speculative output could differ"
         else:
-            fp32_ms, bf16_ms = rag_forward_ms(model, invariant=False), rag_forward_ms(bf16, invariant=True)
+            # timed on a thread of its own, as the engine loop runs the model: there (OpenMP
+            # teams of a non-main thread) bf16's many small kernels measured 48 ms per decode
+            # step where the main thread took 29-36 ms, while fp32 stayed at 43-47 ms
+            fp32_ms, bf16_ms = _on_worker_thread(lambda: (rag_forward_ms(model, invariant=False),
+                                                          rag_forward_ms(bf16, invariant=True)))
             info.update(fp32_ms=fp32_ms, bf16_ms=bf16_ms)
             # a clear margin: two runs of this measurement differ by a few per cent on a shared machine
             if _request_ms(bf16_ms) < 0.9 * _request_ms(fp32_ms):
@@ -246,6 +250,25 @@ def choose_cpu_dtype(model: Any) -> tuple[Any, dict[str, Any]]:
     path.write_text(json.dumps(info, indent=1))
     log.info("--dtype auto on this CPU: %s (%s)", info["dtype"], info["why"])
     return (model.to(torch.bfloat16) if info["dtype"] == "bfloat16" else model), info
+
+
+def _on_worker_thread(fn: Any) -> Any:
+    """``fn()`` run on a new thread (its result, or its exception raised here)."""
+    import threading
+
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            out["error"] = exc
+    t = threading.Thread(target=target, name="specrag-dtype-probe")
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def _request_ms(ms: dict[str, float]) -> float:
