@@ -42,6 +42,7 @@ FAMILIES = (("matmul (linear layers, LM head)", ("aten::mm", "aten::addmm", "ate
 def build_requests(index_dir: Path, n: int, k: int, max_tokens: int, speculate: bool,
                    dtype: str = "auto") -> tuple[object, list]:
     from pipeline.config import PipelineConfig
+    from pipeline.generation import RequestBuilder
     from pipeline.prompts import one_shot_prompt
     from pipeline.rag import RetrievalStage
     from speculation.engine import GenerationRequest
@@ -51,10 +52,11 @@ def build_requests(index_dir: Path, n: int, k: int, max_tokens: int, speculate: 
     questions = (QUESTIONS * (n // len(QUESTIONS) + 1))[:n]
     sources = RetrievalStage(PipelineConfig(index_dir=str(index_dir), k=k)).retrieve(questions, k)
     context = int(getattr(models.target.config, "max_position_embeddings", 2048) or 2048)
+    builder = RequestBuilder(models.tokenizer)
     reqs = []
     for q, srcs in zip(questions, sources):
         prompt, used = one_shot_prompt(models.tokenizer, q, srcs, context, max_tokens)
-        refs = [models.tokenizer.encode(s.text, add_special_tokens=False) for s in used]
+        refs = [builder.reference_ids(s) for s in used]
         reqs.append(GenerationRequest(prompt, refs, max_new_tokens=max_tokens, speculate=speculate))
     return models, reqs
 
@@ -104,11 +106,9 @@ def operator_profile(engine, reqs, steps: int) -> list[tuple[str, float]]:
             engine.step(states)
     for s in states:
         engine.release(s)
-    total = 0.0
     fam = defaultdict(float)
     for evt in prof.key_averages():
         us = evt.self_cpu_time_total
-        total += us
         for label, keys in FAMILIES:
             if any(evt.key.startswith(k) or k in evt.key for k in keys):
                 fam[label] += us
@@ -133,6 +133,7 @@ def main() -> int:
     import torch
 
     from speculation.engine import EngineConfig, SpeculativeEngine
+    from speculation.models import cpu_info
 
     load0 = os.getloadavg()
     models, reqs = build_requests(ensure_index(args), args.rows, args.k, args.max_tokens, not args.no_speculation,
@@ -153,7 +154,7 @@ def main() -> int:
     tokens = sum(len(r.token_ids) for r in results)
     prompt = statistics.fmean(len(r.prompt_ids) for r in reqs)
     lines = [f"Command: `python benchmarks/profile_step.py {' '.join(sys.argv[1:])}`  ",
-             f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
+             f"Machine: {cpu_info()['model'] or platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
              f"{str(engine.runner.dtype).replace('torch.', '')}; load average {[round(x, 2) for x in load0]} at "
              f"start, {[round(x, 2) for x in load1]} at end.  ",
              f"{args.rows} requests stepped together (mean prompt {prompt:.0f} tokens, k = {args.k}), "

@@ -53,12 +53,13 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: t
         return chunked_attention(q, keys, values, mask, scaling)
     cols = torch.arange(1, length + 1, device=mask.device)
     last = (mask[:, 0] * cols).amax(dim=(0, 2))                 # [M]: 1 + last visible position
-    need = ((last + KV_CHUNK - 1) // KV_CHUNK).clamp_min(1).tolist()
-    if min(need) * KV_CHUNK >= length:
+    need = ((last + KV_CHUNK - 1) // KV_CHUNK).clamp_min(1)
+    counts = need.unique().tolist()                              # sorted
+    if counts[0] * KV_CHUNK >= length:
         return chunked_attention(q, keys, values, mask, scaling)
     out = q.new_empty(b, hkv, m, d)
-    for n in sorted(set(need)):
-        rows = torch.tensor([i for i, c in enumerate(need) if c == n], device=q.device)
+    for n in counts:
+        rows = (need == n).nonzero().squeeze(1)
         span = min(n * KV_CHUNK, length)
         out[:, :, rows] = chunked_attention(q[:, :, rows], keys[:, :, :span], values[:, :, :span],
                                             mask[:, :, rows, :span], scaling)

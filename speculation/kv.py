@@ -15,10 +15,9 @@ Prefix caching: a released slot keeps its keys and values until it is handed out
 table keeps the tokens they belong to. A new sequence whose prompt starts like what a slot holds
 (a released one, or one in use) starts from those positions instead of prefilling them: it gets
 a copy of the prefix (``KVPool.copy_prefix``) in a slot that holds nothing kept, or, when there
-is none, takes the released slot over. A position's keys
-and values depend only on the tokens up to it, so the reused prefix is what a prefill would
-compute (bitwise on the batch-invariant forward; up to fp32 rounding otherwise, as with chunked
-prefill).
+is none, takes the released slot over. A position's keys and values depend only on the tokens
+up to it, so the reused prefix is what a prefill would compute (bitwise on the batch-invariant
+forward; up to fp32 rounding otherwise, as with chunked prefill).
 """
 
 from __future__ import annotations

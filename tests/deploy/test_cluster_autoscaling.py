@@ -102,7 +102,7 @@ def test_autoscaler_adds_a_node_for_a_replica_and_removes_it(cluster, deploy_ind
         stop.set()
         poller.join(5)
         print(f"\n(s, Generator replicas, worker nodes): {timeline}")
-        assert statuses == [200] * len(statuses), statuses
+        assert len(statuses) >= 40 and statuses == [200] * len(statuses), statuses
         assert peak_replicas == 2, timeline
         assert peak_nodes == 2, f"the autoscaler never added a node: {timeline}"
     finally:

@@ -157,6 +157,7 @@ def test_generator_scales_up_under_load_and_back_down(service):
         wait_for(lambda: running("Generator") == 1, 90, "scale-down to one Generator replica")
         timeline.points.append((round(time.monotonic() - timeline._t0, 1), running("Generator")))
     print(f"\nGenerator replicas over time (s, running): {timeline.points}")
+    assert len(results) >= 32
     assert [s for s, _, _ in results] == [200] * len(results), [b for s, _, b in results if s != 200][:3]
     assert peak >= 2, f"Serve never added a Generator replica: {timeline.points}"
     assert timeline.points[-1][1] == 1
