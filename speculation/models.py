@@ -234,9 +234,10 @@ def choose_cpu_dtype(model: Any) -> tuple[Any, dict[str, Any]]:
         if not rows_are_invariant(bf16):
             info["why"] = "bf16 matmuls here are not row-invariant: speculative output could differ"
         else:
-            # timed on a thread of its own, as the engine loop runs the model: there (OpenMP
-            # teams of a non-main thread) bf16's many small kernels measured 48 ms per decode
-            # step where the main thread took 29-36 ms, while fp32 stayed at 43-47 ms
+            # timed on a thread of its own, as the engine loop runs the model, with this
+            # thread's OpenMP team released first, as the loop releases it (speculation.openmp:
+            # with two teams alive bf16's many small kernels took 66-91 ms per decode step
+            # against 49 ms with one)
             fp32_ms, bf16_ms = _on_worker_thread(lambda: (rag_forward_ms(model, invariant=False),
                                                           rag_forward_ms(bf16, invariant=True)))
             info.update(fp32_ms=fp32_ms, bf16_ms=bf16_ms)
@@ -263,6 +264,9 @@ def _on_worker_thread(fn: Any) -> Any:
             out["value"] = fn()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             out["error"] = exc
+    from .openmp import release_team
+
+    release_team()
     t = threading.Thread(target=target, name="specrag-dtype-probe")
     t.start()
     t.join()

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .engine import CommitCallback, GenerationRequest, GenerationResult, SequenceState, SpeculativeEngine, StepRecord
+from .openmp import release_team
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +97,12 @@ class EngineLoop:
         self._closed = False
         self._turn = 0
         engine.on_step = self._observe
+        self._hand_over()
 
     # ---- API (any thread) ---------------------------------------------------------------
     def submit(self, request: GenerationRequest, on_commit: CommitCallback | None = None) -> RequestHandle:
         handle = RequestHandle(self, request, on_commit)
+        self._hand_over()
         with self._cond:
             self._check_open()
             self._waiting.append(handle)
@@ -120,6 +123,7 @@ class EngineLoop:
         """Run ``fn`` on the loop thread between two steps and return what it returns."""
         if threading.current_thread() is self._thread:
             return fn()
+        self._hand_over()
         future: Future = Future()
         with self._cond:
             self._check_open()
@@ -133,6 +137,7 @@ class EngineLoop:
         """Step ``states`` with everything else until ``done`` (default: finished or paused)
         holds for each; raises what their commit callback raised."""
         group = _Group(list(states), on_commit, done or (lambda s: not self.engine.active(s)))
+        self._hand_over()
         with self._cond:
             self._check_open()
             self._groups.append(group)
@@ -156,6 +161,13 @@ class EngineLoop:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("the engine loop is closed")
+
+    def _hand_over(self) -> None:
+        """Free the calling thread's OpenMP team (the one that loaded the model has one), so
+        that the loop's is the only team and its idle workers spin between kernels instead of
+        sleeping (``speculation.openmp``: a bf16 decode step 49 ms against 66-91 ms)."""
+        if threading.current_thread() is not self._thread:
+            release_team()
 
     def _start(self) -> None:
         if self._thread is None:
