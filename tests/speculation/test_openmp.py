@@ -16,16 +16,25 @@ pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/task") or _pause_f
                                 reason="needs Linux and an OpenMP runtime with omp_pause_resource_all")
 
 
-def _threads() -> int:
-    return len(os.listdir("/proc/self/task"))
+def _tids() -> set[str]:
+    return set(os.listdir("/proc/self/task"))
 
 
-def _until(n: int, timeout: float = 5.0) -> int:
-    """The process's thread count once it is ``n`` (freed workers exit on their own time)."""
+def _team_of(kernel) -> set[str]:
+    """The worker threads ``kernel`` starts on this thread (which holds no team before)."""
+    assert release_team()
+    before = _tids()
+    kernel()
+    return _tids() - before
+
+
+def _gone(tids: set[str], timeout: float = 5.0) -> bool:
+    """Whether ``tids`` exit (freed workers leave on their own time); other threads may come
+    and go meanwhile, so only these are watched."""
     deadline = time.monotonic() + timeout
-    while _threads() != n and time.monotonic() < deadline:
+    while tids & _tids() and time.monotonic() < deadline:
         time.sleep(0.01)
-    return _threads()
+    return not tids & _tids()
 
 
 def _parallel_kernel() -> None:
@@ -44,32 +53,30 @@ def two_threads():
 
 
 def test_release_frees_this_threads_workers_and_a_new_team_comes_back(two_threads):
-    _parallel_kernel()
-    with_team = _threads()
+    workers = _team_of(_parallel_kernel)
+    assert workers, "a 2-thread parallel kernel started no OpenMP worker"
     assert release_team()
-    assert _until(with_team - 1) == with_team - 1, "the thread's OpenMP worker did not exit"
+    assert _gone(workers), "the thread's OpenMP worker did not exit"
     assert release_team()                      # nothing left to free: still fine
-    _parallel_kernel()
-    assert _until(with_team) == with_team      # the next parallel kernel starts a team again
+    assert _team_of(_parallel_kernel)          # the next parallel kernel starts a team again
 
 
 def test_the_engine_loop_takes_the_team_from_the_threads_that_feed_it(two_threads):
     engine = SpeculativeEngine(tiny_llama(seed=0), TinyTokenizer(96), None,
                                EngineConfig(draft_policy="fixed", min_ngram=1))
-    _parallel_kernel()                          # as loading a model does, on this thread
-    with_team = _threads()
+    workers = _team_of(_parallel_kernel)        # as loading a model does, on this thread
+    assert workers
     loop = EngineLoop(engine)                   # built here: this thread's team is let go
     try:
-        assert _until(with_team - 1) == with_team - 1
+        assert _gone(workers)
         result = loop.generate(GenerationRequest(prompt_ids=[1, 5, 9, 13], max_new_tokens=4))
         assert len(result.token_ids) == 4
-        _parallel_kernel()                      # this thread works again, then submits
+        workers = _team_of(_parallel_kernel)    # this thread works again, then submits
+        assert workers
         loop.generate(GenerationRequest(prompt_ids=[1, 5, 9], max_new_tokens=2))
+        assert _gone(workers), "submitting did not give this thread's team back"
+        workers = _team_of(_parallel_kernel)
         loop.call(lambda: None)
-        # the loop thread (and its team, if its tiny forwards went parallel) remain; this
-        # thread's new worker was given back by the submit
-        settled = _threads()
-        _parallel_kernel()
-        assert _until(settled + 1) == settled + 1
+        assert _gone(workers), "a call into the loop did not give this thread's team back"
     finally:
         loop.close()
