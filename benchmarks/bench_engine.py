@@ -191,7 +191,10 @@ def machine_info() -> dict[str, Any]:
 
     cpu = cpu_info()
     info["cpu"] = cpu["model"]
-    info.update({flag: flag in cpu["flags"] for flag in ("avx512_bf16", "amx_bf16")})
+    info.update({flag: flag in cpu["flags"] for flag in ("avx512_bf16", "amx_bf16", "avx2")})
+    from speculation.kernels import kernel_name
+
+    info["fp32_linear_kernel"] = kernel_name(torch.float32, "cpu")
     import transformers
 
     info["transformers"] = transformers.__version__
@@ -248,6 +251,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="4 questions, 64 tokens, no memory run")
     ap.add_argument("--bf16", action="store_true", help="also run HF greedy and specrag reference in bf16")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--torch-gemm", action="store_true",
+                    help="also run specrag (plain and reference) with torch's GEMM for its fp32 linear layers "
+                         "instead of its own kernel (speculation/kernels.py): the kernel's gain, side by side")
     ap.add_argument("--llamacpp", action="store_true",
                     help="add llama.cpp (llama-cpp-python, built by benchmarks/llamacpp/setup.sh) on the same GGUF file")
     ap.add_argument("--methods", help="comma-separated subset of methods to run (default: all)")
@@ -280,6 +286,10 @@ def main() -> int:
                                                                              provenance=False)),
         "prompt_lookup": SpeculativeEngine(model, tok, None, EngineConfig(drafters=("prompt_lookup",))),
     }
+    if args.torch_gemm:
+        engines["plain_torchgemm"] = SpeculativeEngine(model, tok, None, EngineConfig(drafters=(), linear_kernel="torch"))
+        engines["reference_torchgemm"] = SpeculativeEngine(model, tok, None, EngineConfig(drafters=("reference",),
+                                                                                          linear_kernel="torch"))
     bf16_model = bf16_counter = None
     if args.bf16:
         bf16_model = load_models(ModelConfig(dtype="bfloat16")).target
@@ -328,6 +338,13 @@ def main() -> int:
         "specrag_prompt_lookup": ("specrag, prompt-lookup drafter", lambda p, r: spec(engines["prompt_lookup"], p, r),
                                   counter, "hf_greedy"),
     }
+    if args.torch_gemm:
+        methods["specrag_plain_torchgemm"] = ("specrag, no speculation, torch's GEMM",
+                                              lambda p, r: spec(engines["plain_torchgemm"], p, r, False), counter,
+                                              "hf_greedy")
+        methods["specrag_reference_torchgemm"] = ("specrag, reference drafting, torch's GEMM",
+                                                  lambda p, r: spec(engines["reference_torchgemm"], p, r), counter,
+                                                  "hf_greedy")
     if args.ungated:   # the rule the cost model replaced: adaptive lengths from matches down to 1 token
         engines["ungated"] = SpeculativeEngine(model, tok, None, EngineConfig(drafters=("reference",), min_ngram=1,
                                                                             draft_policy="fixed"))

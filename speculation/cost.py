@@ -253,15 +253,16 @@ class StepResidual:
 
 # ---- calibration ------------------------------------------------------------------------------
 
-def curve_key(model: Any, dtype: Any, device: Any) -> str:
-    """What the cost depends on: architecture, dtype, device, threads, CPU, torch version."""
+def curve_key(model: Any, dtype: Any, device: Any, kernel: str = "torch") -> str:
+    """What the cost depends on: architecture, dtype, device, threads, CPU, torch version, and
+    what computes the linear layers (``PooledModel.linear_kernel``)."""
     import torch
 
     from .models import cpu_info
 
     cfg = model.config.to_json_string() if hasattr(model.config, "to_json_string") else repr(model.config)
     parts = [cfg, str(dtype), str(device), str(torch.get_num_threads()), torch.__version__,
-             platform.processor() or platform.machine(), cpu_info()["model"]]
+             platform.processor() or platform.machine(), cpu_info()["model"], kernel]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -361,7 +362,7 @@ def cache_path(key: str) -> Path:
 
 def load_or_measure(runner: Any, remeasure: bool = False) -> CostCurve:
     """The cached curve of this model / dtype / device / threads / CPU, measured if missing."""
-    key = curve_key(runner.model, runner.dtype, runner.device)
+    key = curve_key(runner.model, runner.dtype, runner.device, runner.linear_kernel)
     path = cache_path(key)
     if path.exists() and not remeasure:
         try:

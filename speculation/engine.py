@@ -123,6 +123,10 @@ class EngineConfig:
     # shared prefix is at least prefix_cache_min_tokens long
     prefix_cache: bool = True
     prefix_cache_min_tokens: int = 16
+    # what computes fp32 linear layers on a CPU: "auto", our kernel (speculation/kernels.py:
+    # reads the weights at close to memory bandwidth for 1-16 rows, computes a row alike
+    # whatever shares its product) where it builds, else torch's; "torch": torch's always
+    linear_kernel: str = "auto"
 
 
 @dataclass
@@ -344,7 +348,10 @@ class SpeculativeEngine:
         self.eos_ids = self._eos_ids()
         self.context_tokens = int(getattr(target.config, "max_position_embeddings", 0) or 0)
         self.batch_invariant = self._batch_invariant()
-        self.runner = PooledModel(target, self.config.max_batch, invariant=self.batch_invariant)
+        if self.config.linear_kernel not in ("auto", "torch"):
+            raise GenerationInputError(f"unknown linear_kernel {self.config.linear_kernel!r}: use auto or torch")
+        self.runner = PooledModel(target, self.config.max_batch, invariant=self.batch_invariant,
+                                  linear_kernel=self.config.linear_kernel)
         self.slots = SlotTable(self.config.max_batch, self._evict)
         if self.config.draft_policy not in ("cost", "fixed"):
             raise GenerationInputError(f"unknown draft_policy {self.config.draft_policy!r}: use cost or fixed")

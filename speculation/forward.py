@@ -16,6 +16,8 @@ The model keeps working for everybody else: a call without our batch metadata (H
 
 from __future__ import annotations
 
+import threading
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,6 +189,50 @@ def _pool_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
     return out.unsqueeze(0), None
 
 
+# Which packed tokens of the running pooled forward go through our linear kernel (this thread's;
+# unset outside PooledModel.forward, so every other caller of the model gets torch's kernels)
+_LINEAR = threading.local()
+
+
+@dataclass
+class _KernelRows:
+    total: int                   # tokens the forward packs
+    fast: torch.Tensor | None    # packed indices on our kernel (None: every token)
+    slow: torch.Tensor | None    # the rest, prompt chunks, on torch's (None: no token)
+
+
+def _use_linear_kernel(model: Any, kernel: Any) -> None:
+    """Route ``model``'s fp32 linear layers through ``kernel`` inside pooled forwards: the
+    tokens of decode and draft rows (at most SHORT_ROW each) always, so a generated token's
+    products never depend on what shares its forward; long prompt chunks stay on torch's GEMM,
+    which is as fast as ours from ~100 rows on. Logits (the LM head over the kept positions)
+    are all ours."""
+    if getattr(model, "_specrag_linear_kernel", None) == kernel.name:
+        return
+
+    def forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        functional = torch.nn.functional.linear
+        rows: _KernelRows | None = getattr(_LINEAR, "rows", None)
+        if rows is None or self.weight.dtype != torch.float32:     # not in a pooled fp32 forward
+            return functional(x, self.weight, self.bias)
+        if rows.fast is None or x.shape[-2] != rows.total:     # all ours, or the kept logit rows
+            return kernel.linear(x, self.weight, self.bias)
+        if rows.slow is None:
+            return functional(x, self.weight, self.bias)
+        flat = x.reshape(-1, x.shape[-1])
+        out = flat.new_empty(flat.shape[0], self.weight.shape[0])
+        out[rows.fast] = kernel.linear(flat[rows.fast], self.weight, self.bias)
+        out[rows.slow] = functional(flat[rows.slow], self.weight, self.bias)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32:
+            if not module.weight.is_contiguous():
+                module.weight.data = module.weight.data.contiguous()
+            module.forward = types.MethodType(forward, module)
+    model._specrag_linear_kernel = kernel.name
+
+
 def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -207,12 +253,26 @@ def _kv_geometry(config: Any) -> tuple[int, int, int]:
 class PooledModel:
     """A causal LM whose forwards run over a KV pool of ``max_slots`` sequences."""
 
-    def __init__(self, model: Any, max_slots: int, max_length: int | None = None, invariant: bool = False) -> None:
+    def __init__(self, model: Any, max_slots: int, max_length: int | None = None, invariant: bool = False,
+                 linear_kernel: str = "auto") -> None:
+        """``linear_kernel``: "auto" computes fp32 linear layers on a CPU with our kernel
+        (speculation/kernels.py) where it builds and passes its check; "torch" keeps torch's."""
+        if linear_kernel not in ("auto", "torch"):
+            raise ValueError(f"linear_kernel must be 'auto' or 'torch', not {linear_kernel!r}")
         _register()
         self.model = model
         self.invariant = invariant
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        self.kernel = None
+        if linear_kernel == "auto" and not invariant and self.dtype == torch.float32 and self.device.type == "cpu":
+            from .kernels import linear_kernel as load_kernel
+
+            self.kernel = load_kernel()
+            if self.kernel is not None:
+                _use_linear_kernel(model, self.kernel)
+        # what computes the linear layers: part of the cost curve's key
+        self.linear_kernel = self.kernel.name if self.kernel is not None else "torch"
         n_layers, kv_heads, head_dim = _kv_geometry(model.config)
         context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 4096
         self.pool = KVPool(n_layers, kv_heads, head_dim, self.dtype, self.device, max_slots,
@@ -304,6 +364,20 @@ class PooledModel:
         return _Group(lo, hi, kv_len, t_max, torch.tensor(packed, device=dev), torch.tensor(padded, device=dev),
                       mask.to(dev), whole, full)
 
+    def _kernel_rows(self, rows: list[Row], total: int) -> _KernelRows:
+        """Decode and draft rows on our kernel, prompt chunks (rows past SHORT_ROW) on torch's."""
+        if all(len(r.tokens) <= SHORT_ROW for r in rows):
+            return _KernelRows(total, None, None)
+        fast: list[int] = []
+        slow: list[int] = []
+        at = 0
+        for r in rows:
+            (fast if len(r.tokens) <= SHORT_ROW else slow).extend(range(at, at + len(r.tokens)))
+            at += len(r.tokens)
+        if not fast:
+            return _KernelRows(total, torch.empty(0, dtype=torch.long), None)
+        return _KernelRows(total, torch.tensor(fast, dtype=torch.long), torch.tensor(slow, dtype=torch.long))
+
     def forward(self, rows: list[Row]) -> torch.Tensor:
         """Logits ``[sum of wanted positions, vocab]`` (fp32), rows in order. The KV of every
         fed token is written into its row's slot; the caller keeps the lengths."""
@@ -322,6 +396,13 @@ class PooledModel:
             with invariant_rows():
                 out = self.model(input_ids=ids, position_ids=positions, attention_mask=self._dummy_mask,
                                  use_cache=False, logits_to_keep=keep_idx, **{_BATCH_KWARG: batch})
+        elif self.kernel is not None:
+            _LINEAR.rows = self._kernel_rows(rows, ids.shape[1])
+            try:
+                out = self.model(input_ids=ids, position_ids=positions, attention_mask=self._dummy_mask,
+                                 use_cache=False, logits_to_keep=keep_idx, **{_BATCH_KWARG: batch})
+            finally:
+                _LINEAR.rows = None
         else:
             out = self.model(input_ids=ids, position_ids=positions, attention_mask=self._dummy_mask, use_cache=False,
                              logits_to_keep=keep_idx, **{_BATCH_KWARG: batch})

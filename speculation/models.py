@@ -215,8 +215,10 @@ def choose_cpu_dtype(model: Any) -> tuple[Any, dict[str, Any]]:
     import torch
 
     from .cost import curve_key, rag_forward_ms
+    from .kernels import kernel_name
 
-    key = curve_key(model, "auto", "cpu")
+    # the fp32 side of the comparison runs on our linear kernel where it builds
+    key = curve_key(model, "auto", "cpu", kernel_name(torch.float32, "cpu"))
     path = cache_dir() / "dtype" / f"{key}.json"
     if path.exists():
         try:

@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--draft-policy", choices=("cost", "fixed"), default="cost",
                    help="cost: draft lengths from the forward's measured cost and the drafters' acceptance; "
                         "fixed: the drafters' adaptive lengths")
+    p.add_argument("--linear-kernel", choices=("auto", "torch"), default="auto",
+                   help="fp32 linear layers on a CPU: auto = our kernel where it builds (speculation/kernels.py), "
+                        "torch = torch's GEMM")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -77,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
                                                   return_dict=True)["input_ids"])
     engine = SpeculativeEngine(models.target, tok, models.draft,
                                EngineConfig(drafters=drafters, max_draft_tokens=args.max_draft_tokens,
-                                            draft_policy=args.draft_policy))
+                                            draft_policy=args.draft_policy, linear_kernel=args.linear_kernel))
     request = GenerationRequest(
         prompt_ids=prompt_ids,
         references=[tok.encode(r, add_special_tokens=False) for r in references],
@@ -99,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
             "finish_reason": result.finish_reason,
             "dtype": str(engine.runner.dtype).replace("torch.", ""),
             "device": str(engine.device),
+            "linear_kernel": engine.runner.linear_kernel,
             "stats": stats.to_dict(),
         }))
         return 0

@@ -1,0 +1,148 @@
+"""Our fp32 linear kernel (speculation/kernels.py): torch's product to fp32 rounding, each row
+bitwise the same whatever else shares the product, used by pooled forwards only (decode and
+draft rows always, long prompt chunks on torch's GEMM), and a clean fallback where it cannot
+be built."""
+
+import logging
+import random
+
+import pytest
+import torch
+
+from speculation import kernels
+from speculation.engine import EngineConfig, GenerationRequest, SpeculativeEngine
+from speculation.forward import SHORT_ROW, PooledModel, Row
+from speculation.models import cpu_info
+from tinymodels import TinyTokenizer, tiny_llama
+
+pytestmark = pytest.mark.skipif(not {"avx2", "fma"} <= cpu_info()["flags"],
+                                reason="the fp32 linear kernel needs AVX2 and FMA; this CPU has not both")
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    k = kernels.linear_kernel()
+    assert k is not None, "the kernel did not build or failed its check on a CPU with AVX2 and FMA (see the log)"
+    return k
+
+
+@pytest.mark.parametrize("n,k,bias", [(576, 576, False), (192, 576, True), (50, 1536, False), (37, 29, True)])
+def test_product_matches_torch_and_each_row_is_bitwise_independent_of_the_others(kernel, n, k, bias):
+    gen = torch.Generator().manual_seed(n * k)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    b = torch.randn(n, generator=gen) if bias else None
+    x = torch.randn(300, k, generator=gen)
+    full = kernel.linear(x, w, b)
+    torch.testing.assert_close(full, torch.nn.functional.linear(x, w, b), rtol=1e-4, atol=1e-4)
+    # a row alone, in products of every size and at every place in them (row blocks of 96
+    # included), and read through a strided view: the same bits
+    for m in (1, 2, 3, 4, 5, 8, 16, 17, 95, 96, 97, 200, 300):
+        for start in (0, 300 - m, (300 - m) // 2):
+            assert torch.equal(kernel.linear(x[start:start + m], w, b), full[start:start + m]), (m, start)
+    wide = torch.zeros(300, k + 3)
+    wide[:, 1:k + 1] = x
+    assert torch.equal(kernel.linear(wide[:, 1:k + 1], w, b), full)
+    # leading dimensions are kept, like F.linear's
+    assert torch.equal(kernel.linear(x[:12].reshape(3, 4, k), w, b), full[:12].reshape(3, 4, n))
+
+
+def test_pooled_forward_uses_the_kernel_for_generation_rows_and_torch_for_prompt_chunks(kernel, monkeypatch):
+    model = tiny_llama(seed=0)
+    rng = random.Random(0)
+    seq = [1] + [rng.randrange(3, 96) for _ in range(120)]
+    runner = PooledModel(model, 4)
+    plain = PooledModel(model, 4, linear_kernel="torch")
+    assert runner.linear_kernel == kernel.name and plain.linear_kernel == "torch"
+    ours: list[int] = []
+    theirs: list[int] = []
+    real_linear, real_functional = kernel.linear, torch.nn.functional.linear
+
+    def spy_ours(x, w, b=None):
+        ours.append(x.reshape(-1, x.shape[-1]).shape[0])
+        return real_linear(x, w, b)
+
+    def spy_torch(x, w, b=None):
+        theirs.append(x.reshape(-1, x.shape[-1]).shape[0])
+        return real_functional(x, w, b)
+
+    monkeypatch.setattr(kernel, "linear", spy_ours)
+    monkeypatch.setattr(torch.nn.functional, "linear", spy_torch)
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    with torch.inference_mode():
+        prompt = 100
+        assert prompt > SHORT_ROW
+        # a prompt chunk beside a decode row with drafts: 5 tokens on ours, 100 on torch's, the
+        # two kept logit rows (the prompt's last, the decode row's 5) on ours
+        runner.forward([Row(0, 0, seq[:50], 50), Row(1, 0, seq[:40], 40)])
+        ours.clear()
+        theirs.clear()
+        logits = runner.forward([Row(2, 0, seq[:prompt], prompt - 1), Row(0, 50, seq[50:55], 0)])
+        assert sorted(set(ours)) == [5, 6] and ours.count(5) == n_linear - 1 and ours.count(6) == 1
+        assert theirs == [prompt] * (n_linear - 1)
+        # decode rows only: every product on ours
+        ours.clear()
+        theirs.clear()
+        runner.forward([Row(0, 55, seq[55:56], 0), Row(1, 40, seq[40:44], 0)])
+        assert theirs == [] and len(ours) == n_linear
+        # anybody else's forward of the same model (HF generate, the tests' oracle): torch's
+        ours.clear()
+        model(torch.tensor([seq[:10]]))
+        assert ours == []
+        # the logits agree with torch's kernels to fp32 rounding
+        plain.forward([Row(0, 0, seq[:50], 50), Row(1, 0, seq[:40], 40)])
+        ref = plain.forward([Row(2, 0, seq[:prompt], prompt - 1), Row(0, 50, seq[50:55], 0)])
+    torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("drafters", [(), ("reference",), ("tree",)])
+def test_engine_output_on_the_kernel_equals_torch_kernels_and_hf_generate(kernel, drafters):
+    from exactness import assert_same_tokens, hf_greedy
+
+    model = tiny_llama(seed=1)
+    tok = TinyTokenizer(96)
+    rng = random.Random(5)
+    prompts = [[1] + [rng.randrange(3, 96) for _ in range(n)] for n in (7, 40, 90)]
+    refs = [[rng.randrange(3, 96) for _ in range(60)] + p[1:30] for p in prompts]
+    outs = {}
+    for name in ("auto", "torch"):
+        engine = SpeculativeEngine(model, tok, config=EngineConfig(drafters=drafters, linear_kernel=name))
+        assert engine.runner.linear_kernel == (kernel.name if name == "auto" else "torch")
+        reqs = [GenerationRequest(p, max_new_tokens=40, references=[r]) for p, r in zip(prompts, refs)]
+        outs[name] = [r.token_ids for r in engine.generate(reqs)]
+    for p, ours, theirs in zip(prompts, outs["auto"], outs["torch"]):
+        assert_same_tokens(model, p, hf_greedy(model, p, 40), ours, "kernel vs HF generate")
+        assert_same_tokens(model, p, theirs, ours, "kernel vs torch's kernels")
+
+
+def test_without_a_compiler_the_forward_keeps_torch_kernels_and_says_why(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("SPECRAG_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    kernels.linear_kernel.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="speculation.kernels"):
+            assert kernels.linear_kernel() is None
+        assert "no C compiler" in caplog.text
+        runner = PooledModel(tiny_llama(seed=0), 2)
+        assert runner.linear_kernel == "torch" and runner.kernel is None
+        monkeypatch.delenv("CC")
+        monkeypatch.setenv(kernels.ENV, "torch")
+        kernels.linear_kernel.cache_clear()
+        assert kernels.linear_kernel() is None
+    finally:
+        kernels.linear_kernel.cache_clear()
+
+
+def test_a_compiler_that_fails_is_reported_not_raised(monkeypatch, tmp_path, caplog):
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\necho 'cc: error: broken toolchain' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("SPECRAG_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(fake))
+    kernels.linear_kernel.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="speculation.kernels"):
+            assert kernels.linear_kernel() is None
+        assert "broken toolchain" in caplog.text
+        assert not list((tmp_path / "cache" / "kernels").glob("*.so"))     # nothing half-written left
+    finally:
+        kernels.linear_kernel.cache_clear()
