@@ -372,18 +372,19 @@ class SpeculativeEngine:
         from .invariant import rows_are_invariant
 
         wanted = self.config.batch_invariant
+        kernel = self.config.linear_kernel == "auto"
         dtype = next(self.target.parameters()).dtype
         if wanted is None:
             wanted = self.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
             if not wanted:
                 return False
-            if not rows_are_invariant(self.target):
+            if not rows_are_invariant(self.target, kernel):
                 log.warning("%s matmuls on this CPU compute a row differently with other rows beside it: the "
                             "forward is not batch-invariant, so speculative output may differ from "
                             "non-speculative output where rounding flips an argmax", dtype)
                 return False
             return True
-        if wanted and not rows_are_invariant(self.target):
+        if wanted and not rows_are_invariant(self.target, kernel):
             raise GenerationInputError(f"batch_invariant asked for, but {dtype} matmuls on this machine compute a row "
                                        "differently with other rows beside it")
         return bool(wanted)

@@ -256,7 +256,9 @@ class PooledModel:
     def __init__(self, model: Any, max_slots: int, max_length: int | None = None, invariant: bool = False,
                  linear_kernel: str = "auto") -> None:
         """``linear_kernel``: "auto" computes fp32 linear layers on a CPU with our kernel
-        (speculation/kernels.py) where it builds and passes its check; "torch" keeps torch's."""
+        (speculation/kernels.py) where it builds and passes its check; "torch" keeps torch's.
+        ``invariant``: the batch-invariant forward (speculation/invariant.py); on our kernel
+        its linear layers need no row blocks."""
         if linear_kernel not in ("auto", "torch"):
             raise ValueError(f"linear_kernel must be 'auto' or 'torch', not {linear_kernel!r}")
         _register()
@@ -265,7 +267,7 @@ class PooledModel:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.kernel = None
-        if linear_kernel == "auto" and not invariant and self.dtype == torch.float32 and self.device.type == "cpu":
+        if linear_kernel == "auto" and self.dtype == torch.float32 and self.device.type == "cpu":
             from .kernels import linear_kernel as load_kernel
 
             self.kernel = load_kernel()
@@ -283,7 +285,7 @@ class PooledModel:
             except Exception:  # noqa: BLE001 - older transformers: set it on the config
                 model.config._attn_implementation = ATTENTION_NAME
         self._dummy_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
-        if invariant:
+        if invariant and self.kernel is None:     # on our kernel every row is computed alike already
             from .invariant import make_rows_invariant
 
             make_rows_invariant(model)
@@ -390,21 +392,21 @@ class PooledModel:
             keep_idx = torch.tensor([0], device=self.device)     # HF needs something; dropped below
         else:
             keep_idx = torch.tensor(keep, device=self.device)
-        if self.invariant:
+        inputs = dict(input_ids=ids, position_ids=positions, attention_mask=self._dummy_mask, use_cache=False,
+                      logits_to_keep=keep_idx, **{_BATCH_KWARG: batch})
+        if self.kernel is not None:
+            # batch-invariant: every token on our kernel, prompt chunks included
+            _LINEAR.rows = _KernelRows(ids.shape[1], None, None) if self.invariant else self._kernel_rows(rows, ids.shape[1])
+            try:
+                out = self.model(**inputs)
+            finally:
+                _LINEAR.rows = None
+        elif self.invariant:
             from .invariant import invariant_rows
 
             with invariant_rows():
-                out = self.model(input_ids=ids, position_ids=positions, attention_mask=self._dummy_mask,
-                                 use_cache=False, logits_to_keep=keep_idx, **{_BATCH_KWARG: batch})
-        elif self.kernel is not None:
-            _LINEAR.rows = self._kernel_rows(rows, ids.shape[1])
-            try:
-                out = self.model(input_ids=ids, position_ids=positions, attention_mask=self._dummy_mask,
-                                 use_cache=False, logits_to_keep=keep_idx, **{_BATCH_KWARG: batch})
-            finally:
-                _LINEAR.rows = None
+                out = self.model(**inputs)
         else:
-            out = self.model(input_ids=ids, position_ids=positions, attention_mask=self._dummy_mask, use_cache=False,
-                             logits_to_keep=keep_idx, **{_BATCH_KWARG: batch})
+            out = self.model(**inputs)
         logits = out.logits[0].float()
         return logits if keep else logits[:0]

@@ -20,8 +20,10 @@ in LLM Inference", which vLLM offers on GPUs as VLLM_BATCH_INVARIANT):
   machine is probed (:func:`row_block`): up to how many rows does every linear layer compute a
   row the same? Products are then split into blocks of that many rows and a lone row is padded
   to two (:func:`make_rows_invariant`). Measured: bf16 on an AMD EPYC with AVX512-BF16, any
-  number of rows; bf16 with AMX on an Intel Xeon, up to 32; fp32 on the AMD, never (a one-row
-  product takes another path than a many-row one): there the engine does not rely on it.
+  number of rows; bf16 with AMX on an Intel Xeon, up to 32; fp32 with torch's GEMM on the AMD,
+  never (a one-row product takes another path than a many-row one). fp32 on a CPU with AVX2 and
+  FMA runs every linear layer on our kernel instead (speculation/kernels.py), which computes
+  each row alike whatever the number of rows.
 """
 
 from __future__ import annotations
@@ -169,8 +171,16 @@ def row_block(model: Any) -> int | None:
     return block
 
 
-def rows_are_invariant(model: Any) -> bool:
-    """Whether the batch-invariant forward can hold for ``model`` on this machine."""
+def rows_are_invariant(model: Any, kernel: bool = True) -> bool:
+    """Whether the batch-invariant forward can hold for ``model`` on this machine: an fp32 CPU
+    model's linear layers on our kernel (``kernel``; speculation/kernels.py computes every row
+    alike by construction, and checks it before it is used), else its own matmuls' probe."""
+    weight = next(model.parameters())
+    if kernel and weight.dtype == torch.float32 and weight.device.type == "cpu":
+        from .kernels import linear_kernel
+
+        if linear_kernel() is not None:
+            return True
     return row_block(model) is not None
 
 

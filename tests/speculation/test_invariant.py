@@ -85,20 +85,24 @@ def test_invariant_attention_is_close_to_sdpa(model):
     assert (ref - inv).abs().max() < tol
 
 
-def test_bf16_speculative_greedy_is_bitwise_the_plain_output(monkeypatch):
-    """bf16 on this CPU, batch-invariant forward: every drafter's greedy output equals the
-    no-speculation output token for token (no near-tie allowance), alone and 16 in a batch; and
-    HF generate in bf16 agrees up to reported bf16 near-ties."""
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_speculative_greedy_is_bitwise_the_plain_output(monkeypatch, dtype):
+    """The batch-invariant forward on this CPU (bf16 by default where its matmuls allow; fp32 on
+    our linear kernel when asked for): every drafter's greedy output equals the no-speculation
+    output token for token (no near-tie allowance), alone and 24 in a batch; and HF generate in
+    the same dtype agrees up to reported near-ties."""
     import exactness
     from exactness import assert_same_tokens, hf_greedy
     from speculation.engine import EngineConfig, GenerationRequest, SpeculativeEngine
     from tinymodels import TinyTokenizer
 
-    target = copy.deepcopy(tiny_llama(seed=0)).to(torch.bfloat16)
-    draft = copy.deepcopy(tiny_llama(seed=1)).to(torch.bfloat16)
+    target = copy.deepcopy(tiny_llama(seed=0)).to(getattr(torch, dtype))
+    draft = copy.deepcopy(tiny_llama(seed=1)).to(getattr(torch, dtype))
     if not rows_are_invariant(target):
-        pytest.skip("bf16 matmuls on this CPU are not row-invariant")
-    engine = SpeculativeEngine(target, TinyTokenizer(96), draft, EngineConfig())
+        pytest.skip(f"{dtype} matmuls on this CPU are not row-invariant")
+    # bf16: on by default; fp32: asked for (its default is the plain attention)
+    engine = SpeculativeEngine(target, TinyTokenizer(96), draft,
+                               EngineConfig(batch_invariant=True if dtype == "float32" else None))
     assert engine.batch_invariant
     rng = random.Random(5)
     reqs = []
@@ -112,11 +116,11 @@ def test_bf16_speculative_greedy_is_bitwise_the_plain_output(monkeypatch):
              for r, _ in reqs]
     alone = [engine.generate_one(r).token_ids for r, _ in reqs]
     together = [res.token_ids for res in engine.generate([r for r, _ in reqs])]
-    assert alone == plain, "speculative bf16 output differs from plain bf16 output"
-    assert together == plain, "batched speculative bf16 output differs from plain bf16 output"
+    assert alone == plain, f"speculative {dtype} output differs from plain {dtype} output"
+    assert together == plain, f"batched speculative {dtype} output differs from plain {dtype} output"
     monkeypatch.setattr(exactness, "NEAR_TIE_LOW_PRECISION", 0.125)      # bf16 spacing at logit scale
     for (r, oracle), got in zip(reqs, plain):
-        assert_same_tokens(target, r.prompt_ids, oracle, got, "bf16 vs HF generate")
+        assert_same_tokens(target, r.prompt_ids, oracle, got, f"{dtype} vs HF generate")
 
 
 def test_tiled_attention_is_invariant_too(model, monkeypatch):
