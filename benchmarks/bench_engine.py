@@ -338,13 +338,17 @@ def main() -> int:
         "specrag_prompt_lookup": ("specrag, prompt-lookup drafter", lambda p, r: spec(engines["prompt_lookup"], p, r),
                                   counter, "hf_greedy"),
     }
+
+    def engine_pair(suffix: str, note: str, cnt: Any, oracle: str) -> None:
+        """specrag without and with reference drafting on the engines ``plain_<suffix>`` and
+        ``reference_<suffix>``."""
+        methods[f"specrag_plain_{suffix}"] = (f"specrag, no speculation, {note}",
+                                              lambda p, r: spec(engines[f"plain_{suffix}"], p, r, False), cnt, oracle)
+        methods[f"specrag_reference_{suffix}"] = (f"specrag, reference drafting, {note}",
+                                                  lambda p, r: spec(engines[f"reference_{suffix}"], p, r), cnt, oracle)
+
     if args.torch_gemm:
-        methods["specrag_plain_torchgemm"] = ("specrag, no speculation, torch's GEMM",
-                                              lambda p, r: spec(engines["plain_torchgemm"], p, r, False), counter,
-                                              "hf_greedy")
-        methods["specrag_reference_torchgemm"] = ("specrag, reference drafting, torch's GEMM",
-                                                  lambda p, r: spec(engines["reference_torchgemm"], p, r), counter,
-                                                  "hf_greedy")
+        engine_pair("torchgemm", "torch's GEMM", counter, "hf_greedy")
     if args.ungated:   # the rule the cost model replaced: adaptive lengths from matches down to 1 token
         engines["ungated"] = SpeculativeEngine(model, tok, None, EngineConfig(drafters=("reference",), min_ngram=1,
                                                                             draft_policy="fixed"))
@@ -356,12 +360,7 @@ def main() -> int:
         methods["hf_prompt_lookup_bf16"] = ("HF generate, prompt lookup, bf16",
                                             lambda p, r: hf(bf16_model, p, prompt_lookup_num_tokens=10),
                                             bf16_counter, "hf_greedy_bf16")
-        methods["specrag_plain_bf16"] = ("specrag, no speculation, bf16 (batch-invariant forward)",
-                                         lambda p, r: spec(engines["plain_bf16"], p, r, False), bf16_counter,
-                                         "hf_greedy_bf16")
-        methods["specrag_reference_bf16"] = ("specrag, reference drafting, bf16 (batch-invariant forward)",
-                                             lambda p, r: spec(engines["reference_bf16"], p, r), bf16_counter,
-                                             "hf_greedy_bf16")
+        engine_pair("bf16", "bf16 (batch-invariant forward)", bf16_counter, "hf_greedy_bf16")
 
     llama = None
     if args.llamacpp:

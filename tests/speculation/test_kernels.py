@@ -4,7 +4,9 @@ draft rows always, long prompt chunks on torch's GEMM), and a clean fallback whe
 be built."""
 
 import logging
+import os
 import random
+import shutil
 
 import pytest
 import torch
@@ -15,8 +17,12 @@ from speculation.forward import SHORT_ROW, PooledModel, Row
 from speculation.models import cpu_info
 from tinymodels import TinyTokenizer, tiny_llama
 
-pytestmark = pytest.mark.skipif(not {"avx2", "fma"} <= cpu_info()["flags"],
-                                reason="the fp32 linear kernel needs AVX2 and FMA; this CPU has not both")
+pytestmark = [
+    pytest.mark.skipif(not {"avx2", "fma"} <= cpu_info()["flags"],
+                       reason="the fp32 linear kernel needs AVX2 and FMA; this CPU has not both"),
+    pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None,
+                       reason="no C compiler to build the fp32 linear kernel (make install adds Debian's gcc as root)"),
+]
 
 
 @pytest.fixture(scope="module")
