@@ -347,9 +347,9 @@ class SpeculativeEngine:
         self.device = next(target.parameters()).device
         self.eos_ids = self._eos_ids()
         self.context_tokens = int(getattr(target.config, "max_position_embeddings", 0) or 0)
-        self.batch_invariant = self._batch_invariant()
         if self.config.linear_kernel not in ("auto", "torch"):
             raise GenerationInputError(f"unknown linear_kernel {self.config.linear_kernel!r}: use auto or torch")
+        self.batch_invariant = self._batch_invariant()
         self.runner = PooledModel(target, self.config.max_batch, invariant=self.batch_invariant,
                                   linear_kernel=self.config.linear_kernel)
         self.slots = SlotTable(self.config.max_batch, self._evict)
