@@ -197,8 +197,8 @@ _LINEAR = threading.local()
 @dataclass
 class _KernelRows:
     total: int                   # tokens the forward packs
-    fast: torch.Tensor | None    # packed indices on our kernel (None: every token)
-    slow: torch.Tensor | None    # the rest, prompt chunks, on torch's (None: no token)
+    fast: torch.Tensor | None    # packed indices on our kernel (None: every token; empty: none)
+    slow: torch.Tensor | None    # the rest, prompt chunks, on torch's (None when fast is)
 
 
 def _use_linear_kernel(model: Any, kernel: Any) -> None:
@@ -217,7 +217,7 @@ def _use_linear_kernel(model: Any, kernel: Any) -> None:
             return functional(x, self.weight, self.bias)
         if rows.fast is None or x.shape[-2] != rows.total:     # all ours, or the kept logit rows
             return kernel.linear(x, self.weight, self.bias)
-        if rows.slow is None:
+        if not rows.fast.numel():                                # every token a prompt chunk's
             return functional(x, self.weight, self.bias)
         flat = x.reshape(-1, x.shape[-1])
         out = flat.new_empty(flat.shape[0], self.weight.shape[0])
@@ -267,10 +267,10 @@ class PooledModel:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.kernel = None
-        if linear_kernel == "auto" and self.dtype == torch.float32 and self.device.type == "cpu":
-            from .kernels import linear_kernel as load_kernel
+        if linear_kernel == "auto":
+            from .kernels import kernel_for
 
-            self.kernel = load_kernel()
+            self.kernel = kernel_for(self.dtype, self.device)
             if self.kernel is not None:
                 _use_linear_kernel(model, self.kernel)
         # what computes the linear layers: part of the cost curve's key
@@ -376,8 +376,6 @@ class PooledModel:
         for r in rows:
             (fast if len(r.tokens) <= SHORT_ROW else slow).extend(range(at, at + len(r.tokens)))
             at += len(r.tokens)
-        if not fast:
-            return _KernelRows(total, torch.empty(0, dtype=torch.long), None)
         return _KernelRows(total, torch.tensor(fast, dtype=torch.long), torch.tensor(slow, dtype=torch.long))
 
     def forward(self, rows: list[Row]) -> torch.Tensor:

@@ -144,10 +144,16 @@ def linear_kernel() -> LinearKernel | None:
     return None
 
 
+def kernel_for(dtype: Any, device: Any) -> LinearKernel | None:
+    """The kernel that computes a pooled forward's linear layers for this dtype and device: ours
+    for fp32 on a CPU where it loads, else None (torch's)."""
+    if dtype != torch.float32 or torch.device(device).type != "cpu":
+        return None
+    return linear_kernel()
+
+
 def kernel_name(dtype: Any, device: Any) -> str:
     """What computes the pooled forward's linear layers for this dtype and device ("torch" or
     our kernel's name with its build digest): part of a cost curve's cache key."""
-    if dtype != torch.float32 or torch.device(device).type != "cpu":
-        return "torch"
-    kernel = linear_kernel()
+    kernel = kernel_for(dtype, device)
     return kernel.name if kernel is not None else "torch"
