@@ -123,9 +123,10 @@ class EngineConfig:
     # shared prefix is at least prefix_cache_min_tokens long
     prefix_cache: bool = True
     prefix_cache_min_tokens: int = 16
-    # what computes fp32 linear layers on a CPU: "auto", our kernel (speculation/kernels.py:
-    # reads the weights at close to memory bandwidth for 1-16 rows, computes a row alike
-    # whatever shares its product) where it builds, else torch's; "torch": torch's always
+    # what computes fp32 / bf16 linear layers on a CPU: "auto", our kernels (speculation/
+    # kernels.py: read the weights at close to memory bandwidth for 1-16 rows, compute a row
+    # alike whatever shares its product; bf16 needs AVX512-BF16) where they build, else
+    # torch's; "torch": torch's always
     linear_kernel: str = "auto"
 
 

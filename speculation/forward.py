@@ -201,8 +201,18 @@ class _KernelRows:
     slow: torch.Tensor | None    # the rest, prompt chunks, on torch's (None when fast is)
 
 
+def _version(t: torch.Tensor) -> int:
+    """The tensor's in-place modification counter (-1 for an inference tensor, which has none
+    and cannot be modified outside inference mode)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
 def _use_linear_kernel(model: Any, kernel: Any) -> None:
-    """Route ``model``'s fp32 linear layers through ``kernel`` inside pooled forwards: the
+    """Route ``model``'s linear layers of the kernel's dtype through ``kernel`` inside pooled
+    forwards (other callers, and other patches' switches, get what the layer did before): the
     tokens of decode and draft rows (at most SHORT_ROW each) always, so a generated token's
     products never depend on what shares its forward; long prompt chunks stay on torch's GEMM,
     which is as fast as ours from ~100 rows on. Logits (the LM head over the kept positions)
@@ -210,26 +220,35 @@ def _use_linear_kernel(model: Any, kernel: Any) -> None:
     if getattr(model, "_specrag_linear_kernel", None) == kernel.name:
         return
 
-    def forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        functional = torch.nn.functional.linear
-        rows: _KernelRows | None = getattr(_LINEAR, "rows", None)
-        if rows is None or self.weight.dtype != torch.float32:     # not in a pooled fp32 forward
-            return functional(x, self.weight, self.bias)
-        if rows.fast is None or x.shape[-2] != rows.total:     # all ours, or the kept logit rows
-            return kernel.linear(x, self.weight, self.bias)
-        if not rows.fast.numel():                                # every token a prompt chunk's
-            return functional(x, self.weight, self.bias)
-        flat = x.reshape(-1, x.shape[-1])
-        out = flat.new_empty(flat.shape[0], self.weight.shape[0])
-        out[rows.fast] = kernel.linear(flat[rows.fast], self.weight, self.bias)
-        out[rows.slow] = functional(flat[rows.slow], self.weight, self.bias)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+    def patched(prev: Any) -> Any:
+        # prev: what the layer did before (torch's product, or another patch's, which acts
+        # only under its own switch), unbound so that a deep copy's layer calls it on itself:
+        # taken outside this kernel's pooled forwards
+        def forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+            rows: _KernelRows | None = getattr(_LINEAR, "rows", None)
+            if rows is None or self.weight.dtype != kernel.dtype:      # not a pooled forward of its dtype
+                return prev(self, x)
+            if not (rows.fast is None or x.shape[-2] != rows.total) and not rows.fast.numel():
+                return prev(self, x)                                         # every token a prompt chunk's
+            # the weight as the kernel reads it, packed once (again if the weight changed)
+            key = (self.weight.data_ptr(), _version(self.weight), kernel.name)
+            if getattr(self, "_specrag_packed", (None,))[0] != key:
+                self._specrag_packed = (key, kernel.pack(self.weight))
+            packed = self._specrag_packed[1]
+            if rows.fast is None or x.shape[-2] != rows.total:     # all ours, or the kept logit rows
+                return kernel.linear(x, self.weight, self.bias, packed)
+            flat = x.reshape(-1, x.shape[-1])
+            out = flat.new_empty(flat.shape[0], self.weight.shape[0])
+            out[rows.fast] = kernel.linear(flat[rows.fast], self.weight, self.bias, packed)
+            out[rows.slow] = prev(self, flat[rows.slow])
+            return out.reshape(*x.shape[:-1], out.shape[-1])
+        return forward
 
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32:
+        if isinstance(module, torch.nn.Linear) and module.weight.dtype == kernel.dtype:
             if not module.weight.is_contiguous():
                 module.weight.data = module.weight.data.contiguous()
-            module.forward = types.MethodType(forward, module)
+            module.forward = types.MethodType(patched(module.forward.__func__), module)
     model._specrag_linear_kernel = kernel.name
 
 
@@ -255,7 +274,7 @@ class PooledModel:
 
     def __init__(self, model: Any, max_slots: int, max_length: int | None = None, invariant: bool = False,
                  linear_kernel: str = "auto") -> None:
-        """``linear_kernel``: "auto" computes fp32 linear layers on a CPU with our kernel
+        """``linear_kernel``: "auto" computes fp32 / bf16 linear layers on a CPU with our kernel
         (speculation/kernels.py) where it builds and passes its check; "torch" keeps torch's.
         ``invariant``: the batch-invariant forward (speculation/invariant.py); on our kernel
         its linear layers need no row blocks."""

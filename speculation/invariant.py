@@ -172,14 +172,15 @@ def row_block(model: Any) -> int | None:
 
 
 def rows_are_invariant(model: Any, kernel: bool = True) -> bool:
-    """Whether the batch-invariant forward can hold for ``model`` on this machine: an fp32 CPU
-    model's linear layers on our kernel (``kernel``; speculation/kernels.py computes every row
-    alike by construction, and checks it before it is used), else its own matmuls' probe."""
+    """Whether the batch-invariant forward can hold for ``model`` on this machine: an fp32 or
+    bf16 CPU model's linear layers on our kernel (``kernel``; speculation/kernels.py computes
+    every row alike by construction, and checks it before it is used), else its own matmuls'
+    probe."""
     weight = next(model.parameters())
-    if kernel and weight.dtype == torch.float32 and weight.device.type == "cpu":
-        from .kernels import linear_kernel
+    if kernel:
+        from .kernels import kernel_for
 
-        if linear_kernel() is not None:
+        if kernel_for(weight.dtype, weight.device) is not None:
             return True
     return row_block(model) is not None
 
@@ -219,30 +220,40 @@ def make_rows_invariant(model: Any) -> None:
     block = row_block(model)
     if block is None:
         raise ValueError("this model's matmuls are not row-invariant on this machine")
-    functional = torch.nn.functional.linear
 
-    def forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        if not getattr(_ROWS, "on", False):
-            return functional(x, self.weight, self.bias)
-        flat = x.reshape(-1, x.shape[-1])
-        m = flat.shape[0]
-        if 2 <= m <= block:
-            out = functional(flat, self.weight, self.bias)
-        else:
-            parts = []
-            for i in range(0, m, block):
-                piece = flat[i:i + block]
-                if piece.shape[0] == 1:
-                    parts.append(functional(torch.cat([piece, piece]), self.weight, self.bias)[:1])
-                else:
-                    parts.append(functional(piece, self.weight, self.bias))
-            out = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+    def patched(prev: Any) -> Any:
+        # prev: what the layer did before (torch's product, or our kernel's patch, which acts
+        # only inside its own pooled forwards), unbound so that a deep copy's layer calls it on
+        # itself: taken when invariant_rows is off
+        def forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+            if not getattr(_ROWS, "on", False):
+                return prev(self, x)
+            return _blocks(self, x, block)
+        return forward
 
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
-            module.forward = types.MethodType(forward, module)
+            module.forward = types.MethodType(patched(module.forward.__func__), module)
     model._specrag_rows_invariant = True
+
+
+def _blocks(layer: torch.nn.Linear, x: torch.Tensor, block: int) -> torch.Tensor:
+    """``layer``'s product in blocks of at most ``block`` rows, a lone row padded to two."""
+    functional = torch.nn.functional.linear
+    flat = x.reshape(-1, x.shape[-1])
+    m = flat.shape[0]
+    if 2 <= m <= block:
+        out = functional(flat, layer.weight, layer.bias)
+    else:
+        parts = []
+        for i in range(0, m, block):
+            piece = flat[i:i + block]
+            if piece.shape[0] == 1:
+                parts.append(functional(torch.cat([piece, piece]), layer.weight, layer.bias)[:1])
+            else:
+                parts.append(functional(piece, layer.weight, layer.bias))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 class invariant_rows:

@@ -1,17 +1,19 @@
-"""Our fp32 linear-layer kernel for CPUs (``csrc/linear_f32.c``): built with the system's C
-compiler on first use, cached, loaded with ctypes, and checked before it is trusted.
+"""Our linear-layer kernels for CPUs (``csrc/linear_f32.c``, ``csrc/linear_bf16.c``): built
+with the system's C compiler on first use, cached, loaded with ctypes, and checked before they
+are trusted.
 
 Why: a decode step and the verification of a few drafted tokens are products of 1-16 rows
 against every weight of the model. torch's fp32 GEMM reads the weights at about half the
 memory bandwidth for one row, and slows down per row from 2 to ~8 rows, so verifying drafts
-cost 1.7x a decode step and speculation rarely paid. This kernel reads the weights once per
-block of rows at close to the memory bandwidth (SmolLM2's 30 layers on a 2-core AMD EPYC: 16
-ms at 1 row, 18 at 2, 26 at 8, against torch's 33 / 46 / 43), and it computes each row the
-same way whatever shares its product, so the fp32 forward's linear layers are batch-invariant.
+cost 1.7x a decode step and speculation rarely paid. The fp32 kernel (AVX2 + FMA) reads the
+weights once per block of rows at close to the memory bandwidth (SmolLM2's 30 layers on a 2-core
+AMD EPYC: 16 ms at 1 row, 18 at 2, 26 at 8, against torch's 33 / 46 / 43). The bf16 kernel
+(AVX512-BF16, VDPBF16PS) does the same with half the bytes. Each computes a row the same way
+whatever shares its product, so the forward's linear layers are batch-invariant.
 
-It is used by the pooled forward only (:class:`speculation.forward.PooledModel`); the model
+They are used by the pooled forward only (:class:`speculation.forward.PooledModel`); the model
 stays a plain torch model for every other caller (Hugging Face ``generate``, the tests'
-oracle). Without a C compiler, AVX2 or FMA, or with ``SPECRAG_LINEAR_KERNEL=torch``, the
+oracle). Without a C compiler or the instructions, or with ``SPECRAG_LINEAR_KERNEL=torch``, the
 forward keeps torch's kernels and says why in the log.
 """
 
@@ -25,6 +27,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,34 +35,71 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "linear_f32.c"
 ENV = "SPECRAG_LINEAR_KERNEL"
-NAME = "specrag-f32"
 
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One kernel: its source, the C function, the compiler flags and the CPU flags it needs."""
+
+    dtype: torch.dtype
+    source: Path
+    symbol: str
+    cflags: tuple[str, ...]
+    cpu_flags: frozenset[str]
+    name: str
+    rtol: float            # the self-check's tolerance against torch's product
+    packed: bool = False   # reads the weight packed (LinearKernel.pack), not as [N, K]
+
+
+SPECS = {
+    torch.float32: KernelSpec(torch.float32, Path(__file__).with_name("csrc") / "linear_f32.c", "specrag_linear_f32",
+                              ("-mavx2", "-mfma"), frozenset({"avx2", "fma"}), "specrag-f32", 1e-4),
+    torch.bfloat16: KernelSpec(torch.bfloat16, Path(__file__).with_name("csrc") / "linear_bf16.c",
+                               "specrag_linear_bf16", ("-mavx512f", "-mavx512bf16"),
+                               frozenset({"avx512f", "avx512_bf16"}), "specrag-bf16", 2e-2, packed=True),
+}
 
 class LinearKernel:
-    """The loaded kernel: ``linear(x, weight, bias)`` for fp32 CPU tensors."""
+    """A loaded kernel: ``linear(x, weight, bias)`` for CPU tensors of its ``dtype``."""
 
-    def __init__(self, path: Path, digest: str) -> None:
+    def __init__(self, spec: KernelSpec, path: Path, digest: str) -> None:
         self.path = path
-        self.name = f"{NAME}-{digest[:10]}"
+        self.dtype = spec.dtype
+        self.packed = spec.packed
+        self.name = f"{spec.name}-{digest[:10]}"
         lib = ctypes.CDLL(str(path))
-        fn = lib.specrag_linear_f32
+        fn = getattr(lib, spec.symbol)
         fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int]
         fn.restype = None
         self._fn = fn
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``torch.nn.functional.linear`` for fp32 CPU tensors; each row of ``x`` computed as
-        it would be alone. ``weight`` must be contiguous (a layer's own weight is)."""
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` [N, K] as the kernel reads it: itself (contiguous) for fp32; for bf16,
+        groups of 32 outputs with each k pair side by side, [ceil(N/32), ceil(K/2), 32, 2],
+        zero past N and K (a copy: pack once per weight, see ``PooledModel``)."""
+        if not self.packed:
+            return weight.contiguous()
+        n, k = weight.shape
+        groups, pairs = -(-n // 32), -(-k // 2)
+        wp = weight.new_zeros(groups * 32, pairs * 2)
+        wp[:n, :k] = weight
+        return wp.view(groups, 32, pairs, 2).permute(0, 2, 1, 3).contiguous()
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               packed: torch.Tensor | None = None) -> torch.Tensor:
+        """``torch.nn.functional.linear`` for CPU tensors of the kernel's dtype; each row of
+        ``x`` computed as it would be alone. ``packed``: ``self.pack(weight)``, made once by the
+        caller (else packed here, at the cost of a copy)."""
         k = x.shape[-1]
         flat = x.reshape(-1, k)
         if flat.stride(-1) != 1:
             flat = flat.contiguous()
+        w = packed if packed is not None else self.pack(weight)
         m, n = flat.shape[0], weight.shape[0]
-        out = torch.empty(m, n, dtype=torch.float32)
+        out = torch.empty(m, n, dtype=self.dtype)
         if m:
-            self._fn(flat.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else None,
+            self._fn(flat.data_ptr(), w.data_ptr(), bias.data_ptr() if bias is not None else None,
                      out.data_ptr(), m, k, n, flat.stride(0), torch.get_num_threads())
         return out.reshape(*x.shape[:-1], n)
 
@@ -71,14 +111,14 @@ def _openmp_dir() -> Path | None:
     return lib if (lib / "libgomp.so.1").exists() else None
 
 
-def _why_unavailable() -> str | None:
+def _why_unavailable(spec: KernelSpec) -> str | None:
     from .models import cpu_info
 
     if os.environ.get(ENV, "").lower() == "torch":
         return f"{ENV}=torch"
-    flags = cpu_info()["flags"]
-    if not {"avx2", "fma"} <= flags:
-        return "this CPU lacks AVX2 or FMA"
+    missing = spec.cpu_flags - cpu_info()["flags"]
+    if missing:
+        return f"this CPU lacks {', '.join(sorted(missing))}"
     if not shutil.which(os.environ.get("CC", "cc")):
         return "no C compiler (cc) on PATH"
     if _openmp_dir() is None:
@@ -86,23 +126,23 @@ def _why_unavailable() -> str | None:
     return None
 
 
-def _build(cache: Path) -> tuple[Path, str]:
+def _build(spec: KernelSpec, cache: Path) -> tuple[Path, str]:
     cc = os.environ.get("CC", "cc")
     omp = _openmp_dir()
-    flags = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+    flags = ["-O3", *spec.cflags, "-fopenmp", "-shared", "-fPIC"]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
-    digest = hashlib.sha256("\n".join([SOURCE.read_text(), cc, version, " ".join(flags), str(omp)]).encode()).hexdigest()
-    path = cache / f"linear_f32-{digest[:16]}.so"
+    digest = hashlib.sha256("\n".join([spec.source.read_text(), cc, version, " ".join(flags), str(omp)]).encode()).hexdigest()
+    path = cache / f"{spec.source.stem}-{digest[:16]}.so"
     if not path.exists():
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             out = Path(tmp) / path.name
-            cmd = [cc, *flags, str(SOURCE), "-o", str(out), f"-L{omp}", "-l:libgomp.so.1", f"-Wl,-rpath,{omp}"]
+            cmd = [cc, *flags, str(spec.source), "-o", str(out), f"-L{omp}", "-l:libgomp.so.1", f"-Wl,-rpath,{omp}"]
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode != 0:
-                raise RuntimeError(f"building the linear kernel failed: {' '.join(cmd)}\n{done.stderr[-2000:]}")
+                raise RuntimeError(f"building the {spec.name} linear kernel failed: {' '.join(cmd)}\n{done.stderr[-2000:]}")
             os.replace(out, path)     # atomic: processes building at once each get a whole file
-        log.info("built the fp32 linear kernel: %s", path)
+        log.info("built the %s linear kernel: %s", spec.name, path)
     return path, digest
 
 
@@ -110,12 +150,14 @@ def _self_check(kernel: LinearKernel) -> str | None:
     """Trust the kernel only where it computes what torch computes (to fp32 rounding) and each
     row alike whatever the row count, on this machine, with this compiler."""
     gen = torch.Generator().manual_seed(0)
+    tol = SPECS[kernel.dtype].rtol
     for n, k in ((37, 29), (64, 576), (200, 1536)):
-        w = torch.randn(n, k, generator=gen)
-        b = torch.randn(n, generator=gen)
-        x = torch.randn(130, k, generator=gen)
+        w = torch.randn(n, k, generator=gen).to(kernel.dtype)
+        b = torch.randn(n, generator=gen).to(kernel.dtype)
+        x = torch.randn(130, k, generator=gen).to(kernel.dtype)
         got = kernel.linear(x, w, b)
-        if not torch.allclose(got, torch.nn.functional.linear(x, w, b), rtol=1e-4, atol=1e-4):
+        want = torch.nn.functional.linear(x.float(), w.float(), b.float())
+        if not torch.allclose(got.float(), want, rtol=tol, atol=tol * k ** 0.5):
             return f"its product differs from torch's for a {n}x{k} weight"
         for m in (1, 2, 3, 5, 17, 96, 97, 130):
             if not (torch.equal(kernel.linear(x[:m], w, b), got[:m])
@@ -124,32 +166,34 @@ def _self_check(kernel: LinearKernel) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=1)
-def linear_kernel() -> LinearKernel | None:
-    """The fp32 linear kernel of this machine, or None (with the reason logged) where it cannot
-    be had or fails its check. Built once per compiler and source, under the cache folder."""
-    why = _why_unavailable()
+@functools.lru_cache(maxsize=None)
+def linear_kernel(dtype: torch.dtype = torch.float32) -> LinearKernel | None:
+    """This machine's linear kernel for ``dtype`` (fp32 or bf16), or None (with the reason
+    logged) where it cannot be had or fails its check. Built once per compiler and source, under
+    the cache folder."""
+    spec = SPECS.get(dtype)
+    why = "no kernel of ours for this dtype" if spec is None else _why_unavailable(spec)
     if why is None:
         from .models import cache_dir
 
         try:
-            path, digest = _build(cache_dir() / "kernels")
-            kernel = LinearKernel(path, digest)
+            path, digest = _build(spec, cache_dir() / "kernels")
+            kernel = LinearKernel(spec, path, digest)
             why = _self_check(kernel)
         except (RuntimeError, OSError) as exc:
             why = str(exc)
         if why is None:
             return kernel
-    log.info("fp32 linear layers use torch's kernels: %s", why)
+    log.info("%s linear layers use torch's kernels: %s", str(dtype).removeprefix("torch."), why)
     return None
 
 
 def kernel_for(dtype: Any, device: Any) -> LinearKernel | None:
     """The kernel that computes a pooled forward's linear layers for this dtype and device: ours
-    for fp32 on a CPU where it loads, else None (torch's)."""
-    if dtype != torch.float32 or torch.device(device).type != "cpu":
+    for fp32 or bf16 on a CPU where it loads, else None (torch's)."""
+    if dtype not in SPECS or torch.device(device).type != "cpu":
         return None
-    return linear_kernel()
+    return linear_kernel(dtype)
 
 
 def kernel_name(dtype: Any, device: Any) -> str:

@@ -217,8 +217,8 @@ def choose_cpu_dtype(model: Any) -> tuple[Any, dict[str, Any]]:
     from .cost import curve_key, rag_forward_ms
     from .kernels import kernel_name
 
-    # the fp32 side of the comparison runs on our linear kernel where it builds
-    key = curve_key(model, "auto", "cpu", kernel_name(torch.float32, "cpu"))
+    # both sides of the comparison run on our linear kernels where they build
+    key = curve_key(model, "auto", "cpu", f"{kernel_name(torch.float32, 'cpu')}+{kernel_name(torch.bfloat16, 'cpu')}")
     path = cache_dir() / "dtype" / f"{key}.json"
     if path.exists():
         try:

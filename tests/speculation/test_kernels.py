@@ -1,8 +1,9 @@
-"""Our fp32 linear kernel (speculation/kernels.py): torch's product to fp32 rounding, each row
-bitwise the same whatever else shares the product, used by pooled forwards only (decode and
-draft rows always, long prompt chunks on torch's GEMM), and a clean fallback where it cannot
-be built."""
+"""Our linear kernels (speculation/kernels.py): fp32 (AVX2 + FMA) and bf16 (AVX512-BF16, packed
+weights). Each gives torch's product to its dtype's rounding, each row bitwise the same whatever
+else shares the product; they are used by pooled forwards only (decode and draft rows always,
+long prompt chunks on torch's GEMM), and fall back cleanly where they cannot be built."""
 
+import copy
 import logging
 import os
 import random
@@ -18,42 +19,59 @@ from speculation.models import cpu_info
 from tinymodels import TinyTokenizer, tiny_llama
 
 pytestmark = [
-    pytest.mark.skipif(not {"avx2", "fma"} <= cpu_info()["flags"],
-                       reason="the fp32 linear kernel needs AVX2 and FMA; this CPU has not both"),
     pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None,
-                       reason="no C compiler to build the fp32 linear kernel (make install adds Debian's gcc as root)"),
+                       reason="no C compiler to build the linear kernels (make install adds Debian's gcc as root)"),
 ]
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    k = kernels.linear_kernel()
-    assert k is not None, "the kernel did not build or failed its check on a CPU with AVX2 and FMA (see the log)"
+def _needs(dtype: torch.dtype):
+    spec = kernels.SPECS[dtype]
+    missing = spec.cpu_flags - cpu_info()["flags"]
+    return pytest.param(dtype, marks=pytest.mark.skipif(
+        bool(missing), reason=f"the {spec.name} kernel needs {', '.join(sorted(missing))}, which this CPU lacks"),
+        id=str(dtype).removeprefix("torch."))
+
+
+DTYPES = [_needs(torch.float32), _needs(torch.bfloat16)]
+
+
+@pytest.fixture(scope="module", params=DTYPES)
+def kernel(request):
+    k = kernels.linear_kernel(request.param)
+    assert k is not None, f"the {request.param} kernel did not build or failed its check on a CPU with its instructions (see the log)"
+    assert k.dtype == request.param
     return k
 
 
 @pytest.mark.parametrize("n,k,bias", [(576, 576, False), (192, 576, True), (50, 1536, False), (37, 29, True)])
 def test_product_matches_torch_and_each_row_is_bitwise_independent_of_the_others(kernel, n, k, bias):
     gen = torch.Generator().manual_seed(n * k)
-    w = torch.randn(n, k, generator=gen) * 0.05
-    b = torch.randn(n, generator=gen) if bias else None
-    x = torch.randn(300, k, generator=gen)
-    full = kernel.linear(x, w, b)
-    torch.testing.assert_close(full, torch.nn.functional.linear(x, w, b), rtol=1e-4, atol=1e-4)
-    # a row alone, in products of every size and at every place in them (row blocks of 96
-    # included), and read through a strided view: the same bits
-    for m in (1, 2, 3, 4, 5, 8, 16, 17, 95, 96, 97, 200, 300):
+    dt = kernel.dtype
+    w = (torch.randn(n, k, generator=gen) * 0.05).to(dt)
+    b = torch.randn(n, generator=gen).to(dt) if bias else None
+    x = torch.randn(300, k, generator=gen).to(dt)
+    packed = kernel.pack(w)
+    full = kernel.linear(x, w, b, packed)
+    assert full.dtype == dt
+    # torch's product in fp32, rounded once to the kernel's dtype: equal to that rounding
+    want = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    tol = 1e-4 if dt == torch.float32 else 8e-3      # bf16: ~1 ulp, the fp32 sums differ in order
+    torch.testing.assert_close(full.float(), want.to(dt).float(), rtol=tol, atol=tol)
+    assert torch.equal(kernel.linear(x, w, b), full)               # packed on the fly: the same
+    # a row alone, in products of every size and at every place in them (row blocks included),
+    # and read through a strided view: the same bits
+    for m in (1, 2, 3, 4, 5, 8, 9, 16, 17, 63, 64, 65, 95, 96, 97, 200, 300):
         for start in (0, 300 - m, (300 - m) // 2):
-            assert torch.equal(kernel.linear(x[start:start + m], w, b), full[start:start + m]), (m, start)
-    wide = torch.zeros(300, k + 3)
+            assert torch.equal(kernel.linear(x[start:start + m], w, b, packed), full[start:start + m]), (m, start)
+    wide = torch.zeros(300, k + 3, dtype=dt)
     wide[:, 1:k + 1] = x
-    assert torch.equal(kernel.linear(wide[:, 1:k + 1], w, b), full)
+    assert torch.equal(kernel.linear(wide[:, 1:k + 1], w, b, packed), full)
     # leading dimensions are kept, like F.linear's
-    assert torch.equal(kernel.linear(x[:12].reshape(3, 4, k), w, b), full[:12].reshape(3, 4, n))
+    assert torch.equal(kernel.linear(x[:12].reshape(3, 4, k), w, b, packed), full[:12].reshape(3, 4, n))
 
 
 def test_pooled_forward_uses_the_kernel_for_generation_rows_and_torch_for_prompt_chunks(kernel, monkeypatch):
-    model = tiny_llama(seed=0)
+    model = copy.deepcopy(tiny_llama(seed=0)).to(kernel.dtype)
     rng = random.Random(0)
     seq = [1] + [rng.randrange(3, 96) for _ in range(120)]
     runner = PooledModel(model, 4)
@@ -63,9 +81,9 @@ def test_pooled_forward_uses_the_kernel_for_generation_rows_and_torch_for_prompt
     theirs: list[int] = []
     real_linear, real_functional = kernel.linear, torch.nn.functional.linear
 
-    def spy_ours(x, w, b=None):
+    def spy_ours(x, w, b=None, packed=None):
         ours.append(x.reshape(-1, x.shape[-1]).shape[0])
-        return real_linear(x, w, b)
+        return real_linear(x, w, b, packed)
 
     def spy_torch(x, w, b=None):
         theirs.append(x.reshape(-1, x.shape[-1]).shape[0])
@@ -94,17 +112,21 @@ def test_pooled_forward_uses_the_kernel_for_generation_rows_and_torch_for_prompt
         ours.clear()
         model(torch.tensor([seq[:10]]))
         assert ours == []
-        # the logits agree with torch's kernels to fp32 rounding
+        # the logits agree with torch's kernels to the dtype's rounding
         plain.forward([Row(0, 0, seq[:50], 50), Row(1, 0, seq[:40], 40)])
         ref = plain.forward([Row(2, 0, seq[:prompt], prompt - 1), Row(0, 50, seq[50:55], 0)])
-    torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+    tol = 1e-4 if kernel.dtype == torch.float32 else 0.1
+    torch.testing.assert_close(logits, ref, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("drafters", [(), ("reference",), ("tree",)])
-def test_engine_output_on_the_kernel_equals_torch_kernels_and_hf_generate(kernel, drafters):
+def test_engine_output_on_the_kernel_equals_torch_kernels_and_hf_generate(kernel, drafters, monkeypatch):
+    import exactness
     from exactness import assert_same_tokens, hf_greedy
 
-    model = tiny_llama(seed=1)
+    # bf16: equal up to near-ties of bf16's spacing at the logits' scale, reported with their gap
+    monkeypatch.setattr(exactness, "NEAR_TIE_LOW_PRECISION", 0.125)
+    model = copy.deepcopy(tiny_llama(seed=1)).to(kernel.dtype)
     tok = TinyTokenizer(96)
     rng = random.Random(5)
     prompts = [[1] + [rng.randrange(3, 96) for _ in range(n)] for n in (7, 40, 90)]
@@ -133,7 +155,7 @@ def test_without_a_compiler_the_forward_keeps_torch_kernels_and_says_why(monkeyp
         monkeypatch.delenv("CC")
         monkeypatch.setenv(kernels.ENV, "torch")
         kernels.linear_kernel.cache_clear()
-        assert kernels.linear_kernel() is None
+        assert kernels.linear_kernel() is None and kernels.linear_kernel(torch.bfloat16) is None
     finally:
         kernels.linear_kernel.cache_clear()
 

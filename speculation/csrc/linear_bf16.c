@@ -1,0 +1,99 @@
+/* The bf16 product of a linear layer, Y = X W^T (+ b), for CPUs with AVX512-BF16.
+ *
+ * Why our own: a bf16 decode step is a product of one row against every weight of the model,
+ * and verifying a few drafts one of 2-16 rows. torch's bf16 kernels read the weights well below
+ * this machine's memory bandwidth at one row, and which kernel torch picks depends on the
+ * shape, so a row's bits depend on what shares its product unless the forward splits products
+ * into probed blocks.
+ *
+ * The weights are packed once (``pack``, in speculation/kernels.py) into groups of 32 outputs:
+ * Wp[g][k/2][32][2], the two bf16 of a k pair side by side, as VDPBF16PS takes them. Each output
+ * is one fp32 lane of an accumulator that VDPBF16PS feeds pair by pair in k order (a row's pair
+ * broadcast against 32 outputs' pairs), then the bias in fp32 and one round-to-nearest-even to
+ * bf16 (as torch rounds its fp32 accumulation). No horizontal sums, so the same instructions
+ * serve 1 row (bound by reading the weights) and hundreds (bound by VDPBF16PS). Every (row m,
+ * output n) is reduced by the same instructions whatever the number of rows, so a row's result
+ * is bitwise independent of the other rows: the forward is batch-invariant by construction.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MR 8     /* input rows per pass */
+#define MB 64    /* input rows per block (a thread's tile: MB rows x 32 outputs) */
+
+static inline uint16_t f32_to_bf16(float f) {     /* round to nearest even, NaN kept quiet */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline __m512bh pair(const uint16_t *x, int64_t kp, int64_t K) {
+    int32_t v;
+    if (2 * kp + 1 < K) memcpy(&v, x + 2 * kp, 4);
+    else v = x[2 * kp];                      /* odd K: the last pair's second half is zero */
+    return (__m512bh)_mm512_set1_epi32(v);
+}
+
+/* rows m0 .. m0 + mc - 1 of X against the 32 outputs of packed group g */
+static inline __attribute__((always_inline)) void tile(const uint16_t *X, const uint16_t *Wp, const uint16_t *B,
+                                                        uint16_t *Y, int64_t K, int64_t N, int64_t sx,
+                                                        int64_t m0, const int mc, int64_t g) {
+    int64_t K2 = (K + 1) / 2;
+    const uint16_t *w = Wp + g * K2 * 64;
+    __m512 acc[MR][2];
+    for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int64_t kp = 0; kp < K2; kp++) {
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512((const void *)(w + kp * 64));
+        __m512bh w1 = (__m512bh)_mm512_loadu_si512((const void *)(w + kp * 64 + 32));
+        for (int i = 0; i < mc; i++) {
+            __m512bh xv = pair(X + (m0 + i) * sx, kp, K);
+            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], xv, w0);
+            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], xv, w1);
+        }
+    }
+    int64_t n0 = g * 32, nc = N - n0 < 32 ? N - n0 : 32;
+    for (int i = 0; i < mc; i++) {
+        float s[32];
+        _mm512_storeu_ps(s, acc[i][0]);
+        _mm512_storeu_ps(s + 16, acc[i][1]);
+        uint16_t *y = Y + (m0 + i) * N + n0;
+        for (int64_t j = 0; j < nc; j++) y[j] = f32_to_bf16(B ? s[j] + bf16_to_f32(B[n0 + j]) : s[j]);
+    }
+}
+
+/* X: [M, K] bf16 with row stride sx (unit stride within a row); Wp: the packed weight of
+ * [N, K] (ceil(N / 32) groups of [ceil(K / 2)][32][2], zero past N and K); B: [N] or NULL;
+ * Y: [M, N] contiguous. */
+void specrag_linear_bf16(const uint16_t *X, const uint16_t *Wp, const uint16_t *B, uint16_t *Y,
+                         int64_t M, int64_t K, int64_t N, int64_t sx, int nthreads) {
+    int64_t groups = (N + 31) / 32, mblocks = (M + MB - 1) / MB;
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t t = 0; t < groups * mblocks; t++) {
+        int64_t mb = t / groups, g = t % groups;
+        int64_t m_end = (mb + 1) * MB < M ? (mb + 1) * MB : M;
+        for (int64_t m0 = mb * MB; m0 < m_end; m0 += MR) {
+            /* constant row counts, so each pass is unrolled; the per-(m, n) reduction is the
+               same instructions in all of them */
+            switch (m_end - m0 < MR ? m_end - m0 : MR) {
+                case 8: tile(X, Wp, B, Y, K, N, sx, m0, 8, g); break;
+                case 7: tile(X, Wp, B, Y, K, N, sx, m0, 7, g); break;
+                case 6: tile(X, Wp, B, Y, K, N, sx, m0, 6, g); break;
+                case 5: tile(X, Wp, B, Y, K, N, sx, m0, 5, g); break;
+                case 4: tile(X, Wp, B, Y, K, N, sx, m0, 4, g); break;
+                case 3: tile(X, Wp, B, Y, K, N, sx, m0, 3, g); break;
+                case 2: tile(X, Wp, B, Y, K, N, sx, m0, 2, g); break;
+                default: tile(X, Wp, B, Y, K, N, sx, m0, 1, g); break;
+            }
+        }
+    }
+}
