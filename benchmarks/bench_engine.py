@@ -555,10 +555,11 @@ def _targets(result: dict[str, Any]) -> list[str]:
         out.append(f"- provenance: reference drafting with origins recorded vs without, tokens/s: **{r}x** "
                    f"(target: no measurable cost, i.e. within this machine's run-to-run noise){extra}")
     if "llama_cpp" in summ:
-        if "specrag_plain" in summ:
-            r = ratio("specrag_plain", "llama_cpp", "decode_ms_per_token")
-            out.append(f"- specrag without speculation vs llama.cpp, ms per decoded token: **{r}x** llama.cpp's "
-                       f"(target <= 3x, {'met' if r and r <= 3 else 'missed'})")
+        for plain, label in (("specrag_plain", "fp32"), ("specrag_plain_bf16", "bf16")):
+            if plain in summ:
+                r = ratio(plain, "llama_cpp", "decode_ms_per_token")
+                out.append(f"- specrag without speculation ({label}) vs llama.cpp, ms per decoded token: **{r}x** "
+                           f"llama.cpp's (target <= 3x, {'met' if r and r <= 3 else 'missed'})")
         spec = [n for n in summ if n.startswith("specrag_") and "noprov" not in n]        # either dtype: the fastest exact one
         if spec:
             best = max(spec, key=lambda n: summ[n]["tokens_per_second_median"])
