@@ -255,7 +255,7 @@ class StepResidual:
 
 def curve_key(model: Any, dtype: Any, device: Any, kernel: str = "torch") -> str:
     """What the cost depends on: architecture, dtype, device, threads, CPU, torch version, and
-    what computes the linear layers (``PooledModel.linear_kernel``)."""
+    what computes the linear layers and the attention (``PooledModel.kernels``)."""
     import torch
 
     from .models import cpu_info
@@ -362,7 +362,7 @@ def cache_path(key: str) -> Path:
 
 def load_or_measure(runner: Any, remeasure: bool = False) -> CostCurve:
     """The cached curve of this model / dtype / device / threads / CPU, measured if missing."""
-    key = curve_key(runner.model, runner.dtype, runner.device, runner.linear_kernel)
+    key = curve_key(runner.model, runner.dtype, runner.device, runner.kernels)
     path = cache_path(key)
     if path.exists() and not remeasure:
         try:

@@ -132,6 +132,11 @@ class _Batch:
     invariant: bool = False      # attention that does not depend on the batch (speculation/invariant.py)
     # one row: its tokens go to positions [start, start + T) of one slot, a slice of the pool
     span: tuple[int, int, int] | None = None     # (slot, start, end)
+    # our attention kernel (speculation/kernels.py) where it computes this forward (every row a
+    # chain: token t sees positions [0, nvis[t]) of its slot), else None
+    attention: Any = None
+    nvis: torch.Tensor | None = None             # [T] pos_idx + 1
+    max_visible: int = 0
 
 
 def _pool_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -153,6 +158,10 @@ def _pool_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
         k_store[batch.slot_idx, :, batch.pos_idx] = key[0].transpose(0, 1).to(k_store.dtype)
         v_store[batch.slot_idx, :, batch.pos_idx] = value[0].transpose(0, 1).to(v_store.dtype)
     q_packed = query[0].transpose(0, 1)                       # [T, Hq, D]
+    if batch.attention is not None and batch.attention.supports(q_packed, k_store):
+        out = batch.attention(q_packed, k_store, v_store, batch.slot_idx, batch.nvis,
+                              scaling if scaling is not None else query.shape[-1] ** -0.5, batch.max_visible)
+        return out.unsqueeze(0), None
     n_tokens, hq, d = q_packed.shape
     hkv = k_store.shape[1]
     g = hq // hkv
@@ -294,6 +303,17 @@ class PooledModel:
                 _use_linear_kernel(model, self.kernel)
         # what computes the linear layers: part of the cost curve's key
         self.linear_kernel = self.kernel.name if self.kernel is not None else "torch"
+        # attention on our kernel (speculation/kernels.py, AVX-512) for forwards whose rows are
+        # all chains, the batch-invariant ones included (it computes every token alike): where
+        # it loads, for fp32 and bf16 on a CPU, unless linear_kernel is "torch"
+        self.attention = None
+        if linear_kernel == "auto" and self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16):
+            from .kernels import attention_kernel
+
+            self.attention = attention_kernel()
+        self.attention_kernel = self.attention.name if self.attention is not None else "torch"
+        # what the forward's cost depends on beyond the model: its kernels (the cost curve's key)
+        self.kernels = f"{self.linear_kernel}+{self.attention_kernel}"
         n_layers, kv_heads, head_dim = _kv_geometry(model.config)
         context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 4096
         self.pool = KVPool(n_layers, kv_heads, head_dim, self.dtype, self.device, max_slots,
@@ -349,6 +369,9 @@ class PooledModel:
         span = (rows[0].slot, rows[0].start, rows[0].start + len(rows[0].tokens)) if len(rows) == 1 else None
         batch = _Batch(self.pool, torch.tensor(slot_idx, device=dev), torch.tensor(pos_idx, device=dev), groups,
                        self.invariant, span)
+        if self.attention is not None and all(r.parents is None for r in rows):
+            batch.attention, batch.nvis = self.attention, batch.pos_idx + 1
+            batch.max_visible = max(r.start + len(r.tokens) for r in rows)
         return batch, keep, offsets
 
     def _query_groups(self) -> int:

@@ -42,7 +42,7 @@ ENV = "SPECRAG_LINEAR_KERNEL"
 class KernelSpec:
     """One kernel: its source, the C function, the compiler flags and the CPU flags it needs."""
 
-    dtype: torch.dtype
+    dtype: torch.dtype | None      # a linear kernel's dtype (None: the attention kernel, fp32 and bf16)
     source: Path
     symbol: str
     cflags: tuple[str, ...]
@@ -104,6 +104,99 @@ class LinearKernel:
         return out.reshape(*x.shape[:-1], n)
 
 
+ATTENTION = KernelSpec(None, Path(__file__).with_name("csrc") / "attention.c", "specrag_attention", ("-mavx512f",),
+                       frozenset({"avx512f"}), "specrag-attn", 1e-4)
+
+
+class AttentionKernel:
+    """The loaded attention kernel (``csrc/attention.c``): each query token against positions
+    [0, nvis) of its own KV slot, computed alike whatever else is in the call."""
+
+    def __init__(self, spec: KernelSpec, path: Path, digest: str) -> None:
+        self.path = path
+        self.name = f"{spec.name}-{digest[:10]}"
+        fn = getattr(ctypes.CDLL(str(path)), spec.symbol)
+        fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 9 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+        fn.restype = None
+        self._fn = fn
+
+    @staticmethod
+    def supports(q: torch.Tensor, keys: torch.Tensor) -> bool:
+        """Shapes and dtypes the kernel computes: fp32 or bf16 on a CPU, head dim a multiple of
+        16 up to 256, at most 8 query heads per kv head."""
+        hq, d = q.shape[-2], q.shape[-1]
+        return (q.dtype == keys.dtype and q.dtype in (torch.float32, torch.bfloat16) and q.device.type == "cpu"
+                and d % 16 == 0 and d <= 256 and hq % keys.shape[1] == 0 and hq // keys.shape[1] <= 8
+                and q.stride(-1) == 1 and keys.is_contiguous())
+
+    def __call__(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor,
+                 nvis: torch.Tensor, scale: float, max_visible: int | None = None) -> torch.Tensor:
+        """q: [T, Hq, D] (unit stride along D); keys, values: the pool's [slots, Hkv, L, D]
+        (contiguous); slot, nvis: [T] int64, token t sees positions [0, nvis[t]) of slot[t].
+        Returns [T, Hq, D] in q's dtype."""
+        t, hq, d = q.shape
+        out = torch.empty(t, hq, d, dtype=q.dtype)
+        if t:
+            slot = slot.to(torch.int64).contiguous()
+            nvis = nvis.to(torch.int64).contiguous()
+            top = int(nvis.max()) if max_visible is None else max_visible
+            self._fn(q.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), slot.data_ptr(),
+                     nvis.data_ptr(), t, hq, keys.shape[1], d, q.stride(0), q.stride(1), keys.stride(0),
+                     keys.stride(1), top, scale, int(q.dtype == torch.bfloat16), torch.get_num_threads())
+        return out
+
+
+def reference_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor,
+                        nvis: torch.Tensor, scale: float) -> torch.Tensor:
+    """What the attention kernel computes, in torch ops (fp32, token by token): its check."""
+    g = q.shape[1] // keys.shape[1]
+    out = []
+    for t in range(q.shape[0]):
+        k = keys[slot[t], :, :nvis[t]].float().repeat_interleave(g, 0)
+        v = values[slot[t], :, :nvis[t]].float().repeat_interleave(g, 0)
+        p = torch.softmax(torch.einsum("hd,hjd->hj", q[t].float() * scale, k), -1)
+        out.append(torch.einsum("hj,hjd->hd", p, v))
+    return torch.stack(out).to(q.dtype)
+
+
+def _check_attention(kernel: AttentionKernel) -> str | None:
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        keys = torch.randn(3, 2, 300, 64, generator=gen).to(dtype)
+        values = torch.randn(3, 2, 300, 64, generator=gen).to(dtype)
+        q = torch.randn(6, 20, 64, generator=gen).to(dtype).transpose(0, 1)     # [20, 6, 64], strided
+        slot = torch.tensor([0] * 10 + [2] * 10)
+        nvis = torch.tensor(list(range(280, 290)) + list(range(1, 11)))
+        got = kernel(q, keys, values, slot, nvis, 0.125)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        if not torch.allclose(got.float(), reference_attention(q, keys, values, slot, nvis, 0.125).float(),
+                              rtol=tol, atol=tol):
+            return f"its {dtype} attention differs from torch's"
+        for i in (0, 9, 10, 19):
+            if not torch.equal(kernel(q[i:i + 1], keys, values, slot[i:i + 1], nvis[i:i + 1], 0.125), got[i:i + 1]):
+                return "a token's attention changed with the tokens beside it"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def attention_kernel() -> AttentionKernel | None:
+    """This machine's attention kernel (AVX-512), or None with the reason logged."""
+    why = _why_unavailable(ATTENTION)
+    if why is None:
+        from .models import cache_dir
+
+        try:
+            path, digest = _build(ATTENTION, cache_dir() / "kernels")
+            kernel = AttentionKernel(ATTENTION, path, digest)
+            why = _check_attention(kernel)
+        except (RuntimeError, OSError) as exc:
+            why = str(exc)
+        if why is None:
+            return kernel
+    log.info("attention uses torch's operators: %s", why)
+    return None
+
+
 def _openmp_dir() -> Path | None:
     """The folder of the OpenMP runtime torch itself loaded: the kernel links to that very
     library, so its threads are torch's threads (two runtimes on 2 cores would fight)."""
@@ -140,9 +233,9 @@ def _build(spec: KernelSpec, cache: Path) -> tuple[Path, str]:
             cmd = [cc, *flags, str(spec.source), "-o", str(out), f"-L{omp}", "-l:libgomp.so.1", f"-Wl,-rpath,{omp}"]
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode != 0:
-                raise RuntimeError(f"building the {spec.name} linear kernel failed: {' '.join(cmd)}\n{done.stderr[-2000:]}")
+                raise RuntimeError(f"building the {spec.name} kernel failed: {' '.join(cmd)}\n{done.stderr[-2000:]}")
             os.replace(out, path)     # atomic: processes building at once each get a whole file
-        log.info("built the %s linear kernel: %s", spec.name, path)
+        log.info("built the %s kernel: %s", spec.name, path)
     return path, digest
 
 

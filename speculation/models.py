@@ -217,8 +217,13 @@ def choose_cpu_dtype(model: Any) -> tuple[Any, dict[str, Any]]:
     from .cost import curve_key, rag_forward_ms
     from .kernels import kernel_name
 
-    # both sides of the comparison run on our linear kernels where they build
-    key = curve_key(model, "auto", "cpu", f"{kernel_name(torch.float32, 'cpu')}+{kernel_name(torch.bfloat16, 'cpu')}")
+    # both sides of the comparison run on our kernels where they build
+    from .kernels import attention_kernel
+
+    attention = attention_kernel()
+    kernels = [kernel_name(torch.float32, "cpu"), kernel_name(torch.bfloat16, "cpu"),
+               attention.name if attention is not None else "torch"]
+    key = curve_key(model, "auto", "cpu", "+".join(kernels))
     path = cache_dir() / "dtype" / f"{key}.json"
     if path.exists():
         try:

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     models = load_models(ModelConfig(model=args.model, device=args.device, dtype=args.dtype))
     runner = PooledModel(models.target, max(1, args.max_batch))
     curve = load_or_measure(runner, remeasure=True)
-    path = cache_path(curve_key(runner.model, runner.dtype, runner.device, runner.linear_kernel))
+    path = cache_path(curve_key(runner.model, runner.dtype, runner.device, runner.kernels))
     if args.json:
         print(json.dumps({"path": str(path), "dtype": str(runner.dtype).replace("torch.", ""),
                           "device": str(runner.device), **curve.to_json()}))

@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="cost: draft lengths from the forward's measured cost and the drafters' acceptance; "
                         "fixed: the drafters' adaptive lengths")
     p.add_argument("--linear-kernel", choices=("auto", "torch"), default="auto",
-                   help="fp32 / bf16 linear layers on a CPU: auto = our kernels where they build (speculation/kernels.py), "
+                   help="fp32 / bf16 linear layers and attention on a CPU: auto = our kernels where they build (speculation/kernels.py), "
                         "torch = torch's GEMM")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
@@ -103,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
             "dtype": str(engine.runner.dtype).replace("torch.", ""),
             "device": str(engine.device),
             "linear_kernel": engine.runner.linear_kernel,
+            "attention_kernel": engine.runner.attention_kernel,
             "stats": stats.to_dict(),
         }))
         return 0

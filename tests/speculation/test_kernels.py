@@ -174,3 +174,32 @@ def test_a_compiler_that_fails_is_reported_not_raised(monkeypatch, tmp_path, cap
         assert not list((tmp_path / "cache" / "kernels").glob("*.so"))     # nothing half-written left
     finally:
         kernels.linear_kernel.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_attention_kernel_matches_softmax_attention_and_each_token_is_bitwise_independent(dtype):
+    """Our attention kernel (csrc/attention.c): every query token against positions [0, nvis) of
+    its own slot equals softmax attention in fp32, to the dtype's rounding; a token's result is
+    the same bits alone, among other tokens of its slot and beside other slots' tokens."""
+    k = kernels.attention_kernel()
+    if k is None:
+        pytest.skip("the attention kernel needs AVX-512 (and a C compiler); this CPU lacks it")
+    gen = torch.Generator().manual_seed(3)
+    for hkv, g, d in ((3, 3, 64), (2, 4, 32), (1, 1, 16)):
+        keys = torch.randn(5, hkv, 700, d, generator=gen).to(dtype)
+        values = torch.randn(5, hkv, 700, d, generator=gen).to(dtype)
+        # queries as the model hands them over: [Hq, T, D] transposed, so strided
+        q = torch.randn(hkv * g, 60, d, generator=gen).to(dtype).transpose(0, 1)
+        slot = torch.tensor([4] * 30 + [0] * 20 + [2] * 10)
+        nvis = torch.tensor(list(range(671, 701)) + list(range(1, 21)) + [16, 17, 255, 256, 257, 513, 3, 2, 1, 40])
+        got = k(q, keys, values, slot, nvis, d ** -0.5)
+        want = kernels.reference_attention(q, keys, values, slot, nvis, d ** -0.5)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+        for lo, hi in ((0, 1), (29, 30), (30, 50), (45, 60), (10, 55)):
+            assert torch.equal(k(q[lo:hi], keys, values, slot[lo:hi], nvis[lo:hi], d ** -0.5), got[lo:hi]), (lo, hi)
+        # nothing past a token's visible positions is read: changing them changes nothing
+        keys2, values2 = keys.clone(), values.clone()
+        keys2[0, :, 20:] = float("nan")
+        values2[0, :, 20:] = float("nan")
+        assert torch.equal(k(q[30:50], keys2, values2, slot[30:50], nvis[30:50], d ** -0.5), got[30:50])
