@@ -146,18 +146,23 @@ def test_without_a_compiler_the_forward_keeps_torch_kernels_and_says_why(monkeyp
     monkeypatch.setenv("SPECRAG_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     kernels.linear_kernel.cache_clear()
+    kernels.attention_kernel.cache_clear()
     try:
         with caplog.at_level(logging.INFO, logger="speculation.kernels"):
             assert kernels.linear_kernel() is None
         assert "no C compiler" in caplog.text
         runner = PooledModel(tiny_llama(seed=0), 2)
         assert runner.linear_kernel == "torch" and runner.kernel is None
+        assert runner.attention_kernel == "torch" and runner.attention is None
         monkeypatch.delenv("CC")
         monkeypatch.setenv(kernels.ENV, "torch")
         kernels.linear_kernel.cache_clear()
+        kernels.attention_kernel.cache_clear()
         assert kernels.linear_kernel() is None and kernels.linear_kernel(torch.bfloat16) is None
+        assert kernels.attention_kernel() is None
     finally:
         kernels.linear_kernel.cache_clear()
+        kernels.attention_kernel.cache_clear()
 
 
 def test_a_compiler_that_fails_is_reported_not_raised(monkeypatch, tmp_path, caplog):
@@ -167,13 +172,17 @@ def test_a_compiler_that_fails_is_reported_not_raised(monkeypatch, tmp_path, cap
     monkeypatch.setenv("SPECRAG_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("CC", str(fake))
     kernels.linear_kernel.cache_clear()
+    kernels.attention_kernel.cache_clear()
     try:
         with caplog.at_level(logging.INFO, logger="speculation.kernels"):
             assert kernels.linear_kernel() is None
+            if {"avx512f"} <= cpu_info()["flags"]:
+                assert kernels.attention_kernel() is None
         assert "broken toolchain" in caplog.text
         assert not list((tmp_path / "cache" / "kernels").glob("*.so"))     # nothing half-written left
     finally:
         kernels.linear_kernel.cache_clear()
+        kernels.attention_kernel.cache_clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
