@@ -181,20 +181,28 @@ def _check_attention(kernel: AttentionKernel) -> str | None:
 @functools.lru_cache(maxsize=None)
 def attention_kernel() -> AttentionKernel | None:
     """This machine's attention kernel (AVX-512), or None with the reason logged."""
-    why = _why_unavailable(ATTENTION)
+    kernel, why = _load(ATTENTION, AttentionKernel, _check_attention)
+    if kernel is None:
+        log.info("attention uses torch's operators: %s", why)
+    return kernel
+
+
+def _load(spec: KernelSpec, make: Any, check: Any) -> tuple[Any, str | None]:
+    """(the kernel of ``spec``, built under the cache folder, loaded by ``make`` and passed by
+    ``check``; None) or (None, why not)."""
+    why = _why_unavailable(spec)
     if why is None:
         from .models import cache_dir
 
         try:
-            path, digest = _build(ATTENTION, cache_dir() / "kernels")
-            kernel = AttentionKernel(ATTENTION, path, digest)
-            why = _check_attention(kernel)
+            path, digest = _build(spec, cache_dir() / "kernels")
+            kernel = make(spec, path, digest)
+            why = check(kernel)
         except (RuntimeError, OSError) as exc:
             why = str(exc)
         if why is None:
-            return kernel
-    log.info("attention uses torch's operators: %s", why)
-    return None
+            return kernel, None
+    return None, why
 
 
 def _openmp_dir() -> Path | None:
@@ -224,7 +232,9 @@ def _build(spec: KernelSpec, cache: Path) -> tuple[Path, str]:
     omp = _openmp_dir()
     flags = ["-O3", *spec.cflags, "-fopenmp", "-shared", "-fPIC"]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
-    digest = hashlib.sha256("\n".join([spec.source.read_text(), cc, version, " ".join(flags), str(omp)]).encode()).hexdigest()
+    headers = [h.read_text() for h in sorted(spec.source.parent.glob("*.h"))]     # what the source includes
+    digest = hashlib.sha256("\n".join([spec.source.read_text(), *headers, cc, version, " ".join(flags),
+                                       str(omp)]).encode()).hexdigest()
     path = cache / f"{spec.source.stem}-{digest[:16]}.so"
     if not path.exists():
         cache.mkdir(parents=True, exist_ok=True)
@@ -265,20 +275,13 @@ def linear_kernel(dtype: torch.dtype = torch.float32) -> LinearKernel | None:
     logged) where it cannot be had or fails its check. Built once per compiler and source, under
     the cache folder."""
     spec = SPECS.get(dtype)
-    why = "no kernel of ours for this dtype" if spec is None else _why_unavailable(spec)
-    if why is None:
-        from .models import cache_dir
-
-        try:
-            path, digest = _build(spec, cache_dir() / "kernels")
-            kernel = LinearKernel(spec, path, digest)
-            why = _self_check(kernel)
-        except (RuntimeError, OSError) as exc:
-            why = str(exc)
-        if why is None:
-            return kernel
-    log.info("%s linear layers use torch's kernels: %s", str(dtype).removeprefix("torch."), why)
-    return None
+    if spec is None:
+        kernel, why = None, "no kernel of ours for this dtype"
+    else:
+        kernel, why = _load(spec, LinearKernel, _self_check)
+    if kernel is None:
+        log.info("%s linear layers use torch's kernels: %s", str(dtype).removeprefix("torch."), why)
+    return kernel
 
 
 def kernel_for(dtype: Any, device: Any) -> LinearKernel | None:

@@ -19,23 +19,10 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define MR 8     /* input rows per pass */
 #define MB 64    /* input rows per block (a thread's tile: MB rows x 32 outputs) */
-
-static inline uint16_t f32_to_bf16(float f) {     /* round to nearest even, NaN kept quiet */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
 
 static inline __m512bh pair(const uint16_t *x, int64_t kp, int64_t K) {
     int32_t v;
