@@ -235,15 +235,17 @@ def _use_linear_kernel(model: Any, kernel: Any) -> None:
         # taken outside this kernel's pooled forwards
         def forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
             rows: _KernelRows | None = getattr(_LINEAR, "rows", None)
-            if rows is None or self.weight.dtype != kernel.dtype:      # not a pooled forward of its dtype
-                return prev(self, x)
+            if rows is None or self.weight.dtype != kernel.dtype or x.dtype != kernel.dtype:
+                return prev(self, x)                                   # not a pooled forward of its dtype
             if not (rows.fast is None or x.shape[-2] != rows.total) and not rows.fast.numel():
                 return prev(self, x)                                         # every token a prompt chunk's
-            # the weight as the kernel reads it, packed once (again if the weight changed)
+            # the weight as the kernel reads it, packed once (again if the weight changed: the
+            # entry holds the tensor it was packed from, so its address cannot be reused)
             key = (self.weight.data_ptr(), _version(self.weight), kernel.name)
-            if getattr(self, "_specrag_packed", (None,))[0] != key:
-                self._specrag_packed = (key, kernel.pack(self.weight))
-            packed = self._specrag_packed[1]
+            cached = getattr(self, "_specrag_packed", None)
+            if cached is None or cached[0] != key:
+                cached = self._specrag_packed = (key, kernel.pack(self.weight), self.weight.detach())
+            packed = cached[1]
             if rows.fast is None or x.shape[-2] != rows.total:     # all ours, or the kept logit rows
                 return kernel.linear(x, self.weight, self.bias, packed)
             flat = x.reshape(-1, x.shape[-1])
@@ -257,8 +259,19 @@ def _use_linear_kernel(model: Any, kernel: Any) -> None:
         if isinstance(module, torch.nn.Linear) and module.weight.dtype == kernel.dtype:
             if not module.weight.is_contiguous():
                 module.weight.data = module.weight.data.contiguous()
-            module.forward = types.MethodType(patched(module.forward.__func__), module)
+            module.forward = types.MethodType(patched(unbound_forward(module)), module)
     model._specrag_linear_kernel = kernel.name
+
+
+def unbound_forward(module: Any) -> Any:
+    """``module``'s current forward as a function of (module, x): its own function where it is a
+    bound method (so that a deep copy's module calls it on itself), else a wrapper of the
+    callable (a hook's partial) that ignores the module it is given."""
+    fn = getattr(module.forward, "__func__", None)
+    if fn is not None:
+        return fn
+    bound = module.forward
+    return lambda _module, x: bound(x)
 
 
 def _register() -> None:
@@ -369,7 +382,13 @@ class PooledModel:
         span = (rows[0].slot, rows[0].start, rows[0].start + len(rows[0].tokens)) if len(rows) == 1 else None
         batch = _Batch(self.pool, torch.tensor(slot_idx, device=dev), torch.tensor(pos_idx, device=dev), groups,
                        self.invariant, span)
-        if self.attention is not None and all(r.parents is None for r in rows):
+        chains = all(r.parents is None for r in rows)
+        if self.attention is not None and self.invariant and not chains:
+            # the kernel computes chains only; torch ops for this forward would compute its other
+            # rows differently from every other forward's, and bitwise invariance would be lost
+            raise ValueError("the batch-invariant forward takes chains only: verify a draft tree as its best path")
+        if self.attention is not None and chains:
+            # positions [0, pos + 1) of each token's slot: inside the pool (ensured above)
             batch.attention, batch.nvis = self.attention, batch.pos_idx + 1
             batch.max_visible = max(r.start + len(r.tokens) for r in rows)
         return batch, keep, offsets

@@ -215,6 +215,8 @@ def make_rows_invariant(model: Any) -> None:
     :func:`invariant_rows` is active on this thread: then each row is computed by the kernel
     path every other product of its rows takes, whatever shares the forward. Other callers of
     the model (HF generate) are unaffected."""
+    from .forward import unbound_forward
+
     if getattr(model, "_specrag_rows_invariant", False):
         return
     block = row_block(model)
@@ -233,7 +235,7 @@ def make_rows_invariant(model: Any) -> None:
 
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
-            module.forward = types.MethodType(patched(module.forward.__func__), module)
+            module.forward = types.MethodType(patched(unbound_forward(module)), module)
     model._specrag_rows_invariant = True
 
 

@@ -135,11 +135,19 @@ class AttentionKernel:
         (contiguous); slot, nvis: [T] int64, token t sees positions [0, nvis[t]) of slot[t].
         Returns [T, Hq, D] in q's dtype."""
         t, hq, d = q.shape
+        if not (self.supports(q, keys) and values.shape == keys.shape and values.dtype == keys.dtype
+                and values.is_contiguous()):
+            raise ValueError("attention kernel: unsupported shapes, dtypes or layouts (see AttentionKernel.supports)")
         out = torch.empty(t, hq, d, dtype=q.dtype)
         if t:
             slot = slot.to(torch.int64).contiguous()
             nvis = nvis.to(torch.int64).contiguous()
-            top = int(nvis.max()) if max_visible is None else max_visible
+            if max_visible is None:     # a caller that has not checked its rows (the pooled forward has)
+                top = int(nvis.max())
+                if int(nvis.min()) < 1 or top > keys.shape[2] or int(slot.min()) < 0 or int(slot.max()) >= keys.shape[0]:
+                    raise ValueError("attention kernel: every token must see 1..L positions of an existing slot")
+            else:
+                top = max_visible
             self._fn(q.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), slot.data_ptr(),
                      nvis.data_ptr(), t, hq, keys.shape[1], d, q.stride(0), q.stride(1), keys.stride(0),
                      keys.stride(1), top, scale, int(q.dtype == torch.bfloat16), torch.get_num_threads())
@@ -161,10 +169,12 @@ def reference_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
 
 def _check_attention(kernel: AttentionKernel) -> str | None:
     gen = torch.Generator().manual_seed(0)
-    for dtype in (torch.float32, torch.bfloat16):
-        keys = torch.randn(3, 2, 300, 64, generator=gen).to(dtype)
-        values = torch.randn(3, 2, 300, 64, generator=gen).to(dtype)
-        q = torch.randn(6, 20, 64, generator=gen).to(dtype).transpose(0, 1)     # [20, 6, 64], strided
+    # every unrolled (query heads per kv head, head dim / 16) of csrc/attention.c, and a generic one
+    for dtype, hkv, g, d in ((torch.float32, 2, 3, 64), (torch.bfloat16, 2, 3, 64), (torch.bfloat16, 1, 4, 64),
+                             (torch.float32, 1, 4, 128), (torch.bfloat16, 2, 2, 32)):
+        keys = torch.randn(3, hkv, 300, d, generator=gen).to(dtype)
+        values = torch.randn(3, hkv, 300, d, generator=gen).to(dtype)
+        q = torch.randn(hkv * g, 20, d, generator=gen).to(dtype).transpose(0, 1)     # [20, Hq, D], strided
         slot = torch.tensor([0] * 10 + [2] * 10)
         nvis = torch.tensor(list(range(280, 290)) + list(range(1, 11)))
         got = kernel(q, keys, values, slot, nvis, 0.125)

@@ -131,7 +131,7 @@ void specrag_attention(const void *Q, const void *K, const void *V, void *O, con
     const int64_t G = Hq / Hkv, C = D / 16, stride = maxvis + 16;
     #pragma omp parallel num_threads(nthreads)
     {
-        float *s = (float *)malloc(sizeof(float) * G * stride);
+        float *s = (float *)malloc(sizeof(float) * G * stride);     /* the caller checked the sizes */
         #pragma omp for schedule(static, 1)
         for (int64_t w = 0; w < T * Hkv; w++) {
             int64_t t = w / Hkv, kh = w % Hkv;

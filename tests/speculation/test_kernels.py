@@ -194,7 +194,8 @@ def test_attention_kernel_matches_softmax_attention_and_each_token_is_bitwise_in
     if k is None:
         pytest.skip("the attention kernel needs AVX-512 (and a C compiler); this CPU lacks it")
     gen = torch.Generator().manual_seed(3)
-    for hkv, g, d in ((3, 3, 64), (2, 4, 32), (1, 1, 16)):
+    # SmolLM2's layout, the other unrolled ones (4 query heads per kv head, head dim 64 / 128), generic ones
+    for hkv, g, d in ((3, 3, 64), (2, 4, 64), (1, 4, 128), (2, 4, 32), (1, 1, 16)):
         keys = torch.randn(5, hkv, 700, d, generator=gen).to(dtype)
         values = torch.randn(5, hkv, 700, d, generator=gen).to(dtype)
         # queries as the model hands them over: [Hq, T, D] transposed, so strided
@@ -212,3 +213,41 @@ def test_attention_kernel_matches_softmax_attention_and_each_token_is_bitwise_in
         keys2[0, :, 20:] = float("nan")
         values2[0, :, 20:] = float("nan")
         assert torch.equal(k(q[30:50], keys2, values2, slot[30:50], nvis[30:50], d ** -0.5), got[30:50])
+
+
+def test_packed_weights_follow_the_weight_and_deep_copies_use_their_own(kernel):
+    """The kernel reads a packed copy of each weight: a weight changed in place is packed again,
+    and a deep copy of a patched model computes with its own weights, not the original's."""
+    model = copy.deepcopy(tiny_llama(seed=4)).to(kernel.dtype)
+    rows = [Row(0, 0, [1, 5, 9, 13, 17], 0)]
+    with torch.inference_mode():
+        before = PooledModel(model, 2).forward(rows)
+    layer = model.model.layers[0].mlp.down_proj
+    with torch.no_grad():
+        layer.weight.mul_(1.5)
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.zero_()       # the original only
+    with torch.inference_mode():
+        after = PooledModel(model, 2).forward(rows)
+        fresh = PooledModel(copy.deepcopy(model), 2).forward(rows)
+        of_copy = PooledModel(copied, 2).forward(rows)
+        plain_copy = PooledModel(copied, 2, linear_kernel="torch").forward(rows)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, fresh)
+    tol = 1e-4 if kernel.dtype == torch.float32 else 0.1
+    torch.testing.assert_close(of_copy, plain_copy, rtol=tol, atol=tol)
+    assert not torch.allclose(of_copy, after, rtol=tol, atol=tol)
+
+
+def test_the_invariant_forward_refuses_a_tree_row_beside_the_attention_kernel():
+    """Tree rows take torch ops, which compute the other rows of their forward differently: under
+    the batch-invariant forward the engine verifies a tree as its best path, and a tree row given
+    to it anyway is refused, not computed inexactly."""
+    if kernels.attention_kernel() is None:
+        pytest.skip("the attention kernel needs AVX-512 (and a C compiler); this CPU lacks it")
+    runner = PooledModel(copy.deepcopy(tiny_llama(seed=0)), 2, invariant=True)
+    with torch.inference_mode():
+        runner.forward([Row(0, 0, [1, 5, 9], 3)])
+        with pytest.raises(ValueError, match="chains only"):
+            runner.forward([Row(0, 3, [4, 6, 7], 0, parents=[-1, -1, 0])])
