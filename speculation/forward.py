@@ -158,7 +158,7 @@ def _pool_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
         k_store[batch.slot_idx, :, batch.pos_idx] = key[0].transpose(0, 1).to(k_store.dtype)
         v_store[batch.slot_idx, :, batch.pos_idx] = value[0].transpose(0, 1).to(v_store.dtype)
     q_packed = query[0].transpose(0, 1)                       # [T, Hq, D]
-    if batch.attention is not None and batch.attention.supports(q_packed, k_store):
+    if batch.attention is not None:     # PooledModel checked the model's geometry against it
         out = batch.attention(q_packed, k_store, v_store, batch.slot_idx, batch.nvis,
                               scaling if scaling is not None else query.shape[-1] ** -0.5, batch.max_visible)
         return out.unsqueeze(0), None
@@ -237,8 +237,9 @@ def _use_linear_kernel(model: Any, kernel: Any) -> None:
             rows: _KernelRows | None = getattr(_LINEAR, "rows", None)
             if rows is None or self.weight.dtype != kernel.dtype or x.dtype != kernel.dtype:
                 return prev(self, x)                                   # not a pooled forward of its dtype
-            if not (rows.fast is None or x.shape[-2] != rows.total) and not rows.fast.numel():
-                return prev(self, x)                                         # every token a prompt chunk's
+            all_ours = rows.fast is None or x.shape[-2] != rows.total  # every token, or the kept logit rows
+            if not all_ours and not rows.fast.numel():
+                return prev(self, x)                                   # every token a prompt chunk's
             # the weight as the kernel reads it, packed once (again if the weight changed: the
             # entry holds the tensor it was packed from, so its address cannot be reused)
             key = (self.weight.data_ptr(), _version(self.weight), kernel.name)
@@ -246,7 +247,7 @@ def _use_linear_kernel(model: Any, kernel: Any) -> None:
             if cached is None or cached[0] != key:
                 cached = self._specrag_packed = (key, kernel.pack(self.weight), self.weight.detach())
             packed = cached[1]
-            if rows.fast is None or x.shape[-2] != rows.total:     # all ours, or the kept logit rows
+            if all_ours:
                 return kernel.linear(x, self.weight, self.bias, packed)
             flat = x.reshape(-1, x.shape[-1])
             out = flat.new_empty(flat.shape[0], self.weight.shape[0])
@@ -319,15 +320,17 @@ class PooledModel:
         # attention on our kernel (speculation/kernels.py, AVX-512) for forwards whose rows are
         # all chains, the batch-invariant ones included (it computes every token alike): where
         # it loads, for fp32 and bf16 on a CPU, unless linear_kernel is "torch"
+        n_layers, kv_heads, head_dim = _kv_geometry(model.config)
         self.attention = None
-        if linear_kernel == "auto" and self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16):
-            from .kernels import attention_kernel
+        if linear_kernel == "auto":
+            from .kernels import AttentionKernel, attention_kernel
 
-            self.attention = attention_kernel()
+            heads = kv_heads * self._query_groups(kv_heads)
+            if AttentionKernel.supports(self.dtype, self.device, heads, kv_heads, head_dim):
+                self.attention = attention_kernel()
         self.attention_kernel = self.attention.name if self.attention is not None else "torch"
         # what the forward's cost depends on beyond the model: its kernels (the cost curve's key)
         self.kernels = f"{self.linear_kernel}+{self.attention_kernel}"
-        n_layers, kv_heads, head_dim = _kv_geometry(model.config)
         context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 4096
         self.pool = KVPool(n_layers, kv_heads, head_dim, self.dtype, self.device, max_slots,
                            max_length or context)
@@ -374,29 +377,33 @@ class PooledModel:
             keep.extend(len(slot_idx) + i for i in range(row.logits_from, len(row.tokens)))
             slot_idx.extend([row.slot] * len(row.tokens))
             pos_idx.extend(range(row.start, row.start + len(row.tokens)))
-        self.pool.ensure(max(r.slot for r in rows) + 1, max(r.start + len(r.tokens) for r in rows))
-        hq_per_kv = self._query_groups()
-        groups = [self._group(rows, offsets, members, hq_per_kv) for members in _short_groups(rows)]
-        groups += [self._group(rows, offsets, [i], hq_per_kv) for i, r in enumerate(rows) if len(r.tokens) > SHORT_ROW]
-        dev = self.device
-        span = (rows[0].slot, rows[0].start, rows[0].start + len(rows[0].tokens)) if len(rows) == 1 else None
-        batch = _Batch(self.pool, torch.tensor(slot_idx, device=dev), torch.tensor(pos_idx, device=dev), groups,
-                       self.invariant, span)
+        max_visible = max(r.start + len(r.tokens) for r in rows)
+        self.pool.ensure(max(r.slot for r in rows) + 1, max_visible)
         chains = all(r.parents is None for r in rows)
         if self.attention is not None and self.invariant and not chains:
             # the kernel computes chains only; torch ops for this forward would compute its other
             # rows differently from every other forward's, and bitwise invariance would be lost
             raise ValueError("the batch-invariant forward takes chains only: verify a draft tree as its best path")
-        if self.attention is not None and chains:
+        on_kernel = self.attention is not None and chains
+        groups: list[_Group] = []
+        if not on_kernel:            # the attention calls of torch's operators, with their masks
+            hq_per_kv = self._query_groups()
+            groups = [self._group(rows, offsets, members, hq_per_kv) for members in _short_groups(rows)]
+            groups += [self._group(rows, offsets, [i], hq_per_kv) for i, r in enumerate(rows)
+                       if len(r.tokens) > SHORT_ROW]
+        dev = self.device
+        span = (rows[0].slot, rows[0].start, rows[0].start + len(rows[0].tokens)) if len(rows) == 1 else None
+        batch = _Batch(self.pool, torch.tensor(slot_idx, device=dev), torch.tensor(pos_idx, device=dev), groups,
+                       self.invariant, span)
+        if on_kernel:
             # positions [0, pos + 1) of each token's slot: inside the pool (ensured above)
-            batch.attention, batch.nvis = self.attention, batch.pos_idx + 1
-            batch.max_visible = max(r.start + len(r.tokens) for r in rows)
+            batch.attention, batch.nvis, batch.max_visible = self.attention, batch.pos_idx + 1, max_visible
         return batch, keep, offsets
 
-    def _query_groups(self) -> int:
+    def _query_groups(self, kv_heads: int | None = None) -> int:
         cfg = self.model.config
         cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-        return cfg.num_attention_heads // self.pool.kv_heads
+        return cfg.num_attention_heads // (kv_heads or self.pool.kv_heads)
 
     def _group(self, rows: list[Row], offsets: list[int], members: list[int], g: int) -> _Group:
         lo = min(rows[i].slot for i in members)

@@ -121,13 +121,11 @@ class AttentionKernel:
         self._fn = fn
 
     @staticmethod
-    def supports(q: torch.Tensor, keys: torch.Tensor) -> bool:
-        """Shapes and dtypes the kernel computes: fp32 or bf16 on a CPU, head dim a multiple of
-        16 up to 256, at most 8 query heads per kv head."""
-        hq, d = q.shape[-2], q.shape[-1]
-        return (q.dtype == keys.dtype and q.dtype in (torch.float32, torch.bfloat16) and q.device.type == "cpu"
-                and d % 16 == 0 and d <= 256 and hq % keys.shape[1] == 0 and hq // keys.shape[1] <= 8
-                and q.stride(-1) == 1 and keys.is_contiguous())
+    def supports(dtype: torch.dtype, device: Any, heads: int, kv_heads: int, head_dim: int) -> bool:
+        """The models the kernel computes: fp32 or bf16 on a CPU, head dim a multiple of 16 up
+        to 256, at most 8 query heads per kv head."""
+        return (dtype in (torch.float32, torch.bfloat16) and torch.device(device).type == "cpu"
+                and head_dim % 16 == 0 and head_dim <= 256 and heads % kv_heads == 0 and heads // kv_heads <= 8)
 
     def __call__(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor,
                  nvis: torch.Tensor, scale: float, max_visible: int | None = None) -> torch.Tensor:
@@ -135,14 +133,15 @@ class AttentionKernel:
         (contiguous); slot, nvis: [T] int64, token t sees positions [0, nvis[t]) of slot[t].
         Returns [T, Hq, D] in q's dtype."""
         t, hq, d = q.shape
-        if not (self.supports(q, keys) and values.shape == keys.shape and values.dtype == keys.dtype
-                and values.is_contiguous()):
-            raise ValueError("attention kernel: unsupported shapes, dtypes or layouts (see AttentionKernel.supports)")
         out = torch.empty(t, hq, d, dtype=q.dtype)
         if t:
             slot = slot.to(torch.int64).contiguous()
             nvis = nvis.to(torch.int64).contiguous()
-            if max_visible is None:     # a caller that has not checked its rows (the pooled forward has)
+            if max_visible is None:     # a caller that has not checked its inputs (the pooled forward has)
+                if not (self.supports(q.dtype, q.device, hq, keys.shape[1], d) and keys.dtype == q.dtype
+                        and values.shape == keys.shape and values.dtype == keys.dtype and q.stride(-1) == 1
+                        and keys.is_contiguous() and values.is_contiguous()):
+                    raise ValueError("attention kernel: unsupported shapes, dtypes or layouts (see AttentionKernel.supports)")
                 top = int(nvis.max())
                 if int(nvis.min()) < 1 or top > keys.shape[2] or int(slot.min()) < 0 or int(slot.max()) >= keys.shape[0]:
                     raise ValueError("attention kernel: every token must see 1..L positions of an existing slot")
