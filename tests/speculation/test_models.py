@@ -80,14 +80,15 @@ def test_auto_dtype_on_a_cpu_is_measured_and_cached(monkeypatch, tmp_path):
     model, again = models.choose_cpu_dtype(copy.deepcopy(tiny_llama(seed=0)))
     assert again == info and next(model.parameters()).dtype == torch.bfloat16
 
-    # a burst of load during one round of bf16's measurement (seen once: 211 ms for a 15 ms
-    # decode step) does not decide: the rounds alternate and each shape keeps its fastest time
+    # bursts of load during bf16's measurement (seen once: 211 ms for a 15 ms decode step) do
+    # not decide: the rounds alternate and each shape keeps its fastest time (a median over
+    # the rounds would keep the burst of two rounds out of three)
     calls = {True: 0, False: 0}
 
     def bursty(m, invariant):
         calls[invariant] += 1
         ms = dict(timings[invariant])
-        if invariant and calls[True] == 1:
+        if invariant and calls[True] <= 2:
             ms["decode_1"] = 211.0
         return ms
     monkeypatch.setenv("SPECRAG_CACHE_DIR", str(tmp_path / "bursty"))
