@@ -59,15 +59,19 @@ def test_batch_killed_and_resumed_answers_every_id_once(index, tmp_path):
     # 1) twice: start (resuming what is there), wait a random number of new answers and a random
     # extra delay, kill -9 the whole process group mid-run. These runs answer one question per
     # actor at a time (max_batch 1): with continuous batching an actor's questions in flight
-    # finish together, and a burst could end the run before the kill (seen in full CI runs)
+    # finish together, and a burst could end the run before the kill (seen in full CI runs).
+    # They also write longer answers (24 tokens, not 4): with 4, the last few questions took
+    # well under the random extra delay, and a CI run saw the second run finish all 20 before
+    # its kill landed
     trickle = tmp_path / "one-at-a-time.json"
     trickle.write_text(json.dumps({"pipeline": {"max_batch": 1}}))
     done_before = 0
     for attempt in range(2):
-        proc = subprocess.Popen(_batch_cmd(qfile, out, index, "--concurrency", "2", "--config", str(trickle)),
+        proc = subprocess.Popen(_batch_cmd(qfile, out, index, "--concurrency", "2", "--config", str(trickle),
+                                           "--max-tokens", "24"),
                                 cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
-        want = done_before + rng.randint(1, 4)
+        want = done_before + rng.randint(1, 3)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
             if out.exists() and out.read_bytes().count(b"\n") >= want:
