@@ -104,8 +104,11 @@ class LinearKernel:
         return out.reshape(*x.shape[:-1], n)
 
 
-ATTENTION = KernelSpec(None, Path(__file__).with_name("csrc") / "attention.c", "specrag_attention", ("-mavx512f",),
-                       frozenset({"avx512f"}), "specrag-attn", 1e-4)
+# one source, built for the widest instruction set the CPU has (16 fp32 lanes, else 8)
+ATTENTION = (KernelSpec(None, Path(__file__).with_name("csrc") / "attention.c", "specrag_attention", ("-mavx512f",),
+                        frozenset({"avx512f"}), "specrag-attn", 1e-4),
+             KernelSpec(None, Path(__file__).with_name("csrc") / "attention.c", "specrag_attention",
+                        ("-mavx2", "-mfma"), frozenset({"avx2", "fma"}), "specrag-attn-avx2", 1e-4))
 
 
 class AttentionKernel:
@@ -189,11 +192,96 @@ def _check_attention(kernel: AttentionKernel) -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def attention_kernel() -> AttentionKernel | None:
-    """This machine's attention kernel (AVX-512), or None with the reason logged."""
-    kernel, why = _load(ATTENTION, AttentionKernel, _check_attention)
-    if kernel is None:
-        log.info("attention uses torch's operators: %s", why)
-    return kernel
+    """This machine's attention kernel (AVX-512, else AVX2 + FMA), or None with the reasons
+    logged."""
+    whys = []
+    for spec in ATTENTION:
+        kernel, why = _load(spec, AttentionKernel, _check_attention)
+        if kernel is not None:
+            return kernel
+        whys.append(f"{spec.name}: {why}")
+    log.info("attention uses torch's operators: %s", "; ".join(whys))
+    return None
+
+
+# the small operations of a Llama layer in fp32 (plain C: any x86-64 or other CPU with a compiler)
+LAYER_OPS = KernelSpec(None, Path(__file__).with_name("csrc") / "layer_f32.c", "specrag_add_rmsnorm", (),
+                       frozenset(), "specrag-layer", 1e-5)
+
+
+class LayerOps:
+    """The loaded ``csrc/layer_f32.c``: ``add_rmsnorm`` and ``rope_kv`` for the lean forward
+    (speculation/lean.py), each token computed alike whatever else is in the call."""
+
+    def __init__(self, spec: KernelSpec, path: Path, digest: str) -> None:
+        self.path = path
+        self.name = f"{spec.name}-{digest[:10]}"
+        lib = ctypes.CDLL(str(path))
+        self._norm = lib.specrag_add_rmsnorm
+        self._norm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float]
+        self._norm.restype = None
+        self._rope = lib.specrag_rope_kv
+        self._rope.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 6
+        self._rope.restype = None
+
+    def add_rmsnorm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, out: torch.Tensor,
+                    eps: float) -> None:
+        """``h += delta`` (unless None), then ``out = weight * h / sqrt(mean(h^2) + eps)`` per row;
+        fp32 [T, n] contiguous tensors (``delta`` too), ``weight`` [n]."""
+        self._norm(h.data_ptr(), delta.data_ptr() if delta is not None else None, weight.data_ptr(), out.data_ptr(),
+                   h.shape[0], h.shape[1], eps)
+
+    def rope_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor, pos: torch.Tensor, head_dim: int) -> None:
+        """Rotate ``q`` [T, Hq*D] in place; rotate ``k`` and copy ``v`` [T, Hkv*D] into the pool
+        ``keys`` / ``values`` [slots, Hkv, L, D] at (slot[t], pos[t]). cos, sin: [T, D]; slot,
+        pos: int64 [T]; all fp32, contiguous, and inside the pool (the caller checked)."""
+        self._rope(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), keys.data_ptr(),
+                   values.data_ptr(), slot.data_ptr(), pos.data_ptr(), q.shape[0], q.shape[1] // head_dim,
+                   k.shape[1] // head_dim, head_dim, keys.stride(0), keys.stride(1))
+
+
+def _check_layer_ops(ops: LayerOps) -> str | None:
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(7, 72, generator=gen)
+    d = torch.randn(7, 72, generator=gen)
+    w = torch.randn(72, generator=gen)
+    out = torch.empty(7, 72)
+    hh = h.clone()
+    ops.add_rmsnorm(hh, d, w, out, 1e-5)
+    want_h = h + d
+    want = w * (want_h * torch.rsqrt(want_h.pow(2).mean(-1, keepdim=True) + 1e-5))
+    if not (torch.equal(hh, want_h) and torch.allclose(out, want, rtol=1e-5, atol=1e-5)):
+        return "its RMSNorm differs from torch's"
+    t, hq, hkv, dim = 5, 6, 2, 16
+    q = torch.randn(t, hq * dim, generator=gen)
+    k = torch.randn(t, hkv * dim, generator=gen)
+    v = torch.randn(t, hkv * dim, generator=gen)
+    ang = torch.randn(t, dim // 2, generator=gen)
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+    keys, values = torch.zeros(3, hkv, 8, dim), torch.zeros(3, hkv, 8, dim)
+    slot, pos = torch.tensor([2, 2, 0, 1, 2]), torch.tensor([0, 1, 7, 3, 2])
+    qq = q.clone()
+    ops.rope_kv(qq, k, v, cos, sin, keys, values, slot, pos, dim)
+
+    def rot(x: torch.Tensor) -> torch.Tensor:     # [T, H, D], as transformers' apply_rotary_pos_emb
+        half = torch.cat((-x[..., dim // 2:], x[..., :dim // 2]), -1)
+        return x * cos[:, None] + half * sin[:, None]
+
+    if not torch.equal(qq.view(t, hq, dim), rot(q.view(t, hq, dim))):
+        return "its rotary embedding differs from torch's"
+    if not (torch.equal(keys[slot, :, pos], rot(k.view(t, hkv, dim))) and torch.equal(values[slot, :, pos], v.view(t, hkv, dim))):
+        return "it wrote other keys or values into the pool"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def layer_ops() -> LayerOps | None:
+    """This machine's ``csrc/layer_f32.c``, or None with the reason logged."""
+    ops, why = _load(LAYER_OPS, LayerOps, _check_layer_ops)
+    if ops is None:
+        log.info("the lean forward is off: %s", why)
+    return ops
 
 
 def _load(spec: KernelSpec, make: Any, check: Any) -> tuple[Any, str | None]:

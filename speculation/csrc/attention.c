@@ -1,19 +1,22 @@
-/* Attention of the batch-invariant forward, for CPUs with AVX-512: every packed query token
- * against the keys and values of its own KV slot at positions [0, nvis), in fp32, for bf16 or
- * fp32 KV pools.
+/* Attention of the batch-invariant forward, for CPUs with AVX-512 or with AVX2 + FMA (the same
+ * source, built once per instruction set: 16 or 8 fp32 lanes): every packed query token against
+ * the keys and values of its own KV slot at positions [0, nvis), in fp32, for bf16 or fp32 KV
+ * pools.
  *
  * Why our own: the fixed-chunk attention in torch ops (speculation/invariant.py) costs ~25 small
  * operators per layer (casts, padding, two matmuls, exp, sums): 140 us per layer for one decode
  * token at a 700-token context, 4 of a bf16 decode forward's 17 ms, and 409 of a 700-token
- * prefill's 718 ms.
+ * prefill's 718 ms. And torch's SDPA over a pool of ragged rows needs a padded group and a mask
+ * per forward (an 8-row fp32 forward at a 700-token context spent ~100 ms in it on an AVX2 EPYC).
  *
  * Each (query token, query head) is computed by the same instructions whatever else is in the
- * call: the scores q.k_j for j = 0 .. nvis-1 in position order (one 16-lane fp32 FMA chain over
+ * call: the scores q.k_j for j = 0 .. nvis-1 in position order (one W-lane fp32 FMA chain over
  * the head dimension, then a fixed horizontal sum), their exact maximum, exp(s_j - max) by a
  * fixed polynomial, the sum and the weighted values accumulated in position order, then one
  * division (and one round-to-nearest-even to bf16 for a bf16 model). A token's result depends
  * on its query and its slot's keys and values only, so the forward is batch-invariant by
  * construction: alone, among drafts, in a prompt chunk or beside other rows, the same bits.
+ * (The AVX-512 and AVX2 builds differ from each other in the last bits; a machine runs one.)
  */
 #include <immintrin.h>
 #include <math.h>
@@ -24,22 +27,34 @@
 #include "bf16.h"
 
 #define MAXG 8      /* query heads per kv head */
-#define MAXC 16     /* head dimension / 16 */
 
-static inline __m512 load16(const char *p, int bf16) {
+#if defined(__AVX512F__)
+#define W 16
+#define MAXC 16     /* head dimension / W */
+typedef __m512 vf;
+#define vzero() _mm512_setzero_ps()
+#define vset1(x) _mm512_set1_ps(x)
+#define vmul(a, b) _mm512_mul_ps(a, b)
+#define vadd(a, b) _mm512_add_ps(a, b)
+#define vsub(a, b) _mm512_sub_ps(a, b)
+#define vfmadd(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define vstore(p, v) _mm512_storeu_ps(p, v)
+#define vsum(v) _mm512_reduce_add_ps(v)
+
+static inline vf vload(const char *p, int bf16) {
     if (bf16)
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
     return _mm512_loadu_ps((const float *)p);
 }
 
 /* e^x for x <= 0 (Cephes' expf polynomial after x = n ln2 + r, |r| <= ln2 / 2) */
-static inline __m512 exp16(__m512 x) {
+static inline vf vexp(vf x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));        /* e^-104 is 0 in fp32 after scalef */
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    vf n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vf r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+    vf p = _mm512_set1_ps(1.9875691500E-4f);
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
@@ -49,6 +64,63 @@ static inline __m512 exp16(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* the first `live` (1..W) lanes of s, e^(s - m) there and exact zeros past them */
+static inline vf vexp_tail(const float *s, vf m, int64_t live) {
+    __mmask16 k = live >= W ? (__mmask16)0xffff : (__mmask16)((1u << live) - 1);
+    return _mm512_maskz_mov_ps(k, vexp(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s), m)));
+}
+#else
+#define W 8
+#define MAXC 32
+typedef __m256 vf;
+#define vzero() _mm256_setzero_ps()
+#define vset1(x) _mm256_set1_ps(x)
+#define vmul(a, b) _mm256_mul_ps(a, b)
+#define vadd(a, b) _mm256_add_ps(a, b)
+#define vsub(a, b) _mm256_sub_ps(a, b)
+#define vfmadd(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define vstore(p, v) _mm256_storeu_ps(p, v)
+
+static inline float vsum(vf v) {       /* a fixed order: halves, then pairs, then the last two */
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+    return _mm_cvtss_f32(lo);
+}
+
+static inline vf vload(const char *p, int bf16) {
+    if (bf16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+    return _mm256_loadu_ps((const float *)p);
+}
+
+/* e^x for x <= 0, the same polynomial; 2^n built in the exponent bits, so x is clamped at -87
+ * (e^-87 ~ 1.6e-38, the smallest normal float: a weight that vanishes beside the max's 1) */
+static inline vf vexp(vf x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    vf n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vf r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    vf p = _mm256_set1_ps(1.9875691500E-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+static inline vf vexp_tail(const float *s, vf m, int64_t live) {
+    if (live >= W) return vexp(_mm256_sub_ps(_mm256_loadu_ps(s), m));
+    __m256i k = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)live), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    vf p = vexp(_mm256_sub_ps(_mm256_maskload_ps(s, k), m));
+    return _mm256_and_ps(p, _mm256_castsi256_ps(k));
+}
+#endif
+
 /* token t, kv head kh: its G query heads over positions [0, nvis[t]) of its slot. G and C are
  * constants where called from the dispatch below, so q and the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void one(const void *Q, const void *K, const void *V, void *O,
@@ -56,63 +128,86 @@ static inline __attribute__((always_inline)) void one(const void *Q, const void 
                                                        int64_t kh, int64_t Hq, const int64_t G, const int64_t C,
                                                        int64_t qs_t, int64_t qs_h, int64_t ks_slot, int64_t ks_head,
                                                        int64_t stride, float scale, const int bf16, float *s) {
-    const int64_t D = C * 16, esz = bf16 ? 2 : 4, n = nvis[t];
+    const int64_t D = C * W, esz = bf16 ? 2 : 4, n = nvis[t];
     const char *kb = (const char *)K + (slot[t] * ks_slot + kh * ks_head) * esz;
     const char *vb = (const char *)V + (slot[t] * ks_slot + kh * ks_head) * esz;
-    __m512 q[MAXG][MAXC];
+    vf q[MAXG][MAXC];
     float mx[MAXG], sum[MAXG];
     for (int64_t g = 0; g < G; g++) {
         const char *qp = (const char *)Q + (t * qs_t + (kh * G + g) * qs_h) * esz;
-        for (int64_t c = 0; c < C; c++) q[g][c] = _mm512_mul_ps(load16(qp + c * 16 * esz, bf16), _mm512_set1_ps(scale));
+        for (int64_t c = 0; c < C; c++) q[g][c] = vmul(vload(qp + c * W * esz, bf16), vset1(scale));
         mx[g] = -INFINITY;
     }
-    /* scores, in position order, and their maximum */
-    for (int64_t j = 0; j < n; j++) {
-        __m512 k[MAXC];
-        for (int64_t c = 0; c < C; c++) k[c] = load16(kb + (j * D + c * 16) * esz, bf16);
+    /* scores, and their maximum: four positions at a time, each score its own chain of the
+       same instructions as a lone position's (an FMA chain over the head dimension is latency
+       bound; four independent ones keep the FMA units busy), then the rest one by one */
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const char *k0 = kb + j * D * esz;
         for (int64_t g = 0; g < G; g++) {
-            __m512 acc = _mm512_mul_ps(q[g][0], k[0]);
-            for (int64_t c = 1; c < C; c++) acc = _mm512_fmadd_ps(q[g][c], k[c], acc);
-            float sc = _mm512_reduce_add_ps(acc);
+            vf a0 = vmul(q[g][0], vload(k0, bf16));
+            vf a1 = vmul(q[g][0], vload(k0 + D * esz, bf16));
+            vf a2 = vmul(q[g][0], vload(k0 + 2 * D * esz, bf16));
+            vf a3 = vmul(q[g][0], vload(k0 + 3 * D * esz, bf16));
+            for (int64_t c = 1; c < C; c++) {
+                a0 = vfmadd(q[g][c], vload(k0 + c * W * esz, bf16), a0);
+                a1 = vfmadd(q[g][c], vload(k0 + (D + c * W) * esz, bf16), a1);
+                a2 = vfmadd(q[g][c], vload(k0 + (2 * D + c * W) * esz, bf16), a2);
+                a3 = vfmadd(q[g][c], vload(k0 + (3 * D + c * W) * esz, bf16), a3);
+            }
+            float *sg = s + g * stride + j;
+            sg[0] = vsum(a0);
+            sg[1] = vsum(a1);
+            sg[2] = vsum(a2);
+            sg[3] = vsum(a3);
+            for (int i = 0; i < 4; i++) mx[g] = sg[i] > mx[g] ? sg[i] : mx[g];
+        }
+    }
+    for (; j < n; j++) {
+        vf k[MAXC];
+        for (int64_t c = 0; c < C; c++) k[c] = vload(kb + (j * D + c * W) * esz, bf16);
+        for (int64_t g = 0; g < G; g++) {
+            vf acc = vmul(q[g][0], k[0]);
+            for (int64_t c = 1; c < C; c++) acc = vfmadd(q[g][c], k[c], acc);
+            float sc = vsum(acc);
             s[g * stride + j] = sc;
             mx[g] = sc > mx[g] ? sc : mx[g];
         }
     }
-    /* p_j = e^(s_j - max), 16 positions at a time (the tail masked: adds exact zeros) */
+    /* p_j = e^(s_j - max), W positions at a time (the tail masked: adds exact zeros) */
     for (int64_t g = 0; g < G; g++) {
         float *sg = s + g * stride;
-        __m512 m = _mm512_set1_ps(mx[g]), tot = _mm512_setzero_ps();
-        for (int64_t j = 0; j < n; j += 16) {
-            __mmask16 live = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
-            __m512 p = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, sg + j), m)));
-            _mm512_storeu_ps(sg + j, p);
-            tot = _mm512_add_ps(tot, p);
+        vf m = vset1(mx[g]), tot = vzero();
+        for (int64_t j = 0; j < n; j += W) {
+            vf p = vexp_tail(sg + j, m, n - j);
+            vstore(sg + j, p);
+            tot = vadd(tot, p);
         }
-        sum[g] = _mm512_reduce_add_ps(tot);
+        sum[g] = vsum(tot);
     }
     /* sum_j p_j v_j in position order */
-    __m512 o[MAXG][MAXC];
+    vf o[MAXG][MAXC];
     for (int64_t g = 0; g < G; g++)
-        for (int64_t c = 0; c < C; c++) o[g][c] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < C; c++) o[g][c] = vzero();
     for (int64_t j = 0; j < n; j++) {
-        __m512 v[MAXC];
-        for (int64_t c = 0; c < C; c++) v[c] = load16(vb + (j * D + c * 16) * esz, bf16);
+        vf v[MAXC];
+        for (int64_t c = 0; c < C; c++) v[c] = vload(vb + (j * D + c * W) * esz, bf16);
         for (int64_t g = 0; g < G; g++) {
-            __m512 p = _mm512_set1_ps(s[g * stride + j]);
-            for (int64_t c = 0; c < C; c++) o[g][c] = _mm512_fmadd_ps(p, v[c], o[g][c]);
+            vf p = vset1(s[g * stride + j]);
+            for (int64_t c = 0; c < C; c++) o[g][c] = vfmadd(p, v[c], o[g][c]);
         }
     }
     for (int64_t g = 0; g < G; g++) {
-        __m512 inv = _mm512_set1_ps(1.0f / sum[g]);
+        vf inv = vset1(1.0f / sum[g]);
         int64_t at = (t * Hq + kh * G + g) * D;
         for (int64_t c = 0; c < C; c++) {
-            __m512 r = _mm512_mul_ps(o[g][c], inv);
+            vf r = vmul(o[g][c], inv);
             if (bf16) {
-                float f[16];
-                _mm512_storeu_ps(f, r);
-                for (int i = 0; i < 16; i++) ((uint16_t *)O)[at + c * 16 + i] = f32_to_bf16(f[i]);
+                float f[W];
+                vstore(f, r);
+                for (int i = 0; i < W; i++) ((uint16_t *)O)[at + c * W + i] = f32_to_bf16(f[i]);
             } else {
-                _mm512_storeu_ps((float *)O + at + c * 16, r);
+                vstore((float *)O + at + c * W, r);
             }
         }
     }
@@ -128,17 +223,21 @@ void specrag_attention(const void *Q, const void *K, const void *V, void *O, con
                        const int64_t *nvis, int64_t T, int64_t Hq, int64_t Hkv, int64_t D, int64_t qs_t,
                        int64_t qs_h, int64_t ks_slot, int64_t ks_head, int64_t maxvis, float scale, int bf16,
                        int nthreads) {
-    const int64_t G = Hq / Hkv, C = D / 16, stride = maxvis + 16;
+    const int64_t G = Hq / Hkv, C = D / W, stride = maxvis + W;
     #pragma omp parallel num_threads(nthreads)
     {
         float *s = (float *)malloc(sizeof(float) * G * stride);     /* the caller checked the sizes */
-        #pragma omp for schedule(static, 1)
+        /* kv head-major, in contiguous runs per thread: the tokens that follow one another on a
+           thread read the same keys and values (a slot's head at a 700-token context is 358 KB
+           in fp32: it stays in L2 instead of being fetched again for every token) */
+        #pragma omp for schedule(static)
         for (int64_t w = 0; w < T * Hkv; w++) {
-            int64_t t = w / Hkv, kh = w % Hkv;
+            int64_t kh = w / T, t = w % T;
 #define ONE(g, c, b) one(Q, K, V, O, slot, nvis, t, kh, Hq, g, c, qs_t, qs_h, ks_slot, ks_head, stride, scale, b, s)
-            if (G == 3 && C == 4) { if (bf16) ONE(3, 4, 1); else ONE(3, 4, 0); }
-            else if (G == 4 && C == 4) { if (bf16) ONE(4, 4, 1); else ONE(4, 4, 0); }
-            else if (G == 4 && C == 8) { if (bf16) ONE(4, 8, 1); else ONE(4, 8, 0); }
+            /* head dims 64 and 128 at 3 or 4 query heads per kv head (SmolLM2, Llama, Qwen) */
+            if (G == 3 && D == 64) { if (bf16) ONE(3, 64 / W, 1); else ONE(3, 64 / W, 0); }
+            else if (G == 4 && D == 64) { if (bf16) ONE(4, 64 / W, 1); else ONE(4, 64 / W, 0); }
+            else if (G == 4 && D == 128) { if (bf16) ONE(4, 128 / W, 1); else ONE(4, 128 / W, 0); }
             else if (bf16) ONE(G, C, 1);
             else ONE(G, C, 0);
 #undef ONE

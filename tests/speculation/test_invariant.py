@@ -25,12 +25,13 @@ def model(request):
 @pytest.fixture(params=["kernel", "torch-ops"])
 def attention(request, monkeypatch):
     """The invariant forward's attention: our kernel (speculation/csrc/attention.c, where the CPU
-    has AVX-512) or the fixed-chunk attention in torch ops (everywhere else, and tree rows)."""
+    has AVX-512 or AVX2; in fp32 with the lean loop, speculation/lean.py) or the fixed-chunk
+    attention in torch ops (everywhere else, and tree rows)."""
     from speculation import kernels
 
     if request.param == "kernel":
         if kernels.attention_kernel() is None:
-            pytest.skip("the attention kernel needs AVX-512 and a C compiler; this machine has not both")
+            pytest.skip("the attention kernel needs AVX-512 or AVX2 + FMA and a C compiler; this machine has not both")
     else:
         monkeypatch.setattr(kernels, "attention_kernel", lambda: None)
     return request.param

@@ -147,22 +147,25 @@ def test_without_a_compiler_the_forward_keeps_torch_kernels_and_says_why(monkeyp
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     kernels.linear_kernel.cache_clear()
     kernels.attention_kernel.cache_clear()
+    kernels.layer_ops.cache_clear()
     try:
         with caplog.at_level(logging.INFO, logger="speculation.kernels"):
             assert kernels.linear_kernel() is None
         assert "no C compiler" in caplog.text
         runner = PooledModel(tiny_llama(seed=0), 2)
         assert runner.linear_kernel == "torch" and runner.kernel is None
-        assert runner.attention_kernel == "torch" and runner.attention is None
+        assert runner.attention_kernel == "torch" and runner.attention is None and runner.lean is None
         monkeypatch.delenv("CC")
         monkeypatch.setenv(kernels.ENV, "torch")
         kernels.linear_kernel.cache_clear()
         kernels.attention_kernel.cache_clear()
+        kernels.layer_ops.cache_clear()
         assert kernels.linear_kernel() is None and kernels.linear_kernel(torch.bfloat16) is None
         assert kernels.attention_kernel() is None
     finally:
         kernels.linear_kernel.cache_clear()
         kernels.attention_kernel.cache_clear()
+        kernels.layer_ops.cache_clear()
 
 
 def test_a_compiler_that_fails_is_reported_not_raised(monkeypatch, tmp_path, caplog):
@@ -173,16 +176,17 @@ def test_a_compiler_that_fails_is_reported_not_raised(monkeypatch, tmp_path, cap
     monkeypatch.setenv("CC", str(fake))
     kernels.linear_kernel.cache_clear()
     kernels.attention_kernel.cache_clear()
+    kernels.layer_ops.cache_clear()
     try:
         with caplog.at_level(logging.INFO, logger="speculation.kernels"):
             assert kernels.linear_kernel() is None
-            if {"avx512f"} <= cpu_info()["flags"]:
-                assert kernels.attention_kernel() is None
+            assert kernels.attention_kernel() is None and kernels.layer_ops() is None
         assert "broken toolchain" in caplog.text
         assert not list((tmp_path / "cache" / "kernels").glob("*.so"))     # nothing half-written left
     finally:
         kernels.linear_kernel.cache_clear()
         kernels.attention_kernel.cache_clear()
+        kernels.layer_ops.cache_clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
@@ -192,7 +196,7 @@ def test_attention_kernel_matches_softmax_attention_and_each_token_is_bitwise_in
     the same bits alone, among other tokens of its slot and beside other slots' tokens."""
     k = kernels.attention_kernel()
     if k is None:
-        pytest.skip("the attention kernel needs AVX-512 (and a C compiler); this CPU lacks it")
+        pytest.skip("the attention kernel needs AVX-512 or AVX2 + FMA (and a C compiler); this CPU lacks them")
     gen = torch.Generator().manual_seed(3)
     # SmolLM2's layout, the other unrolled ones (4 query heads per kv head, head dim 64 / 128), generic ones
     for hkv, g, d in ((3, 3, 64), (2, 4, 64), (1, 4, 128), (2, 4, 32), (1, 1, 16)):
@@ -245,7 +249,7 @@ def test_the_invariant_forward_refuses_a_tree_row_beside_the_attention_kernel():
     the batch-invariant forward the engine verifies a tree as its best path, and a tree row given
     to it anyway is refused, not computed inexactly."""
     if kernels.attention_kernel() is None:
-        pytest.skip("the attention kernel needs AVX-512 (and a C compiler); this CPU lacks it")
+        pytest.skip("the attention kernel needs AVX-512 or AVX2 + FMA (and a C compiler); this CPU lacks them")
     runner = PooledModel(copy.deepcopy(tiny_llama(seed=0)), 2, invariant=True)
     with torch.inference_mode():
         runner.forward([Row(0, 0, [1, 5, 9], 3)])
