@@ -129,7 +129,7 @@ class GenerationStage:
         st = self.loop.stats
         return {"generation": "ok", "dtype": str(self.engine.runner.dtype).replace("torch.", ""),
                 "device": str(self.engine.device), "linear_kernel": self.engine.runner.linear_kernel,
-                "attention_kernel": self.engine.runner.attention_kernel,
+                "attention_kernel": self.engine.runner.attention_kernel, "forward": self.engine.runner.forward_path,
                 "engine": {"running": self.loop.pending(), "max_batch": self.loop.max_batch, "steps": st.steps,
                            "max_rows_per_step": st.max_rows,
                            "mean_rows_per_step": round(st.rows / st.steps, 3) if st.steps else 0.0,

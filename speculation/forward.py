@@ -296,11 +296,12 @@ class PooledModel:
     """A causal LM whose forwards run over a KV pool of ``max_slots`` sequences."""
 
     def __init__(self, model: Any, max_slots: int, max_length: int | None = None, invariant: bool = False,
-                 linear_kernel: str = "auto") -> None:
+                 linear_kernel: str = "auto", lean: bool = True) -> None:
         """``linear_kernel``: "auto" computes fp32 / bf16 linear layers on a CPU with our kernel
         (speculation/kernels.py) where it builds and passes its check; "torch" keeps torch's.
         ``invariant``: the batch-invariant forward (speculation/invariant.py); on our kernel
-        its linear layers need no row blocks."""
+        its linear layers need no row blocks. ``lean``: run the forwards that are all on our
+        kernels through the lean loop (speculation/lean.py) where the model is one it computes."""
         if linear_kernel not in ("auto", "torch"):
             raise ValueError(f"linear_kernel must be 'auto' or 'torch', not {linear_kernel!r}")
         _register()
@@ -317,7 +318,7 @@ class PooledModel:
                 _use_linear_kernel(model, self.kernel)
         # what computes the linear layers: part of the cost curve's key
         self.linear_kernel = self.kernel.name if self.kernel is not None else "torch"
-        # attention on our kernel (speculation/kernels.py, AVX-512) for forwards whose rows are
+        # attention on our kernel (speculation/kernels.py, AVX-512 or AVX2) for forwards whose rows are
         # all chains, the batch-invariant ones included (it computes every token alike): where
         # it loads, for fp32 and bf16 on a CPU, unless linear_kernel is "torch"
         n_layers, kv_heads, head_dim = _kv_geometry(model.config)
@@ -329,8 +330,6 @@ class PooledModel:
             if AttentionKernel.supports(self.dtype, self.device, heads, kv_heads, head_dim):
                 self.attention = attention_kernel()
         self.attention_kernel = self.attention.name if self.attention is not None else "torch"
-        # what the forward's cost depends on beyond the model: its kernels (the cost curve's key)
-        self.kernels = f"{self.linear_kernel}+{self.attention_kernel}"
         context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 4096
         self.pool = KVPool(n_layers, kv_heads, head_dim, self.dtype, self.device, max_slots,
                            max_length or context)
@@ -344,7 +343,21 @@ class PooledModel:
             from .invariant import make_rows_invariant
 
             make_rows_invariant(model)
+        self.lean = None
         self._check_attention_is_ours(n_layers)
+        # the lean loop (fp32 Llama on both our kernels), decided once; checked above through
+        # transformers' path, which the forwards it does not take still go through
+        if lean and self.kernel is not None and self.kernel.dtype == torch.float32 and self.attention is not None:
+            from .kernels import layer_ops
+            from .lean import LeanLlama, why_not
+
+            why = why_not(model)
+            ops = layer_ops() if why is None else None
+            if ops is not None:
+                self.lean = LeanLlama(model, self.kernel, self.attention, ops)
+        self.forward_path = "lean" if self.lean is not None else "transformers"     # reported by generate --json, /health
+        # what the forward's cost depends on beyond the model: its kernels (the cost curve's key)
+        self.kernels = f"{self.linear_kernel}+{self.attention_kernel}" + (f"+{self.lean.name}" if self.lean else "")
 
     def _check_attention_is_ours(self, n_layers: int) -> None:
         """A model whose attention does not go through transformers' attention interface would
@@ -458,6 +471,11 @@ class PooledModel:
             keep_idx = torch.tensor([0], device=self.device)     # HF needs something; dropped below
         else:
             keep_idx = torch.tensor(keep, device=self.device)
+        if self.lean is not None and batch.attention is not None:
+            # every row a chain, attention on ours: the lean loop, the products routed as below
+            logits = self.lean.forward(ids[0], positions[0], batch, keep_idx,
+                                       None if self.invariant else self._kernel_rows(rows, ids.shape[1]))
+            return logits if keep else logits[:0]
         inputs = dict(input_ids=ids, position_ids=positions, attention_mask=self._dummy_mask, use_cache=False,
                       logits_to_keep=keep_idx, **{_BATCH_KWARG: batch})
         if self.kernel is not None:

@@ -218,11 +218,11 @@ def choose_cpu_dtype(model: Any) -> tuple[Any, dict[str, Any]]:
     from .kernels import kernel_name
 
     # both sides of the comparison run on our kernels where they build
-    from .kernels import attention_kernel
+    from .kernels import attention_kernel, layer_ops
 
-    attention = attention_kernel()
+    attention, ops = attention_kernel(), layer_ops()
     kernels = [kernel_name(torch.float32, "cpu"), kernel_name(torch.bfloat16, "cpu"),
-               attention.name if attention is not None else "torch"]
+               attention.name if attention is not None else "torch", ops.name if ops is not None else "no-lean"]
     # v2: fastest of alternating rounds (decisions of the single-round median probe are re-made)
     key = curve_key(model, "auto", "cpu", "+".join(kernels) + "/probe-v2")
     path = cache_dir() / "dtype" / f"{key}.json"

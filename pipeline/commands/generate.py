@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
             "device": str(engine.device),
             "linear_kernel": engine.runner.linear_kernel,
             "attention_kernel": engine.runner.attention_kernel,
+            "forward": engine.runner.forward_path,
             "stats": stats.to_dict(),
         }))
         return 0

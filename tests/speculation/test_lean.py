@@ -1,0 +1,113 @@
+"""The lean forward (speculation/lean.py): a Llama model's pooled forward as one loop over its
+layers on our kernels. It computes what transformers' path computes (to fp32 rounding: its
+RMSNorm sums in another order), each token bitwise alike whatever shares its forward, for the
+forwards it is given (chains of decode and draft rows; everything in the batch-invariant
+forward), and stays out of the others; models it does not compute keep transformers' path."""
+
+import copy
+import random
+
+import pytest
+import torch
+
+from speculation import kernels, lean
+from speculation.engine import EngineConfig, GenerationRequest, SpeculativeEngine
+from speculation.forward import SHORT_ROW, PooledModel, Row
+from exactness import assert_same_tokens, hf_greedy
+from tinymodels import TinyTokenizer, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def model():
+    if kernels.linear_kernel(torch.float32) is None or kernels.attention_kernel() is None or kernels.layer_ops() is None:
+        pytest.skip("the lean forward needs our fp32 linear and attention kernels (AVX2 + FMA and a C compiler)")
+    return copy.deepcopy(tiny_llama(seed=0))
+
+
+def _prefill(runner, seqs):
+    for slot, seq in enumerate(seqs):
+        runner.forward([Row(slot, 0, seq[:60], 60)])
+
+
+def test_it_takes_every_forward_of_chains_and_leaves_trees_to_transformers(model, monkeypatch):
+    runner = PooledModel(model, 4)
+    assert runner.lean is not None and "lean" in runner.kernels and runner.forward_path == "lean"
+    taken = []
+    real = runner.lean.forward
+    monkeypatch.setattr(runner.lean, "forward", lambda *a: taken.append(a[0].numel()) or real(*a))
+    rng = random.Random(1)
+    seq = [1] + [rng.randrange(3, 96) for _ in range(200)]
+    with torch.inference_mode():
+        runner.forward([Row(0, 0, seq[:100], 99)])                       # a prompt chunk
+        runner.forward([Row(0, 100, seq[100:101], 0), Row(1, 0, seq[:SHORT_ROW], 0)])
+        assert taken == [100, SHORT_ROW + 1]
+        runner.forward([Row(0, 101, seq[101:104], 0, parents=[-1, 0, 0])])   # a tree: transformers'
+        assert taken == [100, SHORT_ROW + 1]
+
+
+def test_its_logits_and_kv_are_transformers_path_to_fp32_rounding(model):
+    rng = random.Random(2)
+    seqs = [[1] + [rng.randrange(3, 96) for _ in range(120)] for _ in range(3)]
+    ours, theirs = PooledModel(model, 4), PooledModel(model, 4, lean=False)
+    assert theirs.lean is None
+    # decode and draft rows beside a prompt chunk (whose products go to torch's GEMM in both)
+    rows = [Row(0, 60, seqs[0][60:61], 0), Row(1, 60, seqs[1][60:77], 0), Row(2, 60, seqs[2][60:64], 2),
+            Row(3, 0, seqs[0][:SHORT_ROW + 40], SHORT_ROW + 39)]
+    with torch.inference_mode():
+        _prefill(ours, seqs)
+        _prefill(theirs, seqs)
+        got, want = ours.forward(rows), theirs.forward(rows)
+    assert got.shape == want.shape == (1 + 17 + 2 + 1, 96)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for layer in range(len(model.model.layers)):
+        for slot, n in ((0, 61), (1, 77), (2, 64), (3, SHORT_ROW + 40)):
+            torch.testing.assert_close(ours.pool.keys[layer][slot, :, :n], theirs.pool.keys[layer][slot, :, :n],
+                                       rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(ours.pool.values[layer][slot, :, :n], theirs.pool.values[layer][slot, :, :n],
+                                       rtol=1e-4, atol=1e-4)
+
+
+def test_a_tokens_logits_are_bitwise_the_same_alone_among_drafts_and_beside_other_rows(model):
+    rng = random.Random(3)
+    seqs = [[1] + [rng.randrange(3, 96) for _ in range(100)] for _ in range(4)]
+    runner = PooledModel(model, 4)
+    with torch.inference_mode():
+        _prefill(runner, seqs)
+        alone = [runner.forward([Row(0, 60 + i, seqs[0][60 + i:61 + i], 0)]) for i in range(16)]
+        block = runner.forward([Row(0, 60, seqs[0][60:76], 0)])
+        batch = runner.forward([Row(2, 60, seqs[2][60:63], 0), Row(0, 60, seqs[0][60:76], 0),
+                                Row(1, 60, seqs[1][60:61], 0), Row(3, 60, seqs[3][60:69], 0)])
+    for i in range(16):
+        assert torch.equal(alone[i][0], block[i]), i
+        assert torch.equal(alone[i][0], batch[3 + i]), i
+
+
+def test_models_it_does_not_compute_keep_transformers_path(model):
+    assert lean.why_not(model) is None
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    assert "fp32" in lean.why_not(bf16)
+    biased = copy.deepcopy(model)
+    biased.config.attention_bias = True
+    assert "bias" in lean.why_not(biased)
+    scaled = copy.deepcopy(model)
+    scaled.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    assert "linear" in lean.why_not(scaled)
+    assert PooledModel(bf16, 2).lean is None
+    assert PooledModel(copy.deepcopy(model), 2, linear_kernel="torch").lean is None
+
+
+@pytest.mark.parametrize("drafters", [("reference",), ("prompt_lookup",)])
+def test_the_engine_on_it_gives_hf_generate_and_its_own_plain_output(model, drafters):
+    tok = TinyTokenizer(96)
+    rng = random.Random(5)
+    prompts = [[1] + [rng.randrange(3, 96) for _ in range(n)] for n in (7, 40, 90)]
+    refs = [[rng.randrange(3, 96) for _ in range(60)] + p[1:30] for p in prompts]
+    outs = {}
+    for name, cfg in (("spec", EngineConfig(drafters=drafters)), ("plain", EngineConfig(drafters=()))):
+        engine = SpeculativeEngine(model, tok, config=cfg)
+        assert engine.runner.lean is not None
+        reqs = [GenerationRequest(p, max_new_tokens=40, references=[r]) for p, r in zip(prompts, refs)]
+        outs[name] = [r.token_ids for r in engine.generate(reqs)]
+    for p, spec, plain in zip(prompts, outs["spec"], outs["plain"]):
+        assert spec == plain
+        assert_same_tokens(model, p, hf_greedy(model, p, 40), spec, "lean forward vs HF generate")
