@@ -107,7 +107,8 @@ def user_message(dotted: str, doc: str, question: str) -> str:
 
 
 class ForwardCounter:
-    """Counts target forwards (a hook on the model), so HF's methods get the same tokens/forward figure."""
+    """Counts HF generate's target forwards (a hook on the model), so HF's methods get the same
+    tokens/forward figure as specrag's (which reports its own: ``stats.target_forwards``)."""
 
     def __init__(self, model: Any) -> None:
         self.n = 0
@@ -310,7 +311,9 @@ def main() -> int:
                                 speculate=speculate)
         result = engine.generate_one(req)
         st = result.stats
-        timing.update(prefill_seconds=st.prefill_seconds,
+        # the engine's own count of its target forwards: the lean forward (speculation/lean.py)
+        # does not go through the model's __call__, so a forward hook does not see it
+        timing.update(prefill_seconds=st.prefill_seconds, forwards=st.target_forwards,
                       decode_ms_per_token=1000 * st.decode_seconds / max(1, st.generated_tokens - 1))
         if result.origins:
             # the pipeline's half of provenance: the answer's segments and the source's spans

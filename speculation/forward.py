@@ -381,6 +381,12 @@ class PooledModel:
                             "AttentionInterface; the batched engine cannot run it")
 
     def _plan(self, rows: list[Row]) -> tuple[_Batch, list[int], list[int]]:
+        for r in rows:
+            # our kernels index the pool with these as given: refuse what would land outside it
+            if not (0 <= r.slot < self.pool.max_slots and r.start >= 0 and r.tokens and 0 <= r.logits_from <= len(r.tokens)):
+                raise ValueError(f"a row must feed >= 1 token at a position >= 0 of a slot in [0, {self.pool.max_slots}) "
+                                 f"and want logits from inside it (slot {r.slot}, start {r.start}, "
+                                 f"{len(r.tokens)} tokens, logits_from {r.logits_from})")
         slot_idx: list[int] = []
         pos_idx: list[int] = []
         keep: list[int] = []

@@ -243,10 +243,10 @@ class LayerOps:
 
 def _check_layer_ops(ops: LayerOps) -> str | None:
     gen = torch.Generator().manual_seed(0)
-    h = torch.randn(7, 72, generator=gen)
-    d = torch.randn(7, 72, generator=gen)
-    w = torch.randn(72, generator=gen)
-    out = torch.empty(7, 72)
+    h = torch.randn(7, 75, generator=gen)        # 75: the loop's tail past the 8-wide partial sums too
+    d = torch.randn(7, 75, generator=gen)
+    w = torch.randn(75, generator=gen)
+    out = torch.empty(7, 75)
     hh = h.clone()
     ops.add_rmsnorm(hh, d, w, out, 1e-5)
     want_h = h + d

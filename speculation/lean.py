@@ -8,15 +8,21 @@ KV write), our attention kernel, the seven linear layers on our fp32 kernel, and
 activation in torch (``act_fn(gate) * up``, as the model defines it).
 
 It runs every pooled forward whose rows are all chains (:class:`speculation.forward.PooledModel`;
-draft trees keep transformers' path), with the products routed as there: decode and draft rows
-on our kernel, long prompt chunks on torch's GEMM (as fast as ours from ~100 rows on), except in
-the batch-invariant forward, where everything is ours. Every token is computed alike whatever shares its forward (per-token C,
-per-row products, per-token attention), so speculative output stays bitwise the plain output.
+a forward with a draft tree in it keeps transformers' path), with the products routed as there:
+decode and draft rows on our kernel, long prompt chunks on torch's GEMM (as fast as ours from
+~100 rows on), except in the batch-invariant forward, where everything is ours. There a token is
+computed alike whatever shares its forward (per-token C, per-row products, per-token attention;
+the MLP's activation is torch's, elementwise, which is per-token on 2 threads for widths that
+are multiples of 32 -- SmolLM2, TinyLlama -- and could split a token's vector and scalar parts
+between threads elsewhere), so speculative output stays bitwise the plain output. Outside it
+(fp32 by default), prompt chunks on torch's GEMM and tree forwards on transformers' path round
+differently, so equality with plain output is up to fp32 near-ties, as before.
 Its logits differ from transformers' path in the last bits only (the RMSNorm's reduction order),
 which the engine's tests compare against Hugging Face ``generate`` with the near-tie rule.
 
-Models: ``LlamaForCausalLM`` in fp32 on a CPU (SmolLM2, Llama, TinyLlama), default rotary
-embeddings, no attention bias; anything else keeps transformers' path (``why_not`` says why).
+Models: transformers' ``LlamaForCausalLM`` in fp32 on a CPU (SmolLM2, Llama, TinyLlama), built
+of its own module types without hooks, rotary embeddings other than dynamic / longrope; anything
+else keeps transformers' path (``why_not`` says why).
 """
 
 from __future__ import annotations
@@ -28,23 +34,46 @@ import torch
 
 def why_not(model: Any) -> str | None:
     """None where the lean forward computes ``model`` exactly as transformers does (up to the
-    last bits of its RMSNorm); else the reason."""
+    last bits of its RMSNorm); else the reason. It reads the weights of transformers' own Llama
+    modules and calls none of their forwards: a module of another type (a LoRA adapter's layer,
+    a quantized linear) or a hook on one (which would change what it computes) keeps
+    transformers' path. Hooks on the model itself are not called by pooled forwards either way
+    (count forwards with the engine's ``stats.target_forwards``)."""
     if type(model).__name__ != "LlamaForCausalLM" or not type(model).__module__.startswith("transformers."):
         return f"{type(model).__name__} is not transformers' LlamaForCausalLM"
     cfg = model.config
-    if next(model.parameters()).dtype != torch.float32 or next(model.parameters()).device.type != "cpu":
+    param = next(model.parameters())
+    if param.dtype != torch.float32 or param.device.type != "cpu":
         return "the lean forward is fp32 on a CPU"
-    rope = getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_parameters", None) or {}
-    if (rope.get("rope_type") or rope.get("type") or "default") != "default":
-        return f"rotary embeddings of type {rope.get('rope_type') or rope.get('type')}"
-    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
-        return "biases in attention or MLP"
+    # transformers' rotary module computes cos / sin for the positions (linear, llama3, yarn
+    # scaling and attention_scaling included); types whose frequencies depend on the whole call
+    # are left to it
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    if kind in ("dynamic", "longrope"):
+        return f"rotary embeddings of type {kind}"
     inner = model.model
+    if len(inner.layers) != cfg.num_hidden_layers:
+        return "a model whose layers are not its config's"
+    kinds = {"LlamaDecoderLayer": inner.layers, "LlamaRMSNorm": [inner.norm]}
     for layer in inner.layers:
-        if type(layer).__name__ != "LlamaDecoderLayer" or type(layer.self_attn).__name__ != "LlamaAttention":
-            return f"a {type(layer).__name__} layer"
-    if getattr(inner.rotary_emb, "attention_scaling", 1.0) != 1.0:
-        return "scaled rotary embeddings"
+        kinds.setdefault("LlamaAttention", []).append(layer.self_attn)
+        kinds.setdefault("LlamaMLP", []).append(layer.mlp)
+        kinds["LlamaRMSNorm"] += [layer.input_layernorm, layer.post_attention_layernorm]
+        kinds.setdefault("Linear", []).extend([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                                               layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj,
+                                               layer.mlp.down_proj])
+    kinds["Linear"].append(model.lm_head)
+    kinds["Embedding"] = [inner.embed_tokens]
+    for name, modules in kinds.items():
+        for m in modules:
+            if type(m).__name__ != name:
+                return f"a {type(m).__name__} where transformers' Llama has a {name}"
+    for m in inner.modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            return f"a hook on its {type(m).__name__}"
+    if model.lm_head._forward_hooks or model.lm_head._forward_pre_hooks:
+        return "a hook on its LM head"
     head_dim = inner.layers[0].self_attn.head_dim
     if head_dim % 2 or head_dim > 512:
         return f"head dimension {head_dim}"

@@ -227,10 +227,11 @@ void specrag_attention(const void *Q, const void *K, const void *V, void *O, con
     #pragma omp parallel num_threads(nthreads)
     {
         float *s = (float *)malloc(sizeof(float) * G * stride);     /* the caller checked the sizes */
-        /* kv head-major, in contiguous runs per thread: the tokens that follow one another on a
+        /* kv head-major, tokens dealt out in turn: the tokens that follow one another on a
            thread read the same keys and values (a slot's head at a 700-token context is 358 KB
-           in fp32: it stays in L2 instead of being fetched again for every token) */
-        #pragma omp for schedule(static)
+           in fp32: it stays in L2 instead of being fetched again for every token), and a prompt
+           chunk's tokens, whose work grows with their position, are spread evenly */
+        #pragma omp for schedule(static, 1)
         for (int64_t w = 0; w < T * Hkv; w++) {
             int64_t kh = w / T, t = w % T;
 #define ONE(g, c, b) one(Q, K, V, O, slot, nvis, t, kh, Hq, g, c, qs_t, qs_h, ks_slot, ks_head, stride, scale, b, s)

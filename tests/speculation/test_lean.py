@@ -17,11 +17,41 @@ from exactness import assert_same_tokens, hf_greedy
 from tinymodels import TinyTokenizer, tiny_llama
 
 
-@pytest.fixture(scope="module")
-def model():
+def _needs_kernels():
     if kernels.linear_kernel(torch.float32) is None or kernels.attention_kernel() is None or kernels.layer_ops() is None:
         pytest.skip("the lean forward needs our fp32 linear and attention kernels (AVX2 + FMA and a C compiler)")
-    return copy.deepcopy(tiny_llama(seed=0))
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The tiny seeded Llama with RMSNorm weights and epsilons of their own (the tiny model's are
+    1 and 1e-6 everywhere: a swapped norm would go unseen)."""
+    _needs_kernels()
+    m = copy.deepcopy(tiny_llama(seed=0))
+    gen = torch.Generator().manual_seed(11)
+    norms = [m.model.norm] + [n for layer in m.model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    with torch.no_grad():
+        for i, norm in enumerate(norms):
+            norm.weight.copy_(0.5 + torch.rand(norm.weight.shape, generator=gen))
+            norm.variance_epsilon = 10.0 ** -(2 + i)
+    return m
+
+
+def _biased():
+    """A tiny Llama with attention and MLP biases, 4 query heads per kv head, head dim 64 (the
+    attention kernel's unrolled layout) and tied embeddings."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(7)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=1, head_dim=64, max_position_embeddings=512, attention_bias=True,
+                      mlp_bias=True, tie_word_embeddings=True)
+    m = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    return m
 
 
 def _prefill(runner, seqs):
@@ -45,11 +75,14 @@ def test_it_takes_every_forward_of_chains_and_leaves_trees_to_transformers(model
         assert taken == [100, SHORT_ROW + 1]
 
 
-def test_its_logits_and_kv_are_transformers_path_to_fp32_rounding(model):
+@pytest.mark.parametrize("which", ["tiny", "biased"])
+def test_its_logits_and_kv_are_transformers_path_to_fp32_rounding(model, which):
+    if which == "biased":
+        model = _biased()
     rng = random.Random(2)
     seqs = [[1] + [rng.randrange(3, 96) for _ in range(120)] for _ in range(3)]
     ours, theirs = PooledModel(model, 4), PooledModel(model, 4, lean=False)
-    assert theirs.lean is None
+    assert ours.lean is not None and theirs.lean is None
     # decode and draft rows beside a prompt chunk (whose products go to torch's GEMM in both)
     rows = [Row(0, 60, seqs[0][60:61], 0), Row(1, 60, seqs[1][60:77], 0), Row(2, 60, seqs[2][60:64], 2),
             Row(3, 0, seqs[0][:SHORT_ROW + 40], SHORT_ROW + 39)]
@@ -84,16 +117,35 @@ def test_a_tokens_logits_are_bitwise_the_same_alone_among_drafts_and_beside_othe
 
 def test_models_it_does_not_compute_keep_transformers_path(model):
     assert lean.why_not(model) is None
-    bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    assert "fp32" in lean.why_not(bf16)
-    biased = copy.deepcopy(model)
-    biased.config.attention_bias = True
-    assert "bias" in lean.why_not(biased)
-    scaled = copy.deepcopy(model)
-    scaled.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
-    assert "linear" in lean.why_not(scaled)
-    assert PooledModel(bf16, 2).lean is None
+    refused = {}
+    refused["fp32"] = copy.deepcopy(model).to(torch.bfloat16)
+    dynamic = refused["dynamic"] = copy.deepcopy(model)
+    dynamic.config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    hooked = refused["hook on its Linear"] = copy.deepcopy(model)
+    hooked.model.layers[1].self_attn.q_proj.register_forward_hook(lambda m, i, o: o * 2)
+
+    class Adapter(torch.nn.Linear):      # a module type of someone else's (a LoRA layer, a quantized linear)
+        pass
+
+    adapted = refused["Adapter where"] = copy.deepcopy(model)
+    old = adapted.model.layers[0].mlp.up_proj
+    adapted.model.layers[0].mlp.up_proj = Adapter(old.in_features, old.out_features, bias=False)
+    for why, m in refused.items():
+        assert why in lean.why_not(m), (why, lean.why_not(m))
+        if why != "dynamic":
+            assert PooledModel(m, 2).lean is None, why
     assert PooledModel(copy.deepcopy(model), 2, linear_kernel="torch").lean is None
+    # a hook on the model itself observes calls only: pooled forwards do not call it either way
+    observed = copy.deepcopy(model)
+    observed.register_forward_hook(lambda *a: None)
+    assert lean.why_not(observed) is None
+
+
+def test_rows_outside_the_pool_are_refused_before_any_kernel_runs(model):
+    runner = PooledModel(model, 2)
+    for row in (Row(-1, 0, [3], 0), Row(2, 0, [3], 0), Row(0, -1, [3], 0), Row(0, 0, [], 0), Row(0, 0, [3], 2)):
+        with pytest.raises(ValueError, match="a row must feed"):
+            runner.forward([row])
 
 
 @pytest.mark.parametrize("drafters", [("reference",), ("prompt_lookup",)])
