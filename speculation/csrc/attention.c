@@ -38,6 +38,8 @@ typedef __m512 vf;
 #define vadd(a, b) _mm512_add_ps(a, b)
 #define vsub(a, b) _mm512_sub_ps(a, b)
 #define vfmadd(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define vfnmadd(a, b, c) _mm512_fnmadd_ps(a, b, c)
+#define vmax(a, b) _mm512_max_ps(a, b)
 #define vstore(p, v) _mm512_storeu_ps(p, v)
 #define vsum(v) _mm512_reduce_add_ps(v)
 
@@ -47,28 +49,11 @@ static inline vf vload(const char *p, int bf16) {
     return _mm512_loadu_ps((const float *)p);
 }
 
-/* e^x for x <= 0 (Cephes' expf polynomial after x = n ln2 + r, |r| <= ln2 / 2) */
-static inline vf vexp(vf x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));        /* e^-104 is 0 in fp32 after scalef */
-    vf n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    vf r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    vf p = _mm512_set1_ps(1.9875691500E-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
+/* e^x's exponent part, 2^n (n integral, >= -126 or the clamp below) */
+static inline vf vround(vf x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vf vpow2(vf p, vf n) { return _mm512_scalef_ps(p, n); }
+#define VEXP_MIN -104.0f      /* e^-104 is 0 in fp32 after scalef */
 
-/* the first `live` (1..W) lanes of s, e^(s - m) there and exact zeros past them */
-static inline vf vexp_tail(const float *s, vf m, int64_t live) {
-    __mmask16 k = live >= W ? (__mmask16)0xffff : (__mmask16)((1u << live) - 1);
-    return _mm512_maskz_mov_ps(k, vexp(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s), m)));
-}
 #else
 #define W 8
 #define MAXC 32
@@ -79,6 +64,8 @@ typedef __m256 vf;
 #define vadd(a, b) _mm256_add_ps(a, b)
 #define vsub(a, b) _mm256_sub_ps(a, b)
 #define vfmadd(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define vfnmadd(a, b, c) _mm256_fnmadd_ps(a, b, c)
+#define vmax(a, b) _mm256_max_ps(a, b)
 #define vstore(p, v) _mm256_storeu_ps(p, v)
 
 static inline float vsum(vf v) {       /* a fixed order: halves, then pairs, then the last two */
@@ -94,25 +81,41 @@ static inline vf vload(const char *p, int bf16) {
     return _mm256_loadu_ps((const float *)p);
 }
 
-/* e^x for x <= 0, the same polynomial; 2^n built in the exponent bits, so x is clamped at -87
- * (e^-87 ~ 1.6e-38, the smallest normal float: a weight that vanishes beside the max's 1) */
-static inline vf vexp(vf x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    vf n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    vf r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    vf p = _mm256_set1_ps(1.9875691500E-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+static inline vf vround(vf x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+/* 2^n built in the exponent bits, so x is clamped at -87 (e^-87 ~ 1.6e-38, the smallest normal
+ * float: a weight that vanishes beside the max's 1) */
+static inline vf vpow2(vf p, vf n) {
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
+#define VEXP_MIN -87.0f
 
+#endif
+
+/* e^x for x <= 0 (Cephes' expf polynomial after x = n ln2 + r, |r| <= ln2 / 2), the same
+ * operations in both builds but for the 2^n scaling */
+static inline vf vexp(vf x) {
+    x = vmax(x, vset1(VEXP_MIN));
+    vf n = vround(vmul(x, vset1(1.44269504088896341f)));
+    vf r = vfnmadd(n, vset1(0.693359375f), x);
+    r = vfnmadd(n, vset1(-2.12194440e-4f), r);
+    vf p = vset1(1.9875691500E-4f);
+    p = vfmadd(p, r, vset1(1.3981999507E-3f));
+    p = vfmadd(p, r, vset1(8.3334519073E-3f));
+    p = vfmadd(p, r, vset1(4.1665795894E-2f));
+    p = vfmadd(p, r, vset1(1.6666665459E-1f));
+    p = vfmadd(p, r, vset1(5.0000001201E-1f));
+    p = vfmadd(p, vmul(r, r), vadd(r, vset1(1.0f)));
+    return vpow2(p, n);
+}
+
+#if defined(__AVX512F__)
+/* the first `live` (1..W) lanes of s, e^(s - m) there and exact zeros past them */
+static inline vf vexp_tail(const float *s, vf m, int64_t live) {
+    __mmask16 k = live >= W ? (__mmask16)0xffff : (__mmask16)((1u << live) - 1);
+    return _mm512_maskz_mov_ps(k, vexp(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s), m)));
+}
+#else
 static inline vf vexp_tail(const float *s, vf m, int64_t live) {
     if (live >= W) return vexp(_mm256_sub_ps(_mm256_loadu_ps(s), m));
     __m256i k = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)live), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -120,6 +123,7 @@ static inline vf vexp_tail(const float *s, vf m, int64_t live) {
     return _mm256_and_ps(p, _mm256_castsi256_ps(k));
 }
 #endif
+
 
 /* token t, kv head kh: its G query heads over positions [0, nvis[t]) of its slot. G and C are
  * constants where called from the dispatch below, so q and the accumulators stay in registers. */
