@@ -209,6 +209,19 @@ class _KernelRows:
     fast: torch.Tensor | None    # packed indices on our kernel (None: every token; empty: none)
     slow: torch.Tensor | None    # the rest, prompt chunks, on torch's (None when fast is)
 
+    def route(self, x: torch.Tensor, ours: Any, theirs: Any) -> torch.Tensor:
+        """A product of the packed tokens ``x`` [total, K]: ``ours`` for the fast tokens,
+        ``theirs`` for the prompt chunks' (each called once, on its rows), put back in order."""
+        if self.fast is None:
+            return ours(x)
+        if not self.fast.numel():
+            return theirs(x)
+        a, b = ours(x[self.fast]), theirs(x[self.slow])
+        out = a.new_empty(x.shape[0], a.shape[-1])
+        out[self.fast] = a
+        out[self.slow] = b
+        return out
+
 
 def _version(t: torch.Tensor) -> int:
     """The tensor's in-place modification counter (-1 for an inference tensor, which has none
@@ -249,10 +262,8 @@ def _use_linear_kernel(model: Any, kernel: Any) -> None:
             packed = cached[1]
             if all_ours:
                 return kernel.linear(x, self.weight, self.bias, packed)
-            flat = x.reshape(-1, x.shape[-1])
-            out = flat.new_empty(flat.shape[0], self.weight.shape[0])
-            out[rows.fast] = kernel.linear(flat[rows.fast], self.weight, self.bias, packed)
-            out[rows.slow] = prev(self, flat[rows.slow])
+            out = rows.route(x.reshape(-1, x.shape[-1]), lambda xs: kernel.linear(xs, self.weight, self.bias, packed),
+                             lambda xs: prev(self, xs))
             return out.reshape(*x.shape[:-1], out.shape[-1])
         return forward
 

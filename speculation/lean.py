@@ -84,7 +84,7 @@ class LeanLlama:
     """The loop; ``forward`` takes what ``PooledModel.forward`` planned."""
 
     def __init__(self, model: Any, linear: Any, attention: Any, ops: Any) -> None:
-        self.model, self.linear, self.attention, self.ops = model, linear, attention, ops
+        self.linear, self.attention, self.ops = linear, attention, ops
         inner = model.model
         attn = inner.layers[0].self_attn
         self.head_dim = attn.head_dim
@@ -99,14 +99,12 @@ class LeanLlama:
     def _lin(self, module: torch.nn.Linear, x: torch.Tensor, rows: Any = None) -> torch.Tensor:
         """``module(x)``: on our kernel, except the prompt-chunk tokens of ``rows`` (a
         ``_KernelRows``; None: every token ours), which go to torch's GEMM as a whole."""
-        if rows is None or rows.fast is None:
-            return self.linear.linear(x, module.weight, module.bias, module.weight)
-        if not rows.fast.numel():
-            return torch.nn.functional.linear(x, module.weight, module.bias)
-        out = x.new_empty(x.shape[0], module.weight.shape[0])
-        out[rows.fast] = self.linear.linear(x[rows.fast], module.weight, module.bias, module.weight)
-        out[rows.slow] = torch.nn.functional.linear(x[rows.slow], module.weight, module.bias)
-        return out
+        def ours(xs: torch.Tensor) -> torch.Tensor:
+            return self.linear.linear(xs, module.weight, module.bias, module.weight)
+
+        if rows is None:
+            return ours(x)
+        return rows.route(x, ours, lambda xs: torch.nn.functional.linear(xs, module.weight, module.bias))
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, batch: Any, keep: torch.Tensor,
                 rows: Any = None) -> torch.Tensor:
