@@ -20,8 +20,9 @@ in LLM Inference", which vLLM offers on GPUs as VLLM_BATCH_INVARIANT):
   machine is probed (:func:`row_block`): up to how many rows does every linear layer compute a
   row the same? Products are then split into blocks of that many rows and a lone row is padded
   to two (:func:`make_rows_invariant`). Measured: bf16 on an AMD EPYC with AVX512-BF16, any
-  number of rows; bf16 with AMX on an Intel Xeon, up to 32; fp32 with torch's GEMM on the AMD,
-  never (a one-row product takes another path than a many-row one). fp32 on a CPU with AVX2 and
+  number of rows; bf16 with AMX on an Intel Xeon, up to 32; bf16 on an Intel Xeon without
+  AVX512-BF16, 2 (4-row products round a row differently now and then); fp32 with torch's GEMM
+  on the AMD, never (a one-row product takes another path than a many-row one). fp32 on a CPU with AVX2 and
   FMA runs every linear layer on our kernel instead (speculation/kernels.py), which computes
   each row alike whatever the number of rows.
 """
@@ -154,8 +155,8 @@ def row_block(model: Any) -> int | None:
     batch-invariant forward splits longer products into blocks of that many rows and pads a
     lone row to two (``make_rows_invariant``), so every row is computed by the same kernel path.
     Measured: bf16 on an AMD EPYC, any number of rows; bf16 with AMX on an Intel Xeon, up to 32
-    (the 576 -> 1536 projection takes another kernel from 33 rows on); fp32 on the AMD, never
-    (one row vs several). The kernel depends on the shape, not the values: one probe per shape."""
+    (the 576 -> 1536 projection takes another kernel from 33 rows on); bf16 on a Xeon without
+    AVX512-BF16, 2; fp32 on the AMD, never (one row vs several). The kernel depends on the shape, not the values: one probe per shape."""
     block = None
     for module in model.modules():
         if not isinstance(module, torch.nn.Linear):
@@ -186,22 +187,31 @@ def rows_are_invariant(model: Any, kernel: bool = True) -> bool:
 
 
 def _linear_block(module: Any) -> int | None:
+    """Every row of products of n = 2 .. 512 rows against the same row computed in a product of
+    two (the path a lone row takes, padded), on plain random inputs and on inputs whose sums
+    cancel, the rows cut into products of n at two alignments -- as the batch-invariant forward
+    cuts a prompt chunk into blocks. A kernel that accumulates another way for more rows shows
+    only where the rounding to the dtype lands on the other side (bf16 on an Intel Xeon without
+    AVX512-BF16: 1 row in ~150 of 4-row products differs from 2-row ones, neither the first nor
+    the last of a 512-row product), so no row is left unchecked."""
     w, bias = module.weight, module.bias
     gen = torch.Generator().manual_seed(0)
+    functional = torch.nn.functional.linear
+    top = max(_PROBE_ROWS) + 1
+    # magnitudes spread over 2^-12 .. 2^12: sums that cancel, where the order of the
+    # accumulation shows in the rounded result
+    scale = torch.exp2(torch.randint(-12, 13, (top, w.shape[1]), generator=gen).float())
+    inputs = [torch.randn(top, w.shape[1], generator=gen) * s for s in (torch.ones(1), scale)]
     good = 0
     with torch.inference_mode():
-        x = torch.randn(max(_PROBE_ROWS) + 3, w.shape[1], generator=gen).to(w.device, w.dtype)
-        ref = torch.nn.functional.linear(x[:2], w, bias)[:1]
-        ref2 = torch.nn.functional.linear(x[2:4], w, bias)[:1]
+        xs = [x.to(w.device, w.dtype) for x in inputs]
+        pairs = [torch.cat([functional(x[i:i + 2], w, bias)[:1] for i in range(top - 1)]) for x in xs]
         for n in _PROBE_ROWS:
-            if not torch.equal(torch.nn.functional.linear(x[:n], w, bias)[:1], ref):
-                break
-            if not torch.equal(torch.nn.functional.linear(x[2:2 + n], w, bias)[:1], ref2):
-                break
-            # the row at the end of the product too, not only at its start
-            if not torch.equal(torch.nn.functional.linear(x[:n], w, bias)[n - 1:],
-                               torch.nn.functional.linear(x[n - 2:n], w, bias)[1:]):
-                break
+            for x, want in zip(xs, pairs):
+                for first in (0, 1):
+                    got = [functional(x[i:i + n], w, bias) for i in range(first, top - n, n)]
+                    if not torch.equal(torch.cat(got), want[first:first + n * len(got)]):
+                        return next((b for b in ROW_BLOCKS if b <= good), None)
             good = n
     return next((b for b in ROW_BLOCKS if b <= good), None)
 
