@@ -5,7 +5,7 @@ are trusted.
 Why: a decode step and the verification of a few drafted tokens are products of 1-16 rows
 against every weight of the model. torch's fp32 GEMM reads the weights at about half the
 memory bandwidth for one row, and slows down per row from 2 to ~8 rows, so verifying drafts
-cost 1.7x a decode step and speculation rarely paid. The fp32 kernel (AVX2 + FMA) reads the
+cost 1.7x a decode step and speculation rarely paid. The fp32 kernel (AVX-512, else AVX2 + FMA) reads the
 weights once per block of rows at close to the memory bandwidth (SmolLM2's 30 layers on a 2-core
 AMD EPYC: 16 ms at 1 row, 18 at 2, 26 at 8, against torch's 33 / 46 / 43). The bf16 kernel
 (AVX512-BF16, VDPBF16PS) does the same with half the bytes. Each computes a row the same way
@@ -52,12 +52,17 @@ class KernelSpec:
     packed: bool = False   # reads the weight packed (LinearKernel.pack), not as [N, K]
 
 
+_LINEAR_F32 = Path(__file__).with_name("csrc") / "linear_f32.c"
+# each dtype's kernels, widest instruction set first: the first this CPU has and that passes its
+# check is the one (fp32: one source built for 16 or 8 lanes)
 SPECS = {
-    torch.float32: KernelSpec(torch.float32, Path(__file__).with_name("csrc") / "linear_f32.c", "specrag_linear_f32",
-                              ("-mavx2", "-mfma"), frozenset({"avx2", "fma"}), "specrag-f32", 1e-4),
-    torch.bfloat16: KernelSpec(torch.bfloat16, Path(__file__).with_name("csrc") / "linear_bf16.c",
-                               "specrag_linear_bf16", ("-mavx512f", "-mavx512bf16"),
-                               frozenset({"avx512f", "avx512_bf16"}), "specrag-bf16", 2e-2, packed=True),
+    torch.float32: (KernelSpec(torch.float32, _LINEAR_F32, "specrag_linear_f32", ("-mavx512f",),
+                               frozenset({"avx512f"}), "specrag-f32", 1e-4),
+                    KernelSpec(torch.float32, _LINEAR_F32, "specrag_linear_f32", ("-mavx2", "-mfma"),
+                               frozenset({"avx2", "fma"}), "specrag-f32-avx2", 1e-4)),
+    torch.bfloat16: (KernelSpec(torch.bfloat16, Path(__file__).with_name("csrc") / "linear_bf16.c",
+                                "specrag_linear_bf16", ("-mavx512f", "-mavx512bf16"),
+                                frozenset({"avx512f", "avx512_bf16"}), "specrag-bf16", 2e-2, packed=True),),
 }
 
 class LinearKernel:
@@ -65,6 +70,7 @@ class LinearKernel:
 
     def __init__(self, spec: KernelSpec, path: Path, digest: str) -> None:
         self.path = path
+        self.spec = spec
         self.dtype = spec.dtype
         self.packed = spec.packed
         self.name = f"{spec.name}-{digest[:10]}"
@@ -350,7 +356,7 @@ def _self_check(kernel: LinearKernel) -> str | None:
     """Trust the kernel only where it computes what torch computes (to fp32 rounding) and each
     row alike whatever the row count, on this machine, with this compiler."""
     gen = torch.Generator().manual_seed(0)
-    tol = SPECS[kernel.dtype].rtol
+    tol = kernel.spec.rtol
     for n, k in ((37, 29), (64, 576), (200, 1536)):
         w = torch.randn(n, k, generator=gen).to(kernel.dtype)
         b = torch.randn(n, generator=gen).to(kernel.dtype)
@@ -371,14 +377,15 @@ def linear_kernel(dtype: torch.dtype = torch.float32) -> LinearKernel | None:
     """This machine's linear kernel for ``dtype`` (fp32 or bf16), or None (with the reason
     logged) where it cannot be had or fails its check. Built once per compiler and source, under
     the cache folder."""
-    spec = SPECS.get(dtype)
-    if spec is None:
-        kernel, why = None, "no kernel of ours for this dtype"
-    else:
+    whys = []
+    for spec in SPECS.get(dtype, ()):
         kernel, why = _load(spec, LinearKernel, _self_check)
-    if kernel is None:
-        log.info("%s linear layers use torch's kernels: %s", str(dtype).removeprefix("torch."), why)
-    return kernel
+        if kernel is not None:
+            return kernel
+        whys.append(f"{spec.name}: {why}")
+    log.info("%s linear layers use torch's kernels: %s", str(dtype).removeprefix("torch."),
+             "; ".join(whys) or "no kernel of ours for this dtype")
+    return None
 
 
 def kernel_for(dtype: Any, device: Any) -> LinearKernel | None:

@@ -1,4 +1,4 @@
-"""Our linear kernels (speculation/kernels.py): fp32 (AVX2 + FMA) and bf16 (AVX512-BF16, packed
+"""Our linear kernels (speculation/kernels.py): fp32 (AVX-512 or AVX2 + FMA) and bf16 (AVX512-BF16, packed
 weights). Each gives torch's product to its dtype's rounding, each row bitwise the same whatever
 else shares the product; they are used by pooled forwards only (decode and draft rows always,
 long prompt chunks on torch's GEMM), and fall back cleanly where they cannot be built."""
@@ -25,10 +25,11 @@ pytestmark = [
 
 
 def _needs(dtype: torch.dtype):
-    spec = kernels.SPECS[dtype]
-    missing = spec.cpu_flags - cpu_info()["flags"]
+    """``dtype`` as a parameter, skipped where the CPU lacks what every build of its kernel needs."""
+    specs = kernels.SPECS[dtype]
+    missing = [spec.cpu_flags - cpu_info()["flags"] for spec in specs]
     return pytest.param(dtype, marks=pytest.mark.skipif(
-        bool(missing), reason=f"the {spec.name} kernel needs {', '.join(sorted(missing))}, which this CPU lacks"),
+        all(missing), reason=f"the {specs[-1].name} kernel needs {', '.join(sorted(missing[-1]))}, which this CPU lacks"),
         id=str(dtype).removeprefix("torch."))
 
 
@@ -68,6 +69,24 @@ def test_product_matches_torch_and_each_row_is_bitwise_independent_of_the_others
     assert torch.equal(kernel.linear(wide[:, 1:k + 1], w, b, packed), full)
     # leading dimensions are kept, like F.linear's
     assert torch.equal(kernel.linear(x[:12].reshape(3, 4, k), w, b, packed), full[:12].reshape(3, 4, n))
+
+
+@pytest.mark.parametrize("spec", [s for specs in kernels.SPECS.values() for s in specs], ids=lambda s: s.name)
+def test_every_build_this_cpu_has_passes_its_check(spec):
+    """The kernel a machine loads is the widest it has; the narrower builds (AVX2 on an AVX-512
+    machine) are the ones other machines load, so they are built and checked here too."""
+    missing = spec.cpu_flags - cpu_info()["flags"]
+    if missing:
+        pytest.skip(f"{spec.name} needs {', '.join(sorted(missing))}, which this CPU lacks")
+    kernel, why = kernels._load(spec, kernels.LinearKernel, kernels._self_check)
+    assert why is None and kernel.name.startswith(spec.name + "-")
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(70, 200, generator=gen).to(spec.dtype)
+    x = torch.randn(40, 200, generator=gen).to(spec.dtype)
+    full = kernel.linear(x, w)
+    torch.testing.assert_close(full.float(), torch.nn.functional.linear(x.float(), w.float()).to(spec.dtype).float(),
+                               rtol=1e-4 if spec.dtype == torch.float32 else 8e-3, atol=1e-3)
+    assert all(torch.equal(kernel.linear(x[i:i + m], w), full[i:i + m]) for m in (1, 3, 4, 5, 7) for i in (0, 40 - m))
 
 
 def test_pooled_forward_uses_the_kernel_for_generation_rows_and_torch_for_prompt_chunks(kernel, monkeypatch):

@@ -19,7 +19,7 @@ from tinymodels import TinyTokenizer, tiny_llama
 
 def _needs_kernels():
     if kernels.linear_kernel(torch.float32) is None or kernels.attention_kernel() is None or kernels.layer_ops() is None:
-        pytest.skip("the lean forward needs our fp32 linear and attention kernels (AVX2 + FMA and a C compiler)")
+        pytest.skip("the lean forward needs our fp32 linear and attention kernels (AVX-512 or AVX2 + FMA, and a C compiler)")
 
 
 @pytest.fixture(scope="module")
