@@ -79,6 +79,11 @@ class LinearKernel:
         fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int]
         fn.restype = None
         self._fn = fn
+        # several weights against one input in one call (csrc/linear_f32.c), where the source has it
+        self._multi = getattr(lib, spec.symbol + "_multi", None)
+        if self._multi is not None:
+            self._multi.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+            self._multi.restype = None
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` [N, K] as the kernel reads it: itself (contiguous) for fp32; for bf16,
@@ -108,6 +113,27 @@ class LinearKernel:
             self._fn(flat.data_ptr(), w.data_ptr(), bias.data_ptr() if bias is not None else None,
                      out.data_ptr(), m, k, n, flat.stride(0), torch.get_num_threads())
         return out.reshape(*x.shape[:-1], n)
+
+    def linear_multi(self, x: torch.Tensor, weights: list[torch.Tensor],
+                     biases: list[torch.Tensor | None]) -> torch.Tensor:
+        """``torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases)], -1)`` for a 2-D
+        ``x`` (unit stride along its rows), in one call: each weight's columns bitwise those of
+        ``linear(x, w, b)``, the call's overhead and the weights' prefetch shared (the query, key
+        and value projections; gate and up). Unpacked kernels (fp32) with ``_multi`` only."""
+        if self._multi is None or self.packed or not 1 <= len(weights) <= 8:
+            return torch.cat([self.linear(x, w, b) for w, b in zip(weights, biases)], -1)
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        m, k = x.shape
+        ns = [w.shape[0] for w in weights]
+        out = torch.empty(m, sum(ns), dtype=self.dtype)
+        if m:
+            n = len(weights)
+            ptrs = (ctypes.c_void_p * n)(*[w.data_ptr() for w in weights])
+            bias = (ctypes.c_void_p * n)(*[b.data_ptr() if b is not None else None for b in biases])
+            self._multi(x.data_ptr(), n, ptrs, bias if any(b is not None for b in biases) else None,
+                        (ctypes.c_int64 * n)(*ns), out.data_ptr(), m, k, x.stride(0), torch.get_num_threads())
+        return out
 
 
 # one source, built for the widest instruction set the CPU has (16 fp32 lanes, else 8)
@@ -227,7 +253,7 @@ class LayerOps:
         self._norm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float]
         self._norm.restype = None
         self._rope = lib.specrag_rope_kv
-        self._rope.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 6
+        self._rope.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 8
         self._rope.restype = None
 
     def add_rmsnorm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, out: torch.Tensor,
@@ -240,11 +266,15 @@ class LayerOps:
     def rope_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor, pos: torch.Tensor, head_dim: int) -> None:
         """Rotate ``q`` [T, Hq*D] in place; rotate ``k`` and copy ``v`` [T, Hkv*D] into the pool
-        ``keys`` / ``values`` [slots, Hkv, L, D] at (slot[t], pos[t]). cos, sin: [T, D]; slot,
-        pos: int64 [T]; all fp32, contiguous, and inside the pool (the caller checked)."""
+        ``keys`` / ``values`` [slots, Hkv, L, D] at (slot[t], pos[t]). q, k, v: rows with unit
+        stride (contiguous, or column blocks of one fused product), k's and v's rows equally far
+        apart; cos, sin: [T, D]; slot, pos: int64 [T]; all fp32, contiguous where not said,
+        and inside the pool (the caller checked)."""
+        if not (k.stride(0) == v.stride(0) and q.stride(1) == k.stride(1) == v.stride(1) == 1):
+            raise ValueError("rope_kv: q, k and v need unit stride along a row, and k and v one row stride")
         self._rope(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), keys.data_ptr(),
                    values.data_ptr(), slot.data_ptr(), pos.data_ptr(), q.shape[0], q.shape[1] // head_dim,
-                   k.shape[1] // head_dim, head_dim, keys.stride(0), keys.stride(1))
+                   k.shape[1] // head_dim, head_dim, q.stride(0), k.stride(0), keys.stride(0), keys.stride(1))
 
 
 def _check_layer_ops(ops: LayerOps) -> str | None:
@@ -278,6 +308,12 @@ def _check_layer_ops(ops: LayerOps) -> str | None:
         return "its rotary embedding differs from torch's"
     if not (torch.equal(keys[slot, :, pos], rot(k.view(t, hkv, dim))) and torch.equal(values[slot, :, pos], v.view(t, hkv, dim))):
         return "it wrote other keys or values into the pool"
+    fused = torch.cat([q, k, v], -1)           # the three as column blocks of one product's output
+    keys2, values2 = torch.zeros_like(keys), torch.zeros_like(values)
+    ops.rope_kv(fused[:, :hq * dim], fused[:, hq * dim:(hq + hkv) * dim], fused[:, (hq + hkv) * dim:], cos, sin,
+                keys2, values2, slot, pos, dim)
+    if not (torch.equal(fused[:, :hq * dim], qq) and torch.equal(keys2, keys) and torch.equal(values2, values)):
+        return "its rotary embedding of column blocks differs from that of whole tensors"
     return None
 
 
@@ -369,6 +405,15 @@ def _self_check(kernel: LinearKernel) -> str | None:
             if not (torch.equal(kernel.linear(x[:m], w, b), got[:m])
                     and torch.equal(kernel.linear(x[130 - m:], w, b), got[130 - m:])):
                 return f"a row's result changed with {m} rows in the product"
+    if kernel._multi is not None and not kernel.packed:
+        ws = [torch.randn(n, 200, generator=gen).to(kernel.dtype) for n in (30, 21, 5)]
+        b2 = torch.randn(21, generator=gen).to(kernel.dtype)
+        x = torch.randn(50, 200, generator=gen).to(kernel.dtype)
+        for biases in ((None, b2, None), (None, None, None)):
+            got = kernel.linear_multi(x, ws, list(biases))
+            want = torch.cat([kernel.linear(x, ww, bb) for ww, bb in zip(ws, biases)], -1)
+            if not torch.equal(got, want):
+                return "a product of several weights differs from their products one by one"
     return None
 
 

@@ -4,8 +4,10 @@ Through transformers, a one-token fp32 forward of SmolLM2 (30 layers) runs ~1000
 operators and ~450 module calls around 211 matrix products; on a 2-core AMD EPYC they cost
 ~30 ms of a 68 ms decode forward, as much as the products. This loop computes the same model
 with per layer: two calls of ``csrc/layer_f32.c`` (residual add + RMSNorm; rotary embedding +
-KV write), our attention kernel, the seven linear layers on our fp32 kernel, and the MLP's
-activation in torch (``act_fn(gate) * up``, as the model defines it).
+KV write), our attention kernel, the seven linear layers in four calls of our fp32 kernel (the
+query, key and value projections in one, gate and up in one: one parallel region each, the next
+weight's prefetch running on from the last), and the MLP's activation in torch
+(``act_fn(gate) * up``, as the model defines it).
 
 It runs every pooled forward whose rows are all chains (:class:`speculation.forward.PooledModel`;
 a forward with a draft tree in it keeps transformers' path), with the products routed as there:
@@ -89,22 +91,39 @@ class LeanLlama:
         attn = inner.layers[0].self_attn
         self.head_dim = attn.head_dim
         self.scale = float(attn.scaling)
-        self.layers = list(inner.layers)
+        # per layer, the modules in the order the loop uses them (their weights are read at
+        # every forward, so the loop computes the model as it is then)
+        self.layers = [(layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,),
+                        layer.post_attention_layernorm, (layer.mlp.gate_proj, layer.mlp.up_proj),
+                        (layer.mlp.down_proj,), layer.mlp.act_fn)
+                       for layer, attn in ((layer, layer.self_attn) for layer in inner.layers)]
+        self.q_width = attn.q_proj.out_features
+        self.kv_width = attn.k_proj.out_features
+        self.inter = inner.layers[0].mlp.gate_proj.out_features
         self.embed = inner.embed_tokens.weight
         self.rotary = inner.rotary_emb
         self.norm = inner.norm
-        self.lm_head = model.lm_head
+        self.head = (model.lm_head,)
         self.name = f"lean+{ops.name}"
 
-    def _lin(self, module: torch.nn.Linear, x: torch.Tensor, rows: Any = None) -> torch.Tensor:
-        """``module(x)``: on our kernel, except the prompt-chunk tokens of ``rows`` (a
-        ``_KernelRows``; None: every token ours), which go to torch's GEMM as a whole."""
-        def ours(xs: torch.Tensor) -> torch.Tensor:
-            return self.linear.linear(xs, module.weight, module.bias, module.weight)
+    def _lin(self, modules: tuple[torch.nn.Linear, ...], x: torch.Tensor, rows: Any = None) -> torch.Tensor:
+        """``torch.cat([m(x) for m in modules], -1)``: one call of our kernel for all of them
+        (the query, key and value projections share their input, as do gate and up), except the
+        prompt-chunk tokens of ``rows`` (a ``_KernelRows``; None: every token ours), which go
+        to torch's GEMM as a whole."""
+        weights = [m.weight for m in modules]
+        biases = [m.bias for m in modules]
 
-        if rows is None:
-            return ours(x)
-        return rows.route(x, ours, lambda xs: torch.nn.functional.linear(xs, module.weight, module.bias))
+        def ours(xs: torch.Tensor) -> torch.Tensor:
+            if len(weights) == 1:
+                return self.linear.linear(xs, weights[0], biases[0], weights[0])
+            return self.linear.linear_multi(xs, weights, biases)
+
+        def theirs(xs: torch.Tensor) -> torch.Tensor:
+            outs = [torch.nn.functional.linear(xs, w, b) for w, b in zip(weights, biases)]
+            return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
+
+        return ours(x) if rows is None else rows.route(x, ours, theirs)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, batch: Any, keep: torch.Tensor,
                 rows: Any = None) -> torch.Tensor:
@@ -115,22 +134,21 @@ class LeanLlama:
         lin = self._lin
         pool = batch.pool
         slot, pos = batch.slot_idx, batch.pos_idx
+        nq, nkv = self.q_width, self.kv_width
         h = torch.nn.functional.embedding(ids, self.embed)             # [T, hidden], a new tensor
         cos, sin = self.rotary(h[None], positions[None])
         cos, sin = cos[0].contiguous(), sin[0].contiguous()
         x = torch.empty_like(h)
         delta = None
-        for i, layer in enumerate(self.layers):
-            ops.add_rmsnorm(h, delta, layer.input_layernorm.weight, x, layer.input_layernorm.variance_epsilon)
-            attn = layer.self_attn
-            q = lin(attn.q_proj, x, rows)
-            ops.rope_kv(q, lin(attn.k_proj, x, rows), lin(attn.v_proj, x, rows), cos, sin, pool.keys[i],
-                        pool.values[i], slot, pos, d)
+        for i, (norm1, qkv, o_proj, norm2, gate_up, down, act) in enumerate(self.layers):
+            ops.add_rmsnorm(h, delta, norm1.weight, x, norm1.variance_epsilon)
+            y = lin(qkv, x, rows)                                       # [T, q | k | v]
+            q = y[:, :nq]
+            ops.rope_kv(q, y[:, nq:nq + nkv], y[:, nq + nkv:], cos, sin, pool.keys[i], pool.values[i], slot, pos, d)
             a = self.attention(q.view(q.shape[0], -1, d), pool.keys[i], pool.values[i], slot, batch.nvis,
                                self.scale, batch.max_visible)
-            ops.add_rmsnorm(h, lin(attn.o_proj, a.view(a.shape[0], -1), rows), layer.post_attention_layernorm.weight,
-                            x, layer.post_attention_layernorm.variance_epsilon)
-            mlp = layer.mlp
-            delta = lin(mlp.down_proj, mlp.act_fn(lin(mlp.gate_proj, x, rows)) * lin(mlp.up_proj, x, rows), rows)
+            ops.add_rmsnorm(h, lin(o_proj, a.view(a.shape[0], -1), rows), norm2.weight, x, norm2.variance_epsilon)
+            g = lin(gate_up, x, rows)                                   # [T, gate | up]
+            delta = lin(down, act(g[:, :self.inter]) * g[:, self.inter:], rows)
         ops.add_rmsnorm(h, delta, self.norm.weight, x, self.norm.variance_epsilon)
-        return lin(self.lm_head, x[keep])              # the kept logit rows: all ours
+        return lin(self.head, x[keep])              # the kept logit rows: all ours

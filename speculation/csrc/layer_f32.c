@@ -37,8 +37,9 @@ void specrag_add_rmsnorm(float *H, const float *Dl, const float *Wt, float *X, i
 
 /* Rotary embedding (the rotate-half form) of token t's Hq query heads in place, and of its Hkv
  * key heads into the pool at (slot[t], pos[t]), where its value heads are copied too.
- * Q: [T, Hq * D], Kn, Vn: [T, Hkv * D], cs, sn: [T, D] (the token's cos and sin), all
- * contiguous; Kp, Vp: pools [slots, Hkv, L, D] with element strides ps_slot, ps_head. */
+ * Q: [T, Hq * D] with rows sq elements apart, Kn, Vn: [T, Hkv * D] with rows skv apart (they may
+ * be column blocks of one fused product), each row contiguous; cs, sn: [T, D] (the token's cos and sin), contiguous;
+ * Kp, Vp: pools [slots, Hkv, L, D] with element strides ps_slot, ps_head. */
 static inline void rope(float *out, const float *in, const float *c, const float *s, int64_t D) {
     int64_t h = D / 2;
     for (int64_t i = 0; i < h; i++) {
@@ -50,19 +51,19 @@ static inline void rope(float *out, const float *in, const float *c, const float
 
 void specrag_rope_kv(float *Q, const float *Kn, const float *Vn, const float *cs, const float *sn, float *Kp,
                      float *Vp, const int64_t *slot, const int64_t *pos, int64_t T, int64_t Hq, int64_t Hkv,
-                     int64_t D, int64_t ps_slot, int64_t ps_head) {
+                     int64_t D, int64_t sq, int64_t skv, int64_t ps_slot, int64_t ps_head) {
     float tmp[512];
     for (int64_t t = 0; t < T; t++) {
         const float *c = cs + t * D, *s = sn + t * D;
         for (int64_t hd = 0; hd < Hq; hd++) {
-            float *q = Q + (t * Hq + hd) * D;
+            float *q = Q + t * sq + hd * D;
             rope(tmp, q, c, s, D);
             for (int64_t i = 0; i < D; i++) q[i] = tmp[i];
         }
         for (int64_t hd = 0; hd < Hkv; hd++) {
             int64_t at = slot[t] * ps_slot + hd * ps_head + pos[t] * D;
-            rope(Kp + at, Kn + (t * Hkv + hd) * D, c, s, D);
-            const float *v = Vn + (t * Hkv + hd) * D;
+            rope(Kp + at, Kn + t * skv + hd * D, c, s, D);
+            const float *v = Vn + t * skv + hd * D;
             for (int64_t i = 0; i < D; i++) Vp[at + i] = v[i];
         }
     }

@@ -55,8 +55,9 @@ static inline float hsum(vf v) {       /* a fixed order: halves, then pairs, the
 }
 #endif
 
-/* rows m0 .. m0 + mc - 1 (mc <= MR) of X against weight rows n0 .. n0 + nc - 1 (nc <= NR) */
-static inline void tile(const float *X, const float *W_, const float *B, float *Y, int64_t K, int64_t N,
+/* rows m0 .. m0 + mc - 1 (mc <= MR) of X against weight rows n0 .. n0 + nc - 1 (nc <= NR), into
+ * columns n0 .. of Y (leading dimension ldy) */
+static inline void tile(const float *X, const float *W_, const float *B, float *Y, int64_t K, int64_t ldy,
                         int64_t sx, int64_t m0, int mc, int64_t n0, int64_t nc, const float *next) {
     vf acc[MR][NR];
     const float *w[NR];
@@ -81,35 +82,58 @@ static inline void tile(const float *X, const float *W_, const float *B, float *
             float s = hsum(acc[i][j]);
             for (int64_t k = kw; k < K; k++) s = __builtin_fmaf(x[i][k], w[j][k], s);
             if (B) s += B[n0 + j];
-            Y[(m0 + i) * N + n0 + j] = s;
+            Y[(m0 + i) * ldy + n0 + j] = s;
         }
     }
 }
 
-/* X: [M, K] with row stride sx (unit stride within a row); W: [N, K] contiguous; B: [N] or
- * NULL; Y: [M, N] contiguous. */
-void specrag_linear_f32(const float *X, const float *W_, const float *B, float *Y,
-                        int64_t M, int64_t K, int64_t N, int64_t sx, int nthreads) {
-    int64_t ntiles = (N + NR - 1) / NR, mblocks = (M + MB - 1) / MB;
+/* Products of one input with several weights (the query, key and value projections; the
+ * gate and up projections), side by side in one output, in one parallel region: each weight's
+ * columns bitwise those of its own product. X: [M, K] with row stride sx (unit stride within a
+ * row); Ws[w]: [Ns[w], K] contiguous; Bs: NULL or Bs[w]: [Ns[w]] or NULL; Y: [M, sum of Ns]
+ * contiguous, weight w's columns after those of the weights before it. */
+void specrag_linear_f32_multi(const float *X, int nw, const float *const *Ws, const float *const *Bs,
+                              const int64_t *Ns, float *Y, int64_t M, int64_t K, int64_t sx, int nthreads) {
+    int64_t first[9] = {0}, col[9] = {0};      /* weight w's first tile, first output column */
+    if (nw < 1 || nw > 8) return;
+    for (int w = 0; w < nw; w++) {
+        first[w + 1] = first[w] + (Ns[w] + NR - 1) / NR;
+        col[w + 1] = col[w] + Ns[w];
+    }
+    int64_t ntiles = first[nw], mblocks = (M + MB - 1) / MB, ldy = col[nw];
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t t = 0; t < ntiles * mblocks; t++) {
-        int64_t mb = t / ntiles, n0 = (t % ntiles) * NR;
+        int64_t mb = t / ntiles, tw = t % ntiles;
+        int w = 0;
+        while (tw >= first[w + 1]) w++;
+        const float *W_ = Ws[w], *B = Bs ? Bs[w] : 0;
+        int64_t N = Ns[w], n0 = (tw - first[w]) * NR;
         int64_t nc = N - n0 < NR ? N - n0 : NR;
         int64_t m_end = (mb + 1) * MB < M ? (mb + 1) * MB : M;
-        /* the next tile's weights (the next NR rows, contiguous), fetched into L1 while this
-           tile computes: without it a tile waits for its weights, then computes with the
-           memory idle (1-8 rows of SmolLM2's products ~7-15% faster on a Xeon) */
-        const float *next = n0 + 2 * NR <= N ? W_ + (n0 + NR) * K : 0;
+        /* the next tile's weights (the next NR rows, contiguous; the next weight's first),
+           fetched into L1 while this tile computes: without it a tile waits for its weights,
+           then computes with the memory idle (1-8 rows of SmolLM2's products ~7-15% faster on
+           a Xeon) */
+        const float *next = n0 + 2 * NR <= N ? W_ + (n0 + NR) * K
+                          : n0 + NR >= N && w + 1 < nw && Ns[w + 1] >= NR ? Ws[w + 1] : 0;
+        float *Yw = Y + col[w];
         for (int64_t m0 = mb * MB; m0 < m_end; m0 += MR) {
             int64_t left = m_end - m0;
             /* constant row counts, so each tile is unrolled; the per-(m, n) reduction is the
                same instructions in all of them */
-            if (left >= MR) tile(X, W_, B, Y, K, N, sx, m0, MR, n0, nc, next);
+            if (left >= MR) tile(X, W_, B, Yw, K, ldy, sx, m0, MR, n0, nc, next);
 #if MR > 3
-            else if (left == 3) tile(X, W_, B, Y, K, N, sx, m0, 3, n0, nc, next);
+            else if (left == 3) tile(X, W_, B, Yw, K, ldy, sx, m0, 3, n0, nc, next);
 #endif
-            else if (left == 2) tile(X, W_, B, Y, K, N, sx, m0, 2, n0, nc, next);
-            else tile(X, W_, B, Y, K, N, sx, m0, 1, n0, nc, next);
+            else if (left == 2) tile(X, W_, B, Yw, K, ldy, sx, m0, 2, n0, nc, next);
+            else tile(X, W_, B, Yw, K, ldy, sx, m0, 1, n0, nc, next);
         }
     }
+}
+
+/* One product: X: [M, K] with row stride sx (unit stride within a row); W: [N, K] contiguous;
+ * B: [N] or NULL; Y: [M, N] contiguous. */
+void specrag_linear_f32(const float *X, const float *W_, const float *B, float *Y,
+                        int64_t M, int64_t K, int64_t N, int64_t sx, int nthreads) {
+    specrag_linear_f32_multi(X, 1, &W_, B ? &B : 0, &N, Y, M, K, sx, nthreads);
 }
