@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any, AsyncIterator
 
 from ray import serve
@@ -128,6 +129,22 @@ class Retriever:
             raise RuntimeError("retrieval stage not loaded")
 
 
+def set_generator_threads(configured: int | None) -> int:
+    """Set the threads torch (and our kernels) use in this Generator replica: ``configured``
+    (``torch_threads``), else every CPU this process may run on. Ray sets OMP_NUM_THREADS to
+    the replica's whole CPUs -- 1 for the default ``num_cpus`` of 0.5 -- which would halve a
+    2-core node's decoding. Returns the count."""
+    import torch
+
+    if configured is None:
+        try:
+            configured = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):       # not Linux
+            configured = os.cpu_count() or 1
+    torch.set_num_threads(max(1, configured))
+    return torch.get_num_threads()
+
+
 @serve.deployment(name="Generator")
 class Generator:
     """Target (+ draft) model and the speculative engine; GPU when ``num_gpus`` > 0."""
@@ -137,10 +154,7 @@ class Generator:
         from .runners import GenerationRunner
 
         self._config = ServeConfig.model_validate(config)
-        if self._config.torch_threads:
-            import torch
-
-            torch.set_num_threads(self._config.torch_threads)
+        set_generator_threads(self._config.torch_threads)
         stages = load_stages(self._config.stages_module)
         self._retrieval = RemoteRetrieval(retriever)
         stage = stages.GenerationStage(self._config.pipeline, retrieval=self._retrieval)

@@ -107,7 +107,8 @@ class ServeConfig(BaseModel):
     # Module providing RetrievalStage and GenerationStage (the pipeline's; tests substitute a
     # stand-in, other implementations of the stage contract plug in here).
     stages_module: str = "pipeline.rag"
-    # Threads torch may use inside each Generator replica; None: torch's default.
+    # Threads torch (and our kernels) use inside each Generator replica; None: every CPU the
+    # replica may run on (Ray would set 1 for a num_cpus below 2). Set it when replicas share a node.
     torch_threads: int | None = Field(None, ge=1)
     ingress: DeploymentSettings = Field(default_factory=_default_ingress)
     retriever: DeploymentSettings = Field(default_factory=_default_retriever)

@@ -124,10 +124,14 @@ class GenerationStage:
         self.loop.close()
 
     def health(self) -> dict[str, Any]:
-        """What /health shows of this stage: the model's dtype and device, and the engine loop
+        """What /health shows of this stage: the model's dtype and device, the threads its
+        forwards use, and the engine loop
         (requests running and queued, steps so far, the most rows one step held)."""
         st = self.loop.stats
+        import torch
+
         return {"generation": "ok", "dtype": str(self.engine.runner.dtype).replace("torch.", ""),
+                "threads": torch.get_num_threads(),
                 "device": str(self.engine.device), "linear_kernel": self.engine.runner.linear_kernel,
                 "attention_kernel": self.engine.runner.attention_kernel, "forward": self.engine.runner.forward_path,
                 "engine": {"running": self.loop.pending(), "max_batch": self.loop.max_batch, "steps": st.steps,

@@ -227,6 +227,7 @@ def test_models_health_metrics(service, client):
     assert [m.id for m in client.models.list().data][0] == "smollm2-135m-instruct"
     h = httpx.get(service + "/health")
     assert h.status_code == 200 and h.json()["status"] == "ok"
+    assert h.json()["threads"] == 1             # torch_threads as configured (Ray's own would be 1 too)
     _ask(client, QUESTIONS[2])
     text = httpx.get(service + "/metrics").text
     for name in ("specrag_requests_total", "specrag_errors_total", "specrag_request_latency_seconds_bucket",

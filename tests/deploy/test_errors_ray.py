@@ -89,3 +89,32 @@ def test_errors_round_trip_through_a_ray_actor():
                 assert isinstance(err, ServiceError) and err.message
     finally:
         ray.shutdown()
+
+
+def test_generator_replica_uses_every_cpu_unless_told_otherwise():
+    """Ray sets OMP_NUM_THREADS=1 in an actor with num_cpus 0.5 (the Generator's default); the
+    replica's threads are the CPUs it may run on, or ``torch_threads`` when set."""
+    import os
+
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    try:
+        @ray.remote(num_cpus=0.5)
+        class Replica:
+            def threads(self, configured):
+                import os
+
+                import torch
+
+                from deploy.app import set_generator_threads
+
+                before = (os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads())
+                return before, set_generator_threads(configured), torch.get_num_threads()
+
+        replica = Replica.remote()
+        before, chosen, now = ray.get(replica.threads.remote(None))
+        assert before == ("1", 1)                          # what Ray gives it
+        assert chosen == now == len(os.sched_getaffinity(0))
+        assert ray.get(replica.threads.remote(1))[1:] == (1, 1)
+    finally:
+        ray.shutdown()
