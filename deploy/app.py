@@ -129,19 +129,35 @@ class Retriever:
             raise RuntimeError("retrieval stage not loaded")
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (a
+    container's ``--cpus``) where one is set."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):       # not Linux
+        cpus = os.cpu_count() or 1
+    for quota_file, period_file in (("/sys/fs/cgroup/cpu.max", None),                       # cgroup v2
+                                    ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")):
+        try:
+            fields = open(quota_file).read().split()
+            quota, period = fields[0], fields[1] if period_file is None else open(period_file).read().strip()
+        except (OSError, IndexError):
+            continue
+        if quota not in ("max", "-1") and float(period) > 0:
+            cpus = min(cpus, -int(-float(quota) // float(period)))
+        break
+    return max(1, cpus)
+
+
 def set_generator_threads(configured: int | None) -> int:
     """Set the threads torch (and our kernels) use in this Generator replica: ``configured``
-    (``torch_threads``), else every CPU this process may run on. Ray sets OMP_NUM_THREADS to
-    the replica's whole CPUs -- 1 for the default ``num_cpus`` of 0.5 -- which would halve a
-    2-core node's decoding. Returns the count."""
+    (``torch_threads``), else every CPU this process may use (:func:`usable_cpus`). Ray sets
+    OMP_NUM_THREADS to the replica's whole CPUs -- 1 for the default ``num_cpus`` of 0.5 --
+    which would halve a 2-core node's decoding. Replicas that share a node should be given
+    ``torch_threads`` (their threads together no more than the node's cores). Returns the count."""
     import torch
 
-    if configured is None:
-        try:
-            configured = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):       # not Linux
-            configured = os.cpu_count() or 1
-    torch.set_num_threads(max(1, configured))
+    torch.set_num_threads(max(1, configured or usable_cpus()))
     return torch.get_num_threads()
 
 

@@ -145,6 +145,7 @@ def _block_matmul_invariant(device: torch.device) -> bool:
 # product of 2..that many rows: per linear shape / dtype / device, probed once per process
 _ROW_BLOCK: dict[tuple, int | None] = {}
 ROW_BLOCKS = (512, 256, 128, 64, 32, 16, 8, 4, 2)
+_PROBE_CHECKED = 256      # rows compared per product size, input and alignment (at least)
 _PROBE_ROWS = (2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257, 511, 512)
 
 
@@ -187,17 +188,18 @@ def rows_are_invariant(model: Any, kernel: bool = True) -> bool:
 
 
 def _linear_block(module: Any) -> int | None:
-    """Every row of products of n = 2 .. 512 rows against the same row computed in a product of
-    two (the path a lone row takes, padded), on plain random inputs and on inputs whose sums
-    cancel, the rows cut into products of n at two alignments -- as the batch-invariant forward
-    cuts a prompt chunk into blocks. A kernel that accumulates another way for more rows shows
-    only where the rounding to the dtype lands on the other side (bf16 on an Intel Xeon without
+    """Rows of products of n = 2 .. 512 rows against the same rows computed in products of two
+    (the path a lone row takes, padded), on plain random inputs and on inputs whose sums cancel,
+    the rows cut into products of n at two alignments -- as the batch-invariant forward cuts a
+    prompt chunk into blocks. A kernel that accumulates another way for more rows shows only
+    where the rounding to the dtype lands on the other side (bf16 on an Intel Xeon without
     AVX512-BF16: 1 row in ~150 of 4-row products differs from 2-row ones, neither the first nor
-    the last of a 512-row product), so no row is left unchecked."""
+    the last of a 512-row product), so every row of the products is compared, at least
+    ``_PROBE_CHECKED`` rows per size (more when one product is longer)."""
     w, bias = module.weight, module.bias
     gen = torch.Generator().manual_seed(0)
     functional = torch.nn.functional.linear
-    top = max(_PROBE_ROWS) + 1
+    top = max(_PROBE_ROWS) + 2               # room for one product of the largest size at either alignment
     # magnitudes spread over 2^-12 .. 2^12: sums that cancel, where the order of the
     # accumulation shows in the rounded result
     scale = torch.exp2(torch.randint(-12, 13, (top, w.shape[1]), generator=gen).float())
@@ -209,8 +211,10 @@ def _linear_block(module: Any) -> int | None:
         for n in _PROBE_ROWS:
             for x, want in zip(xs, pairs):
                 for first in (0, 1):
-                    got = [functional(x[i:i + n], w, bias) for i in range(first, top - n, n)]
-                    if not torch.equal(torch.cat(got), want[first:first + n * len(got)]):
+                    end = first + max(n, -(-_PROBE_CHECKED // n) * n)      # whole products of n rows
+                    end = min(end, first + (top - 1 - first) // n * n)
+                    got = torch.cat([functional(x[i:i + n], w, bias) for i in range(first, end, n)])
+                    if not torch.equal(got, want[first:end]):
                         return next((b for b in ROW_BLOCKS if b <= good), None)
             good = n
     return next((b for b in ROW_BLOCKS if b <= good), None)

@@ -56,8 +56,8 @@ _LINEAR_F32 = Path(__file__).with_name("csrc") / "linear_f32.c"
 # each dtype's kernels, widest instruction set first: the first this CPU has and that passes its
 # check is the one (fp32: one source built for 16 or 8 lanes)
 SPECS = {
-    torch.float32: (KernelSpec(torch.float32, _LINEAR_F32, "specrag_linear_f32", ("-mavx512f",),
-                               frozenset({"avx512f"}), "specrag-f32", 1e-4),
+    torch.float32: (KernelSpec(torch.float32, _LINEAR_F32, "specrag_linear_f32", ("-mavx512f", "-mfma"),
+                               frozenset({"avx512f", "fma"}), "specrag-f32", 1e-4),
                     KernelSpec(torch.float32, _LINEAR_F32, "specrag_linear_f32", ("-mavx2", "-mfma"),
                                frozenset({"avx2", "fma"}), "specrag-f32-avx2", 1e-4)),
     torch.bfloat16: (KernelSpec(torch.bfloat16, Path(__file__).with_name("csrc") / "linear_bf16.c",
@@ -120,11 +120,17 @@ class LinearKernel:
         ``x`` (unit stride along its rows), in one call: each weight's columns bitwise those of
         ``linear(x, w, b)``, the call's overhead and the weights' prefetch shared (the query, key
         and value projections; gate and up). Unpacked kernels (fp32) with ``_multi`` only."""
-        if self._multi is None or self.packed or not 1 <= len(weights) <= 8:
+        if len(biases) != len(weights) or not weights:
+            raise ValueError("linear_multi: one bias (or None) per weight, at least one weight")
+        if self._multi is None or self.packed or len(weights) > 8:
             return torch.cat([self.linear(x, w, b) for w, b in zip(weights, biases)], -1)
         if x.stride(-1) != 1:
             x = x.contiguous()
         m, k = x.shape
+        if any(w.dim() != 2 or w.shape[1] != k or not w.is_contiguous() or w.dtype != self.dtype for w in weights) or any(
+                b is not None and (b.shape != (w.shape[0],) or not b.is_contiguous() or b.dtype != self.dtype)
+                for w, b in zip(weights, biases)):
+            raise ValueError(f"linear_multi: contiguous {self.dtype} weights [N, {k}] and biases [N] wanted")
         ns = [w.shape[0] for w in weights]
         out = torch.empty(m, sum(ns), dtype=self.dtype)
         if m:

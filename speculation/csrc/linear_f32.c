@@ -95,7 +95,7 @@ static inline void tile(const float *X, const float *W_, const float *B, float *
 void specrag_linear_f32_multi(const float *X, int nw, const float *const *Ws, const float *const *Bs,
                               const int64_t *Ns, float *Y, int64_t M, int64_t K, int64_t sx, int nthreads) {
     int64_t first[9] = {0}, col[9] = {0};      /* weight w's first tile, first output column */
-    if (nw < 1 || nw > 8) return;
+    if (nw < 1 || nw > 8) return;           /* the caller (LinearKernel.linear_multi) keeps to 1..8 */
     for (int w = 0; w < nw; w++) {
         first[w + 1] = first[w] + (Ns[w] + NR - 1) / NR;
         col[w + 1] = col[w] + Ns[w];

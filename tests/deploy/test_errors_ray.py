@@ -91,11 +91,12 @@ def test_errors_round_trip_through_a_ray_actor():
         ray.shutdown()
 
 
-def test_generator_replica_uses_every_cpu_unless_told_otherwise():
+def test_generator_replica_uses_every_cpu_unless_told_otherwise(monkeypatch):
     """Ray sets OMP_NUM_THREADS=1 in an actor with num_cpus 0.5 (the Generator's default); the
-    replica's threads are the CPUs it may run on, or ``torch_threads`` when set."""
-    import os
+    replica's threads are the CPUs it may use, or ``torch_threads`` when set."""
+    from deploy.app import usable_cpus
 
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)      # Ray keeps a value it inherits
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     try:
@@ -114,7 +115,7 @@ def test_generator_replica_uses_every_cpu_unless_told_otherwise():
         replica = Replica.remote()
         before, chosen, now = ray.get(replica.threads.remote(None))
         assert before == ("1", 1)                          # what Ray gives it
-        assert chosen == now == len(os.sched_getaffinity(0))
+        assert chosen == now == usable_cpus()
         assert ray.get(replica.threads.remote(1))[1:] == (1, 1)
     finally:
         ray.shutdown()

@@ -150,3 +150,31 @@ def test_tiled_attention_is_invariant_too(model, monkeypatch):
     monkeypatch.setattr(kernels, "attention_kernel", lambda: None)
     monkeypatch.setattr(inv, "_BLOCK_INVARIANT", {"cpu": False})
     test_position_logits_are_bitwise_the_same_alone_in_a_block_and_in_a_batch(model, "torch-ops")
+
+
+def test_row_probe_finds_every_block_size_and_a_rare_odd_row(monkeypatch):
+    """``invariant._linear_block`` on a product computed row by row (every size is invariant:
+    512) and on one whose products of 4+ rows round one row in 97 differently (the Xeon's bf16
+    GEMM: 2), without tripping over its own largest size."""
+    from speculation import invariant
+
+    layer = torch.nn.Linear(24, 10).to(torch.bfloat16)
+    real = torch.nn.functional.linear
+
+    def row_by_row(x, w, b=None):
+        return torch.cat([real(x[i:i + 1], w, b) for i in range(x.shape[0])])
+
+    monkeypatch.setattr(torch.nn.functional, "linear", row_by_row)
+    assert invariant._linear_block(layer) == 512
+
+    calls = []
+
+    def odd_rows(x, w, b=None):
+        out = row_by_row(x, w, b)
+        calls.append(x.shape[0])
+        if x.shape[0] >= 4 and len(calls) % 97 == 0:       # value-independent stand-in for rounding
+            out[1] = out[1] + 1
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "linear", odd_rows)
+    assert invariant._linear_block(layer) == 2
