@@ -157,7 +157,8 @@ def row_block(model: Any) -> int | None:
     lone row to two (``make_rows_invariant``), so every row is computed by the same kernel path.
     Measured: bf16 on an AMD EPYC, any number of rows; bf16 with AMX on an Intel Xeon, up to 32
     (the 576 -> 1536 projection takes another kernel from 33 rows on); bf16 on a Xeon without
-    AVX512-BF16, 2; fp32 on the AMD, never (one row vs several). The kernel depends on the shape, not the values: one probe per shape."""
+    AVX512-BF16, 2; fp32 on the AMD, never (one row vs several). The kernel path depends on the
+    shape (the values only decide where a different path shows): one probe per shape."""
     block = None
     for module in model.modules():
         if not isinstance(module, torch.nn.Linear):
@@ -204,18 +205,20 @@ def _linear_block(module: Any) -> int | None:
     # accumulation shows in the rounded result
     scale = torch.exp2(torch.randint(-12, 13, (top, w.shape[1]), generator=gen).float())
     inputs = [torch.randn(top, w.shape[1], generator=gen) * s for s in (torch.ones(1), scale)]
-    good = 0
     with torch.inference_mode():
         xs = [x.to(w.device, w.dtype) for x in inputs]
         pairs = [torch.cat([functional(x[i:i + 2], w, bias)[:1] for i in range(top - 1)]) for x in xs]
+
+        def same(n: int, x: torch.Tensor, want: torch.Tensor, first: int) -> bool:
+            # whole products of n rows from row `first`: at least _PROBE_CHECKED rows, within x
+            end = min(first + -(-_PROBE_CHECKED // n) * n, first + (top - 1 - first) // n * n)
+            got = torch.cat([functional(x[i:i + n], w, bias) for i in range(first, end, n)])
+            return torch.equal(got, want[first:end])
+
+        good = 0
         for n in _PROBE_ROWS:
-            for x, want in zip(xs, pairs):
-                for first in (0, 1):
-                    end = first + max(n, -(-_PROBE_CHECKED // n) * n)      # whole products of n rows
-                    end = min(end, first + (top - 1 - first) // n * n)
-                    got = torch.cat([functional(x[i:i + n], w, bias) for i in range(first, end, n)])
-                    if not torch.equal(got, want[first:end]):
-                        return next((b for b in ROW_BLOCKS if b <= good), None)
+            if not all(same(n, x, want, first) for x, want in zip(xs, pairs) for first in (0, 1)):
+                break
             good = n
     return next((b for b in ROW_BLOCKS if b <= good), None)
 

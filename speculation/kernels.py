@@ -232,14 +232,10 @@ def _check_attention(kernel: AttentionKernel) -> str | None:
 def attention_kernel() -> AttentionKernel | None:
     """This machine's attention kernel (AVX-512, else AVX2 + FMA), or None with the reasons
     logged."""
-    whys = []
-    for spec in ATTENTION:
-        kernel, why = _load(spec, AttentionKernel, _check_attention)
-        if kernel is not None:
-            return kernel
-        whys.append(f"{spec.name}: {why}")
-    log.info("attention uses torch's operators: %s", "; ".join(whys))
-    return None
+    kernel, why = _load_widest(ATTENTION, AttentionKernel, _check_attention)
+    if kernel is None:
+        log.info("attention uses torch's operators: %s", why)
+    return kernel
 
 
 # the small operations of a Llama layer in fp32 (plain C: any x86-64 or other CPU with a compiler)
@@ -350,6 +346,18 @@ def _load(spec: KernelSpec, make: Any, check: Any) -> tuple[Any, str | None]:
     return None, why
 
 
+def _load_widest(specs: tuple[KernelSpec, ...], make: Any, check: Any) -> tuple[Any, str]:
+    """(the first of ``specs`` -- one source's builds, widest instruction set first -- that
+    :func:`_load` gives, ""), or (None, each build's reason)."""
+    whys = []
+    for spec in specs:
+        kernel, why = _load(spec, make, check)
+        if kernel is not None:
+            return kernel, ""
+        whys.append(f"{spec.name}: {why}")
+    return None, "; ".join(whys)
+
+
 def _openmp_dir() -> Path | None:
     """The folder of the OpenMP runtime torch itself loaded: the kernel links to that very
     library, so its threads are torch's threads (two runtimes on 2 cores would fight)."""
@@ -428,15 +436,11 @@ def linear_kernel(dtype: torch.dtype = torch.float32) -> LinearKernel | None:
     """This machine's linear kernel for ``dtype`` (fp32 or bf16), or None (with the reason
     logged) where it cannot be had or fails its check. Built once per compiler and source, under
     the cache folder."""
-    whys = []
-    for spec in SPECS.get(dtype, ()):
-        kernel, why = _load(spec, LinearKernel, _self_check)
-        if kernel is not None:
-            return kernel
-        whys.append(f"{spec.name}: {why}")
-    log.info("%s linear layers use torch's kernels: %s", str(dtype).removeprefix("torch."),
-             "; ".join(whys) or "no kernel of ours for this dtype")
-    return None
+    kernel, why = _load_widest(SPECS.get(dtype, ()), LinearKernel, _self_check)
+    if kernel is None:
+        log.info("%s linear layers use torch's kernels: %s", str(dtype).removeprefix("torch."),
+                 why or "no kernel of ours for this dtype")
+    return kernel
 
 
 def kernel_for(dtype: Any, device: Any) -> LinearKernel | None:
