@@ -359,13 +359,13 @@ class PooledModel:
         # the lean loop (fp32 Llama on both our kernels), decided once; checked above through
         # transformers' path, which the forwards it does not take still go through
         if lean and self.kernel is not None and self.kernel.dtype == torch.float32 and self.attention is not None:
-            from .kernels import layer_ops
+            from .kernels import layer_ops, lean_kernel
             from .lean import LeanLlama, why_not
 
             why = why_not(model)
             ops = layer_ops() if why is None else None
             if ops is not None:
-                self.lean = LeanLlama(model, self.kernel, self.attention, ops)
+                self.lean = LeanLlama(model, self.kernel, self.attention, ops, lean_kernel())
         self.forward_path = "lean" if self.lean is not None else "transformers"     # reported by generate --json, /health
         # what the forward's cost depends on beyond the model: its kernels (the cost curve's key)
         self.kernels = f"{self.linear_kernel}+{self.attention_kernel}" + (f"+{self.lean.name}" if self.lean else "")

@@ -328,6 +328,92 @@ def layer_ops() -> LayerOps | None:
     return ops
 
 
+# the lean forward's layer loop in C and the MLP's activation (one source, 16 or 8 fp32 lanes)
+LEAN = (KernelSpec(None, Path(__file__).with_name("csrc") / "lean_f32.c", "specrag_lean_layers", ("-mavx512f", "-mfma"),
+                   frozenset({"avx512f", "fma"}), "specrag-lean", 1e-5),
+        KernelSpec(None, Path(__file__).with_name("csrc") / "lean_f32.c", "specrag_lean_layers", ("-mavx2", "-mfma"),
+                   frozenset({"avx2", "fma"}), "specrag-lean-avx2", 1e-5))
+
+
+def _fn_ptr(fn: Any) -> int:
+    """The address of a loaded C function (to pass to another C function)."""
+    return ctypes.cast(fn, ctypes.c_void_p).value
+
+
+class LeanKernel:
+    """The loaded ``csrc/lean_f32.c``: ``silu_mul`` (the Llama MLP's activation, per element) and
+    ``layers``, every decoder layer of the lean forward in one call of C that calls our other
+    kernels, the very functions the Python loop calls, with the same arguments."""
+
+    def __init__(self, spec: KernelSpec, path: Path, digest: str) -> None:
+        self.path = path
+        self.name = f"{spec.name}-{digest[:10]}"
+        lib = ctypes.CDLL(str(path))
+        self._silu = lib.specrag_silu_mul
+        self._silu.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+        self._silu.restype = None
+        self._layers = lib.specrag_lean_layers
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        self._layers.argtypes = ([p] * 4 + [i64] * 2 + [p] * 6 + [i64] * 2 + [p] * 3 + [i64, ctypes.c_float]
+                                 + [p] * 9 + [ctypes.c_int])
+        self._layers.restype = None
+
+    def silu_mul(self, g: torch.Tensor) -> torch.Tensor:
+        """``silu(g[:, :n]) * g[:, n:]`` for fp32 ``g`` [T, 2n] (gate | up) contiguous: [T, n]."""
+        t, n2 = g.shape
+        out = torch.empty(t, n2 // 2)
+        if t:
+            self._silu(g.data_ptr(), out.data_ptr(), t, n2 // 2, torch.get_num_threads())
+        return out
+
+    def layers(self, linear: LinearKernel, attention: AttentionKernel, ops: LayerOps, n_layers: int, h: torch.Tensor,
+               dims: tuple[int, int, int, int, int], wts: Any, bias: Any, eps: Any, keys: Any, values: Any,
+               pool_strides: tuple[int, int], slot: torch.Tensor, pos: torch.Tensor, nvis: torch.Tensor, max_visible: int,
+               scale: float, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Every decoder layer and the final RMSNorm for the T tokens of ``h`` [T, hidden]
+        (contiguous fp32 embeddings; the residual stream on return); the normed hidden states
+        [T, hidden]. wts / bias / eps / keys / values: ctypes arrays laid out as
+        ``specrag_lean_layers`` reads them (``LeanLlama`` builds them); slot, pos, nvis: int64
+        [T], inside the pool (the caller checked); cos, sin: [T, head dim] contiguous."""
+        t, hid = h.shape
+        nq, nkv, inter = dims[1], dims[2], dims[3]
+        x = torch.empty_like(h)
+        y, a = torch.empty(t, nq + 2 * nkv), torch.empty(t, nq)
+        g, p, dn = torch.empty(t, 2 * inter), torch.empty(t, inter), torch.empty(t, hid)
+        self._layers(_fn_ptr(linear._multi), _fn_ptr(attention._fn), _fn_ptr(ops._norm), _fn_ptr(ops._rope), n_layers,
+                     t, (ctypes.c_int64 * 5)(*dims), wts, bias, eps, keys, values, pool_strides[0], pool_strides[1],
+                     slot.data_ptr(), pos.data_ptr(), nvis.data_ptr(), max_visible, scale, cos.data_ptr(),
+                     sin.data_ptr(), h.data_ptr(), x.data_ptr(), y.data_ptr(), a.data_ptr(), g.data_ptr(),
+                     p.data_ptr(), dn.data_ptr(), torch.get_num_threads())
+        return x
+
+
+def _check_lean(kernel: LeanKernel) -> str | None:
+    gen = torch.Generator().manual_seed(0)
+    # 75: a row's tail past the last whole vector; 40 x 75 rows: past the threaded size
+    for t, n in ((3, 75), (40, 300), (2, 64)):
+        g = torch.randn(t, 2 * n, generator=gen) * 6
+        g[0, :8] = torch.tensor([0.0, -0.0, 90.0, -90.0, 1e-30, -1e-30, 200.0, -200.0])
+        got = kernel.silu_mul(g)
+        want = torch.nn.functional.silu(g[:, :n]) * g[:, n:]
+        if not torch.allclose(got, want, rtol=1e-5, atol=1e-6):
+            return "its SiLU differs from torch's"
+        for i in (0, t - 1):
+            if not torch.equal(kernel.silu_mul(g[i:i + 1].contiguous()), got[i:i + 1]):
+                return "a token's SiLU changed with the tokens beside it"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def lean_kernel() -> LeanKernel | None:
+    """This machine's ``csrc/lean_f32.c`` (AVX-512, else AVX2 + FMA), or None with the reasons
+    logged (the lean forward then loops over its layers in Python)."""
+    kernel, why = _load_widest(LEAN, LeanKernel, _check_lean)
+    if kernel is None:
+        log.info("the lean forward's layer loop runs in Python: %s", why)
+    return kernel
+
+
 def _load(spec: KernelSpec, make: Any, check: Any) -> tuple[Any, str | None]:
     """(the kernel of ``spec``, built under the cache folder, loaded by ``make`` and passed by
     ``check``; None) or (None, why not)."""

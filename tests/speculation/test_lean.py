@@ -115,6 +115,83 @@ def test_a_tokens_logits_are_bitwise_the_same_alone_among_drafts_and_beside_othe
         assert torch.equal(alone[i][0], batch[3 + i]), i
 
 
+def _forced_python_loop(runner, rows):
+    """The forward of ``rows`` through the lean loop in Python with every token on our kernels
+    (routed as a mixed forward would route them, with no prompt-chunk tokens): what the C loop
+    must give bitwise."""
+    from speculation.forward import _KernelRows
+
+    batch, keep, _ = runner._plan(rows)
+    ids = torch.tensor([t for r in rows for t in r.tokens])
+    positions = torch.tensor([p for r in rows for p in r.positions()])
+    n = ids.numel()
+    return runner.lean.forward(ids, positions, batch, torch.tensor(keep),
+                               _KernelRows(n, torch.arange(n), torch.empty(0, dtype=torch.long)))
+
+
+@pytest.mark.parametrize("which", ["tiny", "biased"])
+def test_the_layer_loop_in_c_gives_the_python_loops_bits_and_kv(model, which):
+    """csrc/lean_f32.c runs the layers by calling the very kernels the Python loop calls: its
+    logits and the KV it writes are bitwise the Python loop's, one row or several, biases and
+    4 query heads per kv head included."""
+    if kernels.lean_kernel() is None:
+        pytest.skip("the C layer loop did not build here")
+    if which == "biased":
+        model = _biased()
+    rng = random.Random(4)
+    seqs = [[1] + [rng.randrange(3, 96) for _ in range(120)] for _ in range(3)]
+    in_c, in_python = PooledModel(model, 4), PooledModel(model, 4)
+    assert in_c.lean.loop is not None and "specrag-lean" in in_c.kernels
+    called = []
+    real = in_c.lean._layers_in_c
+    in_c.lean._layers_in_c = lambda *a: called.append(1) or real(*a)
+    for rows in ([Row(0, 60, seqs[0][60:61], 0)],
+                 [Row(0, 61, seqs[0][61:77], 0), Row(2, 60, seqs[2][60:61], 0), Row(1, 60, seqs[1][60:64], 1)]):
+        with torch.inference_mode():
+            if not called:
+                _prefill(in_c, seqs)
+                _prefill(in_python, seqs)
+            got = in_c.forward(rows)
+            want = _forced_python_loop(in_python, rows)
+        assert torch.equal(got, want)
+        for layer in range(len(model.model.layers)):
+            assert torch.equal(in_c.pool.keys[layer], in_python.pool.keys[layer])
+            assert torch.equal(in_c.pool.values[layer], in_python.pool.values[layer])
+    assert len(called) == 2
+
+
+def test_the_c_loop_reads_the_weights_as_they_are_now_and_refuses_ones_it_cannot_read(model):
+    if kernels.lean_kernel() is None:
+        pytest.skip("the C layer loop did not build here")
+    m = copy.deepcopy(model)
+    runner = PooledModel(m, 2)
+    row = [Row(0, 0, [1, 5, 9], 0)]
+    with torch.inference_mode():
+        before = runner.forward(row)
+    down = m.model.layers[1].mlp.down_proj
+    down.weight = torch.nn.Parameter(down.weight * 1.5)           # another tensor: read from now on
+    with torch.inference_mode():
+        after = runner.forward(row)
+        assert not torch.equal(before, after)
+        assert torch.equal(after, PooledModel(copy.deepcopy(m), 2).forward(row))
+    down.weight = torch.nn.Parameter(down.weight[:, :-1].clone())  # one column short: refused, not read
+    with pytest.raises(ValueError, match="contiguous fp32 CPU weights"):
+        runner.forward(row)
+
+
+def test_a_model_with_another_activation_keeps_the_python_loop_with_its_own(model):
+    from transformers.activations import ACT2FN
+
+    gelu = copy.deepcopy(model)
+    for layer in gelu.model.layers:
+        layer.mlp.act_fn = ACT2FN["gelu"]
+    ours, theirs = PooledModel(gelu, 2), PooledModel(gelu, 2, lean=False)
+    assert ours.lean is not None and ours.lean.loop is None
+    row = [Row(0, 0, [1, 5, 9, 14], 0)]
+    with torch.inference_mode():
+        torch.testing.assert_close(ours.forward(row), theirs.forward(row), rtol=1e-4, atol=1e-4)
+
+
 def test_models_it_does_not_compute_keep_transformers_path(model):
     assert lean.why_not(model) is None
     refused = {}
