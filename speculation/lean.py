@@ -36,6 +36,7 @@ else keeps transformers' path (``why_not`` says why).
 from __future__ import annotations
 
 import ctypes
+import itertools
 from typing import Any
 
 import torch
@@ -130,7 +131,11 @@ class LeanLlama:
             self.norm.variance_epsilon)
         self._dims = (inner.layers[0].input_layernorm.weight.shape[0], self.q_width, self.kv_width, self.inter,
                       self.head_dim)
-        self._checked: list[torch.Tensor] = []
+        self._w_params = [m._parameters for m in self._w_modules]
+        self._b_params = [m._parameters for m in self._b_modules]
+        self._checked: list[int] = []          # the weights' addresses the arrays below hold
+        self._kv: list[int] = []
+        self._wts = self._bias = self._keys = self._values = None
 
     def _lin(self, modules: tuple[torch.nn.Linear, ...], x: torch.Tensor, rows: Any = None) -> torch.Tensor:
         """``torch.cat([m(x) for m in modules], -1)``: one call of our kernel for all of them
@@ -186,12 +191,14 @@ class LeanLlama:
 
     def _layers_in_c(self, h: torch.Tensor, batch: Any, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The layers and the final norm through ``specrag_lean_layers``: the weights as they are
-        now (read at every forward, checked whenever a module holds another tensor than at the
-        last check: C reads them without bounds), the pool's layers where they are now."""
-        ws = [m._parameters["weight"] for m in self._w_modules]
-        bs = [m._parameters.get("bias") for m in self._b_modules]
-        now = ws + bs
-        if len(now) != len(self._checked) or any(a is not b for a, b in zip(now, self._checked)):
+        now (their addresses read at every forward; checked whenever one moved -- a new
+        parameter, new data for one --, since C reads them without bounds), the pool's layers
+        where they are now."""
+        ws = list(map(dict.get, self._w_params, itertools.repeat("weight")))
+        bs = list(map(dict.get, self._b_params, itertools.repeat("bias")))
+        now = list(map(torch.Tensor.data_ptr, ws)) + [b.data_ptr() if b is not None else 0 for b in bs]
+        if now != self._checked:
+            # another tensor somewhere (a new parameter, or new data for one): check them all
             for w, shape in zip(ws, self._w_shapes):
                 if tuple(w.shape) != shape or w.dtype != torch.float32 or not w.is_contiguous() or w.device.type != "cpu":
                     raise ValueError(f"the lean forward needs contiguous fp32 CPU weights of shape {shape}, "
@@ -200,15 +207,18 @@ class LeanLlama:
                 if b is not None and (tuple(b.shape) != (m.out_features,) or b.dtype != torch.float32
                                       or not b.is_contiguous() or b.device.type != "cpu"):
                     raise ValueError(f"the lean forward needs contiguous fp32 CPU biases of shape ({m.out_features},)")
+            self._wts = (ctypes.c_void_p * len(ws))(*now[:len(ws)])
+            self._bias = (ctypes.c_void_p * len(bs))(*[p or None for p in now[len(ws):]])
             self._checked = now
         n = len(self.layers)
-        wts = (ctypes.c_void_p * len(ws))(*[w.data_ptr() for w in ws])
-        bias = (ctypes.c_void_p * len(bs))(*[b.data_ptr() if b is not None else None for b in bs])
         pool = batch.pool
-        keys = (ctypes.c_void_p * n)(*[k.data_ptr() for k in pool.keys[:n]])
-        values = (ctypes.c_void_p * n)(*[v.data_ptr() for v in pool.values[:n]])
+        kv = list(map(torch.Tensor.data_ptr, pool.keys[:n])) + list(map(torch.Tensor.data_ptr, pool.values[:n]))
+        if kv != self._kv:             # the pool grew (new tensors)
+            self._keys = (ctypes.c_void_p * n)(*kv[:n])
+            self._values = (ctypes.c_void_p * n)(*kv[n:])
+            self._kv = kv
         k0 = pool.keys[0]
-        return self.loop.layers(self.linear, self.attention, self.ops, n, h, self._dims, wts, bias, self._eps, keys,
-                                values, (k0.stride(0), k0.stride(1)), batch.slot_idx.contiguous(),
-                                batch.pos_idx.contiguous(), batch.nvis.contiguous(), batch.max_visible, self.scale,
-                                cos, sin)
+        return self.loop.layers(self.linear, self.attention, self.ops, n, h, self._dims, self._wts, self._bias,
+                                self._eps, self._keys, self._values, (k0.stride(0), k0.stride(1)),
+                                batch.slot_idx.contiguous(), batch.pos_idx.contiguous(), batch.nvis.contiguous(),
+                                batch.max_visible, self.scale, cos, sin)
