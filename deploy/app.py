@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from typing import Any, AsyncIterator
 
 from ray import serve
@@ -23,6 +22,7 @@ from ray.serve.handle import DeploymentHandle
 from pipeline.api import AskRequest, AskResult, Source
 
 from .config import ServeConfig
+from .cpus import usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -127,26 +127,6 @@ class Retriever:
         # /health reports it.
         if self._runner is None:
             raise RuntimeError("retrieval stage not loaded")
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (a
-    container's ``--cpus``) where one is set."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):       # not Linux
-        cpus = os.cpu_count() or 1
-    for quota_file, period_file in (("/sys/fs/cgroup/cpu.max", None),                       # cgroup v2
-                                    ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")):
-        try:
-            fields = open(quota_file).read().split()
-            quota, period = fields[0], fields[1] if period_file is None else open(period_file).read().strip()
-        except (OSError, IndexError):
-            continue
-        if quota not in ("max", "-1") and float(period) > 0:
-            cpus = min(cpus, -int(-float(quota) // float(period)))
-        break
-    return max(1, cpus)
 
 
 def set_generator_threads(configured: int | None) -> int:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .cpus import usable_cpus
+
 log = logging.getLogger(__name__)
 
 
@@ -287,7 +289,7 @@ def run_batch(input_path: str | Path, output_path: str | Path, *,
         init_ray()
     if callable(pipeline):  # resolved after init_ray, which may fill in the default index
         pipeline = pipeline()
-    cpus = os.cpu_count() or 1
+    cpus = usable_cpus()        # a container's CPU quota, not the host's core count
     threads = max(1, cpus // concurrency)
     t0 = time.perf_counter()
     bar = tqdm(total=len(todo), unit="q", desc="answering", file=err, disable=not progress, dynamic_ncols=True)

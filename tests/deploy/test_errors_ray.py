@@ -94,7 +94,7 @@ def test_errors_round_trip_through_a_ray_actor():
 def test_generator_replica_uses_every_cpu_unless_told_otherwise(monkeypatch):
     """Ray sets OMP_NUM_THREADS=1 in an actor with num_cpus 0.5 (the Generator's default); the
     replica's threads are the CPUs it may use, or ``torch_threads`` when set."""
-    from deploy.app import usable_cpus
+    from deploy.cpus import usable_cpus
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)      # Ray keeps a value it inherits
     ray = pytest.importorskip("ray")
