@@ -64,7 +64,7 @@ def _closed_loop(send, questions: list[str], concurrency: int) -> dict:
 
 
 def bench(index_dir: Path, questions: list[str], levels: list[int], max_tokens: int, k: int,
-          http_too: bool = True) -> dict:
+          http_too: bool = True, inproc_too: bool = True, waves: int = 1) -> dict:
     import httpx
     import torch
 
@@ -75,7 +75,7 @@ def bench(index_dir: Path, questions: list[str], levels: list[int], max_tokens: 
     from pipeline.rag import RAGPipeline
 
     threads = torch.get_num_threads()
-    pipe = RAGPipeline(PipelineConfig(index_dir=str(index_dir), max_tokens=max_tokens, k=k))
+    pipe = RAGPipeline(PipelineConfig(index_dir=str(index_dir), max_tokens=max_tokens, k=k)) if inproc_too else None
     cfg = ServeConfig.model_validate({
         "pipeline": {"index_dir": str(index_dir), "max_tokens": max_tokens, "k": k},
         "torch_threads": threads,
@@ -106,13 +106,17 @@ def bench(index_dir: Path, questions: list[str], levels: list[int], max_tokens: 
             return d["choices"][0]["message"]["content"], d["metrics"]["speculation"]
         return send
 
-    paths = {"inproc": inproc, "http": http} if http_too else {"inproc": inproc}
+    paths = {name: make for name, make, on in (("inproc", inproc, inproc_too), ("http", http, http_too)) if on}
     for make in paths.values():                   # warm-up: first forwards, Serve's handles
         make(True)("warm-up question about json")
     runs: dict[str, dict[str, dict]] = {}
     for c in levels:
         print(f"concurrency {c} ...", file=sys.stderr, flush=True)
-        level_questions = (questions * (c // len(questions) + 1))[:max(len(questions), c)]
+        # at least `waves` x c requests: with exactly c, every client sends one request and the
+        # run ends with a drain in which ever fewer rows share a step (worse where speculation
+        # makes requests finish at different times)
+        n = max(len(questions), waves * c)
+        level_questions = (questions * (n // len(questions) + 1))[:n]
         for name, send in [(f"{path}_{'spec' if spec else 'plain'}", make(spec))
                            for path, make in paths.items() for spec in (True, False)]:
             runs.setdefault(name, {})[str(c)] = _closed_loop(send, level_questions, c)
@@ -125,8 +129,9 @@ def bench(index_dir: Path, questions: list[str], levels: list[int], max_tokens: 
         local.shutdown()
     else:
         health = pipe.generation.health()
-    pipe.close()
-    reference = runs["inproc_plain"][str(levels[0])]["answers"]
+    if pipe is not None:
+        pipe.close()
+    reference = runs[f"{next(iter(paths))}_plain"][str(levels[0])]["answers"]
     for per_level in runs.values():
         for r in per_level.values():
             answers = r.pop("answers")
@@ -158,7 +163,8 @@ def markdown(res: dict) -> str:
     out = [f"Command: `{res['command']}`  ",
            f"Machine: {res['machine']}; load average {res['load_average_at_start']} at start, "
            f"{res['load_average_at_end']} at end.  ",
-           f"max({res['requests']}, concurrency) RAG questions per level (k = {res['k']} python-docs chunks), "
+           f"max({res['requests']}, {res.get('waves', 1)} x concurrency) RAG questions per level "
+           f"(k = {res['k']} python-docs chunks), "
            f"{res['max_tokens']} new "
            "tokens, greedy, closed loop; one engine loop (in-process) / one Generator replica (HTTP).", "",
            "| path | speculation | concurrency | tokens/s | questions/s | p50 s | p99 s | tokens/forward | rows/step "
@@ -231,6 +237,11 @@ def main() -> int:
     ap.add_argument("--skip-batch", action="store_true")
     ap.add_argument("--in-process-only", action="store_true",
                     help="no Ray Serve run (and no `specrag batch`); writes batching_inproc.{json,md,png}")
+    ap.add_argument("--http-only", action="store_true",
+                    help="no in-process run (the Ray driver in the benchmark's process slows an in-process engine "
+                         "loop; run those with --in-process-only); writes batching_http.{json,md,png}")
+    ap.add_argument("--waves", type=int, default=1,
+                    help="at least this many requests per client at every level (default 1)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args()
@@ -246,7 +257,10 @@ def main() -> int:
     levels = [int(x) for x in args.levels.split(",")]
     questions = (QUESTIONS * (args.requests // len(QUESTIONS) + 1))[:args.requests]
     load_start = [round(x, 2) for x in os.getloadavg()]
-    raw = bench(index_dir, questions, levels, args.max_tokens, args.k, http_too=not args.in_process_only)
+    if args.in_process_only and args.http_only:
+        ap.error("--in-process-only and --http-only exclude each other")
+    raw = bench(index_dir, questions, levels, args.max_tokens, args.k, http_too=not args.in_process_only,
+                inproc_too=not args.http_only, waves=args.waves)
     batch = {}
     if not args.skip_batch and not args.in_process_only:
         for a in (1, 2):
@@ -256,10 +270,11 @@ def main() -> int:
            "machine": f"{cpu_info()['model'] or platform.machine()}, {os.cpu_count()} CPUs, "
                       f"torch threads {torch.get_num_threads()}",
            "load_average_at_start": load_start, "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-           "levels": levels, "requests": len(questions), "max_tokens": args.max_tokens, "k": args.k,
+           "levels": levels, "requests": len(questions), "waves": args.waves, "max_tokens": args.max_tokens,
+           "k": args.k,
            **raw, "batch": batch}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "batching_inproc" if args.in_process_only else "batching"
+    stem = "batching_inproc" if args.in_process_only else "batching_http" if args.http_only else "batching"
     (args.out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(markdown(res))
     plot(res, args.out / f"{stem}.png")
