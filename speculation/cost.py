@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 CALIBRATION_ROWS = (1, 2, 4, 8, 16)
 CALIBRATION_TOKENS = (1, 2, 4, 8, 16)          # per row (a draft of 16 + the pending token)
 CALIBRATION_CONTEXT = 256
+CALIBRATION_LONG_CONTEXT = 768      # the second context, for the per-position (attention) price
+PER_POSITION_SHAPE = (4, 4)         # rows x tokens per row timed at both contexts
+CURVE_VERSION = "v2"                # v2: per_position
 
 
 @dataclass
@@ -52,8 +55,20 @@ class CostCurve:
     tokens: list[list[int]]          # per row count, ascending totals
     seconds: list[list[float]]
     meta: dict[str, Any] = field(default_factory=dict)
+    # seconds each fed token costs per cached position past the context the grid was measured
+    # at (``meta["context"]``): its attention, which the grid's short context underprices at a
+    # RAG request's context (16 rows x 1 token at 700 tokens: ~1 ms more per token on a 2-core EPYC)
+    per_position: float = 0.0
 
-    def __call__(self, tokens: int, rows: int) -> float:
+    def __call__(self, tokens: int, rows: int, context: float | None = None) -> float:
+        """Seconds of a forward feeding ``tokens`` in all over ``rows`` rows whose tokens see
+        ``context`` cached positions on average (None: the calibration's context)."""
+        extra = 0.0
+        if context is not None and self.per_position > 0:
+            extra = self.per_position * tokens * max(0.0, context - self.meta.get("context", CALIBRATION_CONTEXT))
+        return self._at(tokens, rows) + extra
+
+    def _at(self, tokens: int, rows: int) -> float:
         rows = max(1, rows)
         i = bisect.bisect_left(self.rows, rows)
         if i < len(self.rows) and self.rows[i] == rows:
@@ -78,21 +93,24 @@ class CostCurve:
         return max(y0 + (y1 - y0) * (tokens - x0) / (x1 - x0), 1e-6)
 
     def to_json(self) -> dict[str, Any]:
-        return {"rows": self.rows, "tokens": self.tokens, "seconds": self.seconds, "meta": self.meta}
+        return {"rows": self.rows, "tokens": self.tokens, "seconds": self.seconds, "meta": self.meta,
+                "per_position": self.per_position}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "CostCurve":
         return cls(list(d["rows"]), [list(x) for x in d["tokens"]], [list(x) for x in d["seconds"]],
-                   dict(d.get("meta") or {}))
+                   dict(d.get("meta") or {}), float(d.get("per_position") or 0.0))
 
     @classmethod
     def synthetic(cls, per_token: float, base: float = 0.04, per_row: float = 0.0,
-                  max_rows: int = 16, max_tokens: int = 512) -> "CostCurve":
-        """A linear curve, base + per_token * tokens + per_row * rows (tests, what-ifs)."""
+                  max_rows: int = 16, max_tokens: int = 512, per_position: float = 0.0) -> "CostCurve":
+        """A linear curve, base + per_token * tokens + per_row * rows (+ per_position * tokens *
+        positions past CALIBRATION_CONTEXT) (tests, what-ifs)."""
         rows = [r for r in CALIBRATION_ROWS if r <= max_rows] or [1]
         toks = [1, max_tokens]
         return cls(rows, [toks for _ in rows],
-                   [[base + per_row * r + per_token * t for t in toks] for r in rows], {"synthetic": True})
+                   [[base + per_row * r + per_token * t for t in toks] for r in rows],
+                   {"synthetic": True, "context": CALIBRATION_CONTEXT}, per_position)
 
 
 def tally_positions(reached: list, accepted_at: list, drafted: int, accepted: int,
@@ -168,13 +186,14 @@ class Candidate:
 
 def choose_lengths(candidates: list[Candidate | None], base_tokens: int, rows: int, curve: CostCurve,
                    acceptance: Acceptance, overhead: float = 0.0,
-                   per_draft: float = 0.0) -> tuple[list[int], float, float]:
+                   per_draft: float = 0.0, context: float | None = None) -> tuple[list[int], float, float]:
     """Draft length per candidate (0 for None) maximising the step's goodput; also the predicted
     forward seconds (the curve's) and goodput (tokens/s) of the choice. ``overhead``: seconds a
     step costs beside the curve's forward, whatever its drafts (the engine's measured gap: its
     own work, and a context longer than the calibration's); it dilutes what drafting adds.
     ``per_draft``: seconds each draft token costs beyond the curve's price for it (in a batch,
-    ragged rows pad each other's attention; the draft model's own forwards)."""
+    ragged rows pad each other's attention; the draft model's own forwards). ``context``: the
+    cached positions the step's tokens see on average (the curve prices their attention)."""
     lengths = [0] * len(candidates)
     heap: list[tuple[float, int, int]] = []          # (-marginal gain, candidate, position)
     chains: dict[int, list[float]] = {}
@@ -189,20 +208,20 @@ def choose_lengths(candidates: list[Candidate | None], base_tokens: int, rows: i
         chains[c] = gains
         if gains:
             heapq.heappush(heap, (-gains[0], c, 0))
-    best_n, best_goodput = 0, rows / (curve(base_tokens, rows) + overhead)
+    best_n, best_goodput = 0, rows / (curve(base_tokens, rows, context) + overhead)
     expected, picks = float(rows), []
     while heap:
         neg, c, i = heapq.heappop(heap)
         expected += -neg
         picks.append(c)
-        goodput = expected / (curve(base_tokens + len(picks), rows) + overhead + per_draft * len(picks))
+        goodput = expected / (curve(base_tokens + len(picks), rows, context) + overhead + per_draft * len(picks))
         if goodput > best_goodput:
             best_n, best_goodput = len(picks), goodput
         if i + 1 < len(chains[c]):
             heapq.heappush(heap, (-chains[c][i + 1], c, i + 1))
     for c in picks[:best_n]:
         lengths[c] += 1
-    return lengths, curve(base_tokens + best_n, rows), best_goodput
+    return lengths, curve(base_tokens + best_n, rows, context), best_goodput
 
 
 class StepResidual:
@@ -254,15 +273,19 @@ class StepResidual:
 # ---- calibration ------------------------------------------------------------------------------
 
 def curve_key(model: Any, dtype: Any, device: Any, kernel: str = "torch") -> str:
-    """What the cost depends on: architecture, dtype, device, threads, CPU, torch version, and
-    what computes the linear layers and the attention (``PooledModel.kernels``)."""
+    """What the cost depends on: architecture, dtype, device, threads, CPU, torch version, what
+    computes the linear layers and the attention (``PooledModel.kernels``), and how idle OpenMP
+    threads wait (``OMP_WAIT_POLICY=PASSIVE``, as the test suite runs, puts every parallel region
+    of a forward through a sleep and a wake-up: ~80 us each on 2 cores, ~6 ms of a decode
+    forward, so a curve measured there overprices every forward alike and makes drafts look cheap)."""
     import torch
 
     from .models import cpu_info
 
     cfg = model.config.to_json_string() if hasattr(model.config, "to_json_string") else repr(model.config)
     parts = [cfg, str(dtype), str(device), str(torch.get_num_threads()), torch.__version__,
-             platform.processor() or platform.machine(), cpu_info()["model"], kernel]
+             platform.processor() or platform.machine(), cpu_info()["model"], kernel,
+             os.environ.get("OMP_WAIT_POLICY", ""), os.environ.get("GOMP_SPINCOUNT", ""), CURVE_VERSION]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -348,11 +371,37 @@ def measure(runner: Any, rows: tuple[int, ...] = CALIBRATION_ROWS, tokens: tuple
                 for j, t in enumerate(ts):
                     batch = [Row(r, context, ids[r][context:context + t], 0) for r in range(n_rows)]
                     best[i][j] = min(best[i][j], time_forward(runner, batch, 1, warm_up=n == 0))
+        per_position = _per_position(runner, vocab, context, passes)
     curve_tokens = [[n_rows * t for t in ts] for n_rows, ts in zip(rows, grid)]
     curve_seconds = [list(itertools.accumulate(ys, max)) for ys in best]
     meta = {"context": context, "passes": passes, "seconds_to_measure": round(time.perf_counter() - t_start, 2),
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    return CostCurve(list(rows), curve_tokens, curve_seconds, meta)
+    return CostCurve(list(rows), curve_tokens, curve_seconds, meta, per_position)
+
+
+def _per_position(runner: Any, vocab: int, context: int, passes: int) -> float:
+    """Seconds per fed token per cached position: PER_POSITION_SHAPE (rows x tokens, a verification
+    step's shape) timed at ``context`` and at CALIBRATION_LONG_CONTEXT, fastest of ``passes``
+    interleaved, on a pool of its own (the runner's keeps its size: it grows for every slot at
+    once). 0 where the model's context cannot hold the longer one."""
+    import torch
+
+    from .forward import PooledModel, Row
+
+    n_rows, t = PER_POSITION_SHAPE
+    long = min(CALIBRATION_LONG_CONTEXT, runner.pool.max_length - t)
+    if long <= context:
+        return 0.0
+    probe = PooledModel(runner.model, n_rows, long + t, invariant=runner.invariant,
+                        linear_kernel="auto" if runner.kernel is not None else "torch", lean=runner.lean is not None)
+    ids = torch.randint(0, vocab, (n_rows, long + t), generator=torch.Generator().manual_seed(1)).tolist()
+    fill_context(probe, ids, n_rows, long, extra=t)
+    best = {context: float("inf"), long: float("inf")}
+    for n in range(passes):
+        for at in best:
+            batch = [Row(r, at, ids[r][at:at + t], 0) for r in range(n_rows)]
+            best[at] = min(best[at], time_forward(probe, batch, 1, warm_up=n == 0))
+    return max(0.0, (best[long] - best[context]) / (n_rows * t * (long - context)))
 
 
 def cache_path(key: str) -> Path:
@@ -377,7 +426,8 @@ def load_or_measure(runner: Any, remeasure: bool = False) -> CostCurve:
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(curve.to_json(), indent=1))
     os.replace(tmp, path)
-    log.info("forward cost measured in %.1f s: 1 row x 1 token %.1f ms, 1 x 16 %.1f ms, 16 rows x 1 %.1f ms; cached in %s",
+    log.info("forward cost measured in %.1f s: 1 row x 1 token %.1f ms, 1 x 16 %.1f ms, 16 rows x 1 %.1f ms, "
+             "%.2f us per fed token per cached position past %d; cached in %s",
              curve.meta["seconds_to_measure"], curve(1, 1) * 1e3, curve(16, 1) * 1e3,
-             curve(16, min(16, runner.pool.max_slots)) * 1e3, path)
+             curve(16, min(16, runner.pool.max_slots)) * 1e3, curve.per_position * 1e6, curve.meta["context"], path)
     return curve

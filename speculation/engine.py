@@ -38,6 +38,8 @@ from .text import StopStringStreamer
 from .verify import SamplingParams, draws, greedy_accept, sample_at, tree_accept, warp_probs
 
 DRAFTERS = ("reference", "tree", "prompt_lookup", "draft_model")
+# the longest pause, in steps, of draft proposals in a batch whose drafts the cost model keeps dropping
+PROPOSAL_PAUSE_MAX = 32
 # weight of the latest decode step in the step-overhead estimate the cost model adds to its curve
 OVERHEAD_EWMA = 0.2
 
@@ -363,6 +365,10 @@ class SpeculativeEngine:
         self.drafters: dict[str, Drafter] = self._make_drafters()
         self.on_step: Callable[[StepRecord], None] | None = None
         self._predicted: float | None = None
+        self._context: float | None = None
+        # per batch size (StepResidual's buckets): steps left in which no row proposes a draft, and
+        # the next such pause, doubled each time the cost model takes none of the drafts proposed
+        self._proposal_pause: dict[int, list[int]] = {}
         # seconds a one-row decode step costs beyond the curve's forward (EWMA of measured -
         # predicted, >= 0). In a batch the gap grows with the drafts (ragged rows cost more than
         # the curve's uniform shapes), so there it is fitted as overhead + slope x draft tokens
@@ -607,6 +613,8 @@ class SpeculativeEngine:
                 if state.fresh:         # waited for room: a row fed since may hold its prefix now
                     self._reuse(state, *self._cached_prefix(state))
         plans = self._plan(rows)
+        # the cached positions the step's tokens see, on average (the cost curve prices attention by it)
+        self._context = sum(p.state.cached + len(p.fed) for p in plans) / len(plans)
         self._draft(plans)
         logits = self.runner.forward([self._row(p) for p in plans])
         verdicts = self._verify(plans, logits)
@@ -657,7 +665,8 @@ class SpeculativeEngine:
             self.step_overhead = max(0.0, (1 - OVERHEAD_EWMA) * self.step_overhead
                                      + OVERHEAD_EWMA * (seconds - self._predicted))
         elif self.cost is not None and prefill_rows == 0 and len(plans) > 1:
-            self.batch_residual.update(len(plans), drafted, seconds - self.cost(step_tokens, len(plans)))
+            self.batch_residual.update(len(plans), drafted,
+                                       seconds - self.cost(step_tokens, len(plans), self._context))
         if self.on_step is not None:
             self.on_step(StepRecord(len(plans), step_tokens, seconds, prefill_rows, self._predicted))
 
@@ -714,6 +723,8 @@ class SpeculativeEngine:
         model, copy drafters propose their longest draft, a row whose turn reaches the draft
         model waits, then every row's length is chosen for the whole step and the draft model
         drafts just that many tokens."""
+        if self.cost is not None and self._skip_proposals(plans):
+            return
         depth = max((len(p.state.drafters) for p in plans), default=0)
         for rank in range(depth):
             for name, drafter in self.drafters.items():
@@ -730,6 +741,30 @@ class SpeculativeEngine:
                                                          [p.node_limit if tree else p.draft_limit for p in want]))
         if self.cost is not None:
             self._size(plans)
+
+    def _skip_proposals(self, plans: list[_RowPlan]) -> bool:
+        """Whether this step's rows skip drafting: a batch whose size's last sizings took none of
+        the drafts proposed (a full batch where verification does not pay). Proposing costs every
+        row a lookup (~0.1 ms each in Python: ~1.5 ms of a 16-row step) for drafts that would be
+        dropped; the pause doubles (up to PROPOSAL_PAUSE_MAX steps) while they keep being dropped,
+        and ends when a sizing takes one, so drafting resumes where it pays again."""
+        if len(plans) < 2:
+            return False
+        pause = self._proposal_pause.get(StepResidual.bucket(len(plans)))
+        if not pause or pause[0] <= 0:
+            return False
+        pause[0] -= 1
+        self._predicted = self.cost(sum(len(p.fed) for p in plans), len(plans), self._context)  # type: ignore[misc]
+        return True
+
+    def _note_choice(self, rows: int, proposed: bool, chosen: int) -> None:
+        if rows < 2 or not proposed:
+            return
+        pause = self._proposal_pause.setdefault(StepResidual.bucket(rows), [0, 1])
+        if chosen:
+            pause[:] = [0, 1]
+        else:
+            pause[:] = [pause[1], min(2 * pause[1], PROPOSAL_PAUSE_MAX)]
 
     def _assign(self, plans: list[_RowPlan], drafts: list[Draft | None]) -> None:
         for plan, draft in zip(plans, drafts):
@@ -766,7 +801,8 @@ class SpeculativeEngine:
                                else self.batch_residual.terms(len(plans)))
         lengths, self._predicted, _ = choose_lengths(candidates, sum(len(p.fed) for p in plans), len(plans),
                                                      self.cost, self.acceptance,  # type: ignore[arg-type]
-                                                     overhead, per_draft)
+                                                     overhead, per_draft, self._context)
+        self._note_choice(len(plans), any(c is not None for c in candidates), sum(lengths))
         deferred: list[_RowPlan] = []
         for p, k in zip(plans, lengths):
             if p.draft is not None:

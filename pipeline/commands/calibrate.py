@@ -39,4 +39,6 @@ def run(args: argparse.Namespace) -> int:
     print("rows " + "".join(f"{t:>8}" for t in per_row))
     for r, seconds in zip(curve.rows, curve.seconds):
         print(f"{r:>4} " + "".join(f"{s * 1e3:>8.1f}" for s in seconds))
+    print(f"at a cached context of {curve.meta['context']} tokens; each fed token costs "
+          f"{curve.per_position * 1e6:.2f} us more per cached position beyond it (its attention)")
     return 0

@@ -163,6 +163,9 @@ def test_measured_curve_is_cached_per_machine(tmp_path, monkeypatch):
     second = _engine()
     assert len(calls) == 1
     assert first.cost.rows == second.cost.rows == [1, 2] and first.cost(4, 1) > 0
+    # the attention's price per cached position, measured at a second context on a pool of its own
+    assert first.cost.per_position == second.cost.per_position >= 0
+    assert first.runner.pool.length < cost.CALIBRATION_LONG_CONTEXT       # the engine's pool did not grow to it
     assert list((tmp_path / "cost").glob("*.json"))
 
 
@@ -177,6 +180,42 @@ def test_draft_cost_beyond_the_curve_makes_a_batch_draft_less():
     priced, predicted, _ = choose_lengths(cands, 16, 16, flat, acc, per_draft=0.05)
     assert sum(priced) < sum(free)
     assert predicted == pytest.approx(flat(16 + sum(priced), 16))
+
+
+def test_a_longer_context_prices_every_fed_token_and_a_batch_drafts_less_there():
+    """The curve is measured at a short context; its per-position price adds each fed token's
+    attention over the positions past it, so at a RAG request's context the same drafts cost
+    more and fewer pay."""
+    acc = _acceptance({("reference", 2): 0.65})
+    curve = CostCurve.synthetic(per_token=0.002, base=0.03, per_position=3e-6)
+    assert curve(16, 16) == pytest.approx(curve(16, 16, context=100))          # at or below: the grid's
+    assert curve(16, 16, context=756) == pytest.approx(curve(16, 16) + 3e-6 * 16 * 500)
+    cands = [Candidate("reference", 2, 8)] * 16
+    short, predicted_short, _ = choose_lengths(cands, 16, 16, curve, acc, context=256)
+    long, predicted_long, _ = choose_lengths(cands, 16, 16, curve, acc, context=1256)
+    assert sum(short) > sum(long)
+    assert predicted_long == pytest.approx(curve(16 + sum(long), 16, context=1256))
+    # a curve without the price (measured before it existed, or synthetic) ignores the context
+    flat = CostCurve.synthetic(per_token=0.002, base=0.03)
+    assert choose_lengths(cands, 16, 16, flat, acc, context=1256)[0] == choose_lengths(cands, 16, 16, flat, acc)[0]
+    assert CostCurve.from_json(curve.to_json()).per_position == curve.per_position
+
+
+def test_the_curve_key_changes_with_how_idle_openmp_threads_wait(monkeypatch):
+    """A curve measured under OMP_WAIT_POLICY=PASSIVE (the test suite's) prices every forward's
+    parallel regions with a sleep and a wake-up: a serving process must not read it."""
+    from tinymodels import tiny_llama
+
+    from speculation.cost import curve_key
+
+    model = tiny_llama(seed=0)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    default = curve_key(model, "float32", "cpu", "k")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    passive = curve_key(model, "float32", "cpu", "k")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "10000")
+    assert len({default, passive, curve_key(model, "float32", "cpu", "k")}) == 3
 
 
 def test_step_residual_fits_overhead_and_slope_and_forgets_an_unmeasurable_slope():
@@ -215,3 +254,43 @@ def test_engine_fits_the_batch_residual_from_shared_steps_only():
     assert shared and engine.batch_residual.steps == len(shared)
     overhead, slope = engine.batch_residual.terms(2)
     assert overhead > 0.0 and slope >= 0.0       # a real step costs more than a 100-ns curve
+
+
+def test_a_batch_whose_drafts_never_pay_stops_proposing_them_and_resumes_where_they_do():
+    """Proposing costs every row a lookup; where the cost model keeps taking none of a batch's
+    drafts (a steep curve), the batch pauses its proposals, for longer each time, with the same
+    output; on a flat curve it proposes at every step."""
+    from exactness import hf_greedy
+    from speculation.cost import StepResidual
+    from speculation.engine import PROPOSAL_PAUSE_MAX, GenerationRequest
+    from tinymodels import tiny_llama
+
+    target = tiny_llama(seed=0)
+    # prompts whose greedy answers run the whole 40 tokens (no EOS): 4 rows share every step
+    prompts = [p for p in ([1, 30 + i, 31 + i % 3, 32, 33] for i in range(40)) if len(hf_greedy(target, p, 40)) == 40][:4]
+    assert len(prompts) == 4
+    reqs = [GenerationRequest(p, [p[-2:] + hf_greedy(target, p, 40)], max_new_tokens=40) for p in prompts]
+    outs, proposals = {}, {}
+    for name, curve in (("steep", CostCurve.synthetic(per_token=0.5, base=0.01)),
+                        ("flat", CostCurve.synthetic(per_token=1e-6))):
+        engine = _engine(curve)
+        real = engine.drafters["reference"].propose_batch
+        calls = proposals[name] = []
+
+        def spy(states, limits, real=real, calls=calls):
+            if len(states) > 1:
+                calls.append(len(states))
+            return real(states, limits)
+
+        engine.drafters["reference"].propose_batch = spy
+        steps = []
+        engine.on_step = steps.append
+        outs[name] = [r.token_ids for r in engine.generate(reqs)]
+        batched = [s for s in steps if s.rows > 1 and s.prefill_rows == 0]
+        if name == "steep":
+            # proposals at steps 1, 3, 6, 11, ... (pauses of 1, 2, 4, 8, ...): a few, not one per step
+            assert 2 <= len(calls) <= 7 < len(batched), (len(calls), len(batched))
+            assert 1 < engine._proposal_pause[StepResidual.bucket(4)][1] <= PROPOSAL_PAUSE_MAX
+        else:
+            assert len(calls) >= len(batched) - 1
+    assert outs["steep"] == outs["flat"] == [hf_greedy(target, p, 40) for p in prompts]
