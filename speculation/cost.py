@@ -275,8 +275,8 @@ class StepResidual:
 def curve_key(model: Any, dtype: Any, device: Any, kernel: str = "torch") -> str:
     """What the cost depends on: architecture, dtype, device, threads, CPU, torch version, what
     computes the linear layers and the attention (``PooledModel.kernels``), and how idle OpenMP
-    threads wait (``OMP_WAIT_POLICY=PASSIVE``, as the test suite runs, puts every parallel region
-    of a forward through a sleep and a wake-up: ~80 us each on 2 cores, ~6 ms of a decode
+    threads wait (``OMP_WAIT_POLICY=PASSIVE``, as the test suite ran, puts every parallel region
+    of a forward through a sleep and a wake-up: ~80 us each on 2 cores, ~10 ms of a decode
     forward, so a curve measured there overprices every forward alike and makes drafts look cheap)."""
     import torch
 

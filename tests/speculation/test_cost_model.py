@@ -202,7 +202,7 @@ def test_a_longer_context_prices_every_fed_token_and_a_batch_drafts_less_there()
 
 
 def test_the_curve_key_changes_with_how_idle_openmp_threads_wait(monkeypatch):
-    """A curve measured under OMP_WAIT_POLICY=PASSIVE (the test suite's) prices every forward's
+    """A curve measured under OMP_WAIT_POLICY=PASSIVE (as the test suite once ran) prices every forward's
     parallel regions with a sleep and a wake-up: a serving process must not read it."""
     from tinymodels import tiny_llama
 
