@@ -64,7 +64,7 @@ def _closed_loop(send, questions: list[str], concurrency: int) -> dict:
 
 
 def bench(index_dir: Path, questions: list[str], levels: list[int], max_tokens: int, k: int,
-          http_too: bool = True, inproc_too: bool = True, waves: int = 1) -> dict:
+          http_too: bool = True, inproc_too: bool = True, waves: int = 1, prefix_cache: bool = True) -> dict:
     import httpx
     import torch
 
@@ -75,9 +75,10 @@ def bench(index_dir: Path, questions: list[str], levels: list[int], max_tokens: 
     from pipeline.rag import RAGPipeline
 
     threads = torch.get_num_threads()
-    pipe = RAGPipeline(PipelineConfig(index_dir=str(index_dir), max_tokens=max_tokens, k=k)) if inproc_too else None
+    pipe = (RAGPipeline(PipelineConfig(index_dir=str(index_dir), max_tokens=max_tokens, k=k, prefix_cache=prefix_cache))
+            if inproc_too else None)
     cfg = ServeConfig.model_validate({
-        "pipeline": {"index_dir": str(index_dir), "max_tokens": max_tokens, "k": k},
+        "pipeline": {"index_dir": str(index_dir), "max_tokens": max_tokens, "k": k, "prefix_cache": prefix_cache},
         "torch_threads": threads,
         "generator": {"num_cpus": 0.5, "max_ongoing_requests": 16},
         "retriever": {"num_cpus": 0.25}, "ingress": {"num_cpus": 0.1},
@@ -242,6 +243,10 @@ def main() -> int:
                          "loop; run those with --in-process-only); writes batching_http.{json,md,png}")
     ap.add_argument("--waves", type=int, default=1,
                     help="at least this many requests per client at every level (default 1)")
+    ap.add_argument("--no-prefix-cache", action="store_true",
+                    help="engines without prefix caching: the questions repeat within and across runs, so with it a "
+                         "run's prefill depends on what the run before left in the slots (the plain run follows the "
+                         "speculative one) and on when its requests finish (staggered ones overwrite released slots)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args()
@@ -260,7 +265,7 @@ def main() -> int:
     if args.in_process_only and args.http_only:
         ap.error("--in-process-only and --http-only exclude each other")
     raw = bench(index_dir, questions, levels, args.max_tokens, args.k, http_too=not args.in_process_only,
-                inproc_too=not args.http_only, waves=args.waves)
+                inproc_too=not args.http_only, waves=args.waves, prefix_cache=not args.no_prefix_cache)
     batch = {}
     if not args.skip_batch and not args.in_process_only:
         for a in (1, 2):
@@ -270,7 +275,8 @@ def main() -> int:
            "machine": f"{cpu_info()['model'] or platform.machine()}, {os.cpu_count()} CPUs, "
                       f"torch threads {torch.get_num_threads()}",
            "load_average_at_start": load_start, "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-           "levels": levels, "requests": len(questions), "waves": args.waves, "max_tokens": args.max_tokens,
+           "levels": levels, "requests": len(questions), "waves": args.waves, "prefix_cache": not args.no_prefix_cache,
+           "max_tokens": args.max_tokens,
            "k": args.k,
            **raw, "batch": batch}
     args.out.mkdir(parents=True, exist_ok=True)
