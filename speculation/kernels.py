@@ -329,10 +329,11 @@ def layer_ops() -> LayerOps | None:
 
 
 # the lean forward's layer loop in C and the MLP's activation (one source, 16 or 8 fp32 lanes)
-LEAN = (KernelSpec(None, Path(__file__).with_name("csrc") / "lean_f32.c", "specrag_lean_layers", ("-mavx512f", "-mfma"),
-                   frozenset({"avx512f", "fma"}), "specrag-lean", 1e-5),
-        KernelSpec(None, Path(__file__).with_name("csrc") / "lean_f32.c", "specrag_lean_layers", ("-mavx2", "-mfma"),
-                   frozenset({"avx2", "fma"}), "specrag-lean-avx2", 1e-5))
+_LEAN_F32 = Path(__file__).with_name("csrc") / "lean_f32.c"
+LEAN = (KernelSpec(None, _LEAN_F32, "specrag_lean_layers", ("-mavx512f", "-mfma"), frozenset({"avx512f", "fma"}),
+                   "specrag-lean", 1e-5),
+        KernelSpec(None, _LEAN_F32, "specrag_lean_layers", ("-mavx2", "-mfma"), frozenset({"avx2", "fma"}),
+                   "specrag-lean-avx2", 1e-5))
 
 
 def _fn_ptr(fn: Any) -> int:
@@ -366,22 +367,28 @@ class LeanKernel:
             self._silu(g.data_ptr(), out.data_ptr(), t, n2 // 2, torch.get_num_threads())
         return out
 
-    def layers(self, linear: LinearKernel, attention: AttentionKernel, ops: LayerOps, n_layers: int, h: torch.Tensor,
-               dims: tuple[int, int, int, int, int], wts: Any, bias: Any, eps: Any, keys: Any, values: Any,
-               pool_strides: tuple[int, int], slot: torch.Tensor, pos: torch.Tensor, nvis: torch.Tensor, max_visible: int,
-               scale: float, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def entry_points(linear: LinearKernel, attention: AttentionKernel, ops: LayerOps) -> tuple[int, int, int, int]:
+        """The addresses of the kernels ``layers`` calls (the Python loop's own): take once, pass
+        to every ``layers`` call."""
+        return _fn_ptr(linear._multi), _fn_ptr(attention._fn), _fn_ptr(ops._norm), _fn_ptr(ops._rope)
+
+    def layers(self, kernels: tuple[int, int, int, int], n_layers: int, h: torch.Tensor, dims: Any, wts: Any,
+               bias: Any, eps: Any, keys: Any, values: Any, pool_strides: tuple[int, int], slot: torch.Tensor,
+               pos: torch.Tensor, nvis: torch.Tensor, max_visible: int, scale: float, cos: torch.Tensor,
+               sin: torch.Tensor) -> torch.Tensor:
         """Every decoder layer and the final RMSNorm for the T tokens of ``h`` [T, hidden]
         (contiguous fp32 embeddings; the residual stream on return); the normed hidden states
-        [T, hidden]. wts / bias / eps / keys / values: ctypes arrays laid out as
-        ``specrag_lean_layers`` reads them (``LeanLlama`` builds them); slot, pos, nvis: int64
-        [T], inside the pool (the caller checked); cos, sin: [T, head dim] contiguous."""
+        [T, hidden]. kernels: ``entry_points``; dims / wts / bias / eps / keys / values: ctypes
+        arrays laid out as ``specrag_lean_layers`` reads them (``LeanLlama`` builds them); slot,
+        pos, nvis: int64 [T], inside the pool (the caller checked); cos, sin: [T, head dim]
+        contiguous."""
         t, hid = h.shape
         nq, nkv, inter = dims[1], dims[2], dims[3]
         x = torch.empty_like(h)
         y, a = torch.empty(t, nq + 2 * nkv), torch.empty(t, nq)
         g, p, dn = torch.empty(t, 2 * inter), torch.empty(t, inter), torch.empty(t, hid)
-        self._layers(_fn_ptr(linear._multi), _fn_ptr(attention._fn), _fn_ptr(ops._norm), _fn_ptr(ops._rope), n_layers,
-                     t, (ctypes.c_int64 * 5)(*dims), wts, bias, eps, keys, values, pool_strides[0], pool_strides[1],
+        self._layers(*kernels, n_layers, t, dims, wts, bias, eps, keys, values, pool_strides[0], pool_strides[1],
                      slot.data_ptr(), pos.data_ptr(), nvis.data_ptr(), max_visible, scale, cos.data_ptr(),
                      sin.data_ptr(), h.data_ptr(), x.data_ptr(), y.data_ptr(), a.data_ptr(), g.data_ptr(),
                      p.data_ptr(), dn.data_ptr(), torch.get_num_threads())

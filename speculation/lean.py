@@ -129,8 +129,9 @@ class LeanLlama:
         self._eps = (ctypes.c_float * (2 * len(self.layers) + 1))(
             *[e for n1, _, _, n2, *_ in self.layers for e in (n1.variance_epsilon, n2.variance_epsilon)],
             self.norm.variance_epsilon)
-        self._dims = (inner.layers[0].input_layernorm.weight.shape[0], self.q_width, self.kv_width, self.inter,
-                      self.head_dim)
+        self._dims = (ctypes.c_int64 * 5)(inner.layers[0].input_layernorm.weight.shape[0], self.q_width,
+                                          self.kv_width, self.inter, self.head_dim)
+        self._kernels = self.loop.entry_points(linear, attention, ops) if self.loop is not None else None
         self._w_params = [m._parameters for m in self._w_modules]
         self._b_params = [m._parameters for m in self._b_modules]
         self._checked: list[int] = []          # the weights' addresses the arrays below hold
@@ -218,7 +219,7 @@ class LeanLlama:
             self._values = (ctypes.c_void_p * n)(*kv[n:])
             self._kv = kv
         k0 = pool.keys[0]
-        return self.loop.layers(self.linear, self.attention, self.ops, n, h, self._dims, self._wts, self._bias,
+        return self.loop.layers(self._kernels, n, h, self._dims, self._wts, self._bias,
                                 self._eps, self._keys, self._values, (k0.stride(0), k0.stride(1)),
                                 batch.slot_idx.contiguous(), batch.pos_idx.contiguous(), batch.nvis.contiguous(),
                                 batch.max_visible, self.scale, cos, sin)
