@@ -41,6 +41,8 @@ class PipelineConfig(BaseModel):
     max_tokens_per_step: int = Field(512, ge=32)
     # reuse the KV of a prompt prefix a slot already holds (the shared system prompt, repeated sources)
     prefix_cache: bool = True
+    # MB of prompt prefixes copied out of slots handed to other requests (speculation/kv.py PrefixStore)
+    prefix_cache_mb: float = Field(256, ge=0)
     # draft lengths: "cost" (the measured cost model) or "fixed" (adaptive lengths, >= 3-token matches on CPU)
     draft_policy: Literal["cost", "fixed"] = "cost"
     max_tokens: int = Field(256, ge=1)

@@ -108,7 +108,8 @@ class GenerationStage:
                                  EngineConfig(max_draft_tokens=config.max_draft_tokens, max_batch=config.max_batch,
                                               max_tokens_per_step=config.max_tokens_per_step,
                                               draft_policy=config.draft_policy,
-                                              prefix_cache=config.prefix_cache, **chosen))
+                                              prefix_cache=config.prefix_cache,
+                                              prefix_cache_mb=config.prefix_cache_mb, **chosen))
         # one engine loop: every request of this stage, from any thread, steps in shared forwards
         self.loop = EngineLoop(core)
         self.engine = LoopEngine(self.loop)

@@ -33,7 +33,7 @@ from .cost import Acceptance, Candidate, CostCurve, StepResidual, choose_lengths
 from .drafters import GIVEN, TARGET, Draft, Drafter, ModelDrafter, NgramDrafter, Origin, TreeDrafter
 from .errors import GenerationInputError
 from .forward import SHORT_ROW, PooledModel, Row
-from .kv import SlotTable
+from .kv import KeptPrefix, PrefixStore, SlotTable
 from .text import StopStringStreamer
 from .verify import SamplingParams, draws, greedy_accept, sample_at, tree_accept, warp_probs
 
@@ -125,6 +125,9 @@ class EngineConfig:
     # shared prefix is at least prefix_cache_min_tokens long
     prefix_cache: bool = True
     prefix_cache_min_tokens: int = 16
+    # what a slot held when it is handed to an unrelated sequence is copied out and kept, up to
+    # this many MB (least recently used dropped), so prefixes outlive slot turnover at full batch
+    prefix_cache_mb: float = 256
     # what computes fp32 / bf16 linear layers on a CPU: "auto", our kernels (speculation/
     # kernels.py: read the weights at close to memory bandwidth for 1-16 rows, compute a row
     # alike whatever shares its product; bf16 needs AVX512-BF16) where they build, else
@@ -356,6 +359,7 @@ class SpeculativeEngine:
         self.runner = PooledModel(target, self.config.max_batch, invariant=self.batch_invariant,
                                   linear_kernel=self.config.linear_kernel)
         self.slots = SlotTable(self.config.max_batch, self._evict)
+        self.kept = PrefixStore(int(self.config.prefix_cache_mb * 2**20) if self.config.prefix_cache else 0)
         if self.config.draft_policy not in ("cost", "fixed"):
             raise GenerationInputError(f"unknown draft_policy {self.config.draft_policy!r}: use cost or fixed")
         self.cost: CostCurve | None = None
@@ -505,16 +509,22 @@ class SpeculativeEngine:
         """The tokens whose keys and values the sequence's slot holds."""
         return (state.tokens + state.ahead)[:state.cached]
 
-    def _cached_prefix(self, state: SequenceState) -> tuple[int | None, int]:
-        """(slot, length): the slot holding the longest prefix of the sequence's tokens (at
-        least ``prefix_cache_min_tokens``, at most all but the pending token); (None, 0): none."""
-        donor, length = None, 0
+    def _cached_prefix(self, state: SequenceState) -> tuple[int | KeptPrefix | None, int]:
+        """(donor, length): the slot or kept prefix holding the longest prefix of the sequence's
+        tokens (at least ``prefix_cache_min_tokens``, at most all but the pending token); a slot
+        wins a tie (no copy when it is handed out); (None, 0): none."""
+        donor: int | KeptPrefix | None = None
+        length = 0
         if self.config.prefix_cache:
             bound = len(state.tokens) - 1
             for slot, held in self.slots.contents(self._held):
                 n = _common_prefix(held, state.tokens, bound)
                 if n > length:
                     donor, length = slot, n
+            for entry in self.kept.entries():
+                n = _common_prefix(entry.tokens, state.tokens, bound)
+                if n > length:
+                    donor, length = entry, n
         if length < max(1, self.config.prefix_cache_min_tokens):
             return None, 0
         return donor, length
@@ -522,17 +532,34 @@ class SpeculativeEngine:
     def _acquire(self, state: SequenceState, busy: set[int]) -> None:
         """A slot for a sequence without one, starting from the longest cached prefix of its
         tokens (copied in, or in place when the slot holding it is the one handed out); it
-        always feeds at least its pending token."""
+        always feeds at least its pending token. What the slot held, unless it is that prefix,
+        goes to the kept prefixes first."""
         donor, length = self._cached_prefix(state)
-        state.slot = self.slots.acquire(state, busy, prefer=donor, allocated=self.runner.pool.slots)
+        slot, overwritten = self.slots.acquire(state, busy, prefer=donor if isinstance(donor, int) else None,
+                                               allocated=self.runner.pool.slots, held=self._held)
+        if overwritten and slot != donor and self.config.prefix_cache:
+            self._keep(overwritten, slot)
+        state.slot = slot
         state.cached, state.fresh = 0, True
         self._reuse(state, donor, length)
 
-    def _reuse(self, state: SequenceState, donor: int | None, length: int) -> None:
+    def _keep(self, tokens: list[int], slot: int) -> None:
+        """Copy what ``slot`` holds to the kept prefixes, unless another slot holds all of it."""
+        n = len(tokens)
+        if n < max(1, self.config.prefix_cache_min_tokens):
+            return
+        for other, held in self.slots.contents(self._held):
+            if other != slot and _common_prefix(held, tokens, n) == n:
+                return
+        self.kept.put(tokens, self.runner.pool, slot)
+
+    def _reuse(self, state: SequenceState, donor: int | KeptPrefix | None, length: int) -> None:
         """Start the sequence's (not yet fed) slot from ``donor``'s first ``length`` positions."""
         if donor is None or length <= state.cached:
             return
-        if donor != state.slot:
+        if isinstance(donor, KeptPrefix):
+            self.kept.restore(donor, self.runner.pool, state.slot, length)  # type: ignore[arg-type]
+        elif donor != state.slot:
             self.runner.pool.copy_prefix(donor, state.slot, length)  # type: ignore[arg-type]
         state.stats.cached_prompt_tokens += min(length, state.n_prompt) - min(state.cached, state.n_prompt)
         state.cached = length

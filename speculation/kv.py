@@ -17,7 +17,9 @@ table keeps the tokens they belong to. A new sequence whose prompt starts like w
 a copy of the prefix (``KVPool.copy_prefix``) in a slot that holds nothing kept, or, when there
 is none, takes the released slot over. A position's keys and values depend only on the tokens
 up to it, so the reused prefix is what a prefill would compute (bitwise on the batch-invariant
-forward; up to fp32 rounding otherwise, as with chunked prefill).
+forward; up to fp32 rounding otherwise, as with chunked prefill). Before a slot is handed to a
+sequence that does not start from what it holds, that is copied out to a ``PrefixStore`` (a
+byte budget, least recently used dropped) and copied back for a later prompt that starts so.
 """
 
 from __future__ import annotations
@@ -96,25 +98,28 @@ class SlotTable:
     def __len__(self) -> int:
         return len(self._owners)
 
-    def acquire(self, owner: Any, busy: set[Hashable], prefer: int | None = None, allocated: int = 0) -> int:
-        """A slot for ``owner``. A free one if any: the lowest of those that hold nothing kept
+    def acquire(self, owner: Any, busy: set[Hashable], prefer: int | None = None, allocated: int = 0,
+                held: Callable[[Any], list[int]] | None = None) -> tuple[int, list[int]]:
+        """A slot for ``owner``, and the tokens whose keys and values it held and the owner will
+        overwrite (empty: none). A free one if any: the lowest of those that hold nothing kept
         and are already ``allocated`` (so what the others hold stays for later prompts; the
         caller copies the shared prefix in), else ``prefer`` (the slot holding the owner's
-        prefix, taken over in place), else the lowest. Else the least recently used owner whose
-        ``id`` is not in ``busy`` is evicted."""
+        prefix, taken over in place), else the one released longest ago. Else the least
+        recently used owner whose ``id`` is not in ``busy`` is evicted (``held(owner)``: what
+        its slot held)."""
         free = [slot for slot in range(self.max_slots) if slot not in self._owners]
         if free:
             empty = [slot for slot in free if slot not in self._left and slot < allocated]
-            slot = empty[0] if empty else prefer if prefer in free else free[0]
+            slot = empty[0] if empty else prefer if prefer in free else next(iter(self._left), free[0])
             self._owners[slot] = owner
-            self._left.pop(slot, None)
-            return slot
+            return slot, self._left.pop(slot, [])
         for slot, other in self._owners.items():
             if id(other) not in busy:
+                overwritten = held(other) if held is not None else []
                 self._on_evict(other)
                 del self._owners[slot]
                 self._owners[slot] = owner
-                return slot
+                return slot, overwritten
         raise RuntimeError(f"all {self.max_slots} KV slots are in use by sequences stepping now: "
                            "step fewer sequences at once or raise max_batch")
 
@@ -124,8 +129,9 @@ class SlotTable:
     def release(self, slot: int, tokens: list[int] | None = None) -> None:
         """Free ``slot``; ``tokens``: those whose keys and values it holds, kept for reuse."""
         self._owners.pop(slot, None)
+        self._left.pop(slot, None)
         if tokens:
-            self._left[slot] = tokens
+            self._left[slot] = tokens          # last in the dict: the most recently released
 
     def contents(self, held: Callable[[Any], list[int]]) -> list[tuple[int, list[int]]]:
         """(slot, tokens its KV holds) for every slot: ``held(owner)`` for one in use, the
@@ -134,3 +140,65 @@ class SlotTable:
 
     def owner(self, slot: int) -> Any:
         return self._owners.get(slot)
+
+
+class KeptPrefix:
+    """Keys and values of a token prefix copied out of the pool: ``[kv_heads, len(tokens), head_dim]`` per layer."""
+
+    __slots__ = ("tokens", "keys", "values", "nbytes")
+
+    def __init__(self, tokens: list[int], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        self.tokens, self.keys, self.values = tokens, keys, values
+        self.nbytes = sum(t.numel() * t.element_size() for t in keys + values)
+
+
+class PrefixStore:
+    """What a slot held when it was handed to a sequence that shares none of it (or its owner
+    was evicted): the keys and values copied out, exactly their length, so that a later prompt
+    starting the same way still skips that prefill although every slot has turned over -- a
+    server at full batch hands each newcomer the slot just freed. Least recently used entries
+    are dropped past ``budget_bytes``; an entry another one extends is dropped for it."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = max(0, int(budget_bytes))
+        self._entries: OrderedDict[int, KeptPrefix] = OrderedDict()     # id -> entry, LRU first
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def entries(self) -> list[KeptPrefix]:
+        return list(self._entries.values())
+
+    def put(self, tokens: list[int], pool: KVPool, slot: int) -> KeptPrefix | None:
+        """Copy the keys and values of ``tokens`` (positions ``[0, len(tokens))`` of ``slot``)
+        in, unless an entry already holds them; None: nothing kept (over the budget)."""
+        n = len(tokens)
+        for key, entry in list(self._entries.items()):
+            if entry.tokens[:n] == tokens:                 # already kept, maybe with more
+                self._entries.move_to_end(key)
+                return entry
+            if len(entry.tokens) < n and tokens[:len(entry.tokens)] == entry.tokens:
+                self._drop(key)                            # the new one extends it
+        size = 2 * pool.n_layers * pool.kv_heads * n * pool.head_dim * pool.keys[0].element_size()
+        if n == 0 or size > self.budget_bytes:
+            return None
+        while self.nbytes + size > self.budget_bytes:
+            self._drop(next(iter(self._entries)))
+        entry = KeptPrefix(list(tokens), [k[slot, :, :n].clone() for k in pool.keys],
+                           [v[slot, :, :n].clone() for v in pool.values])
+        self._entries[id(entry)] = entry
+        self.nbytes += entry.nbytes
+        return entry
+
+    def restore(self, entry: KeptPrefix, pool: KVPool, slot: int, length: int) -> None:
+        """Copy the entry's first ``length`` positions into ``slot`` (a cache hit)."""
+        pool.ensure(slot + 1, length)
+        for store, kept in ((pool.keys, entry.keys), (pool.values, entry.values)):
+            for layer, part in zip(store, kept):
+                layer[slot, :, :length] = part[:, :length]
+        if id(entry) in self._entries:
+            self._entries.move_to_end(id(entry))
+
+    def _drop(self, key: int) -> None:
+        self.nbytes -= self._entries.pop(key).nbytes

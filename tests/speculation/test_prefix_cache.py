@@ -122,16 +122,73 @@ def test_an_empty_slot_gets_a_copy_and_the_released_one_keeps_its_prefix(models)
     assert again.token_ids == a.token_ids
 
 
-def test_an_overwritten_slot_is_not_reused(models):
-    """Once a released slot is handed to an unrelated prompt, what it held is gone."""
-    engine = _engine(models, drafters=(), max_batch=1)
+def test_an_overwritten_slot_is_not_reused_without_kept_prefixes(models):
+    """With no room for kept prefixes, once a released slot is handed to an unrelated prompt,
+    what it held is gone."""
+    engine = _engine(models, drafters=(), max_batch=1, prefix_cache_mb=0)
     prompts = _family(seed=11)
     engine.generate_one(GenerationRequest(prompts[0], max_new_tokens=4))
     other = engine.generate_one(GenerationRequest([1] + [7] * 60, max_new_tokens=4))
     assert other.stats.cached_prompt_tokens == 0
     again = engine.generate_one(GenerationRequest(prompts[1], max_new_tokens=4))
-    assert again.stats.cached_prompt_tokens == 0
+    assert again.stats.cached_prompt_tokens == 0 and len(engine.kept) == 0
     assert again.token_ids == hf_greedy(models[0], prompts[1], 4)
+
+
+def test_what_an_overwritten_slot_held_is_kept_and_restored_bit_for_bit(models):
+    """One slot, turned over by an unrelated prompt: what it held is copied out first, and the
+    repeat of the first prompt starts from that copy -- the same bits its prefill wrote, the
+    same tokens as without the cache and as HF generate."""
+    target = models[0]
+    engine = _engine(models, drafters=(), max_batch=1)
+    prompts = _family(seed=11)
+    first = engine.generate_one(GenerationRequest(prompts[0], max_new_tokens=4))
+    pool = engine.runner.pool
+    n = len(prompts[0]) - 1
+    written = [(k[0, :, :n].clone(), v[0, :, :n].clone()) for k, v in zip(pool.keys, pool.values)]
+    other = engine.generate_one(GenerationRequest([1] + [7] * 60, max_new_tokens=4))
+    assert other.stats.cached_prompt_tokens == 0 and len(engine.kept) == 1
+    (entry,) = engine.kept.entries()
+    assert entry.tokens[:len(prompts[0])] == prompts[0]
+    for (k0, v0), k, v in zip(written, entry.keys, entry.values):
+        assert torch.equal(k0, k[:, :n]) and torch.equal(v0, v[:, :n])
+    again = engine.generate_one(GenerationRequest(prompts[1], max_new_tokens=4))
+    assert again.stats.cached_prompt_tokens == n
+    assert again.token_ids == first.token_ids
+    assert_same_tokens(target, prompts[1], hf_greedy(target, prompts[1], 4), again.token_ids, "kept prefix")
+    # the unrelated prompt went to the kept prefixes in turn (its slot was handed over again)
+    assert any(e.tokens[:61] == [1] + [7] * 60 for e in engine.kept.entries())
+
+
+def test_kept_prefixes_stay_within_their_budget_least_recently_used_first(models):
+    engine = _engine(models, drafters=(), max_batch=1)
+    pool = engine.runner.pool
+    per_token = 2 * pool.n_layers * pool.kv_heads * pool.head_dim * pool.keys[0].element_size()
+    engine.kept.budget_bytes = per_token * 150          # room for two ~64-token prompts, not three
+    prompts = [[1] + [c] * 60 for c in (7, 8, 9, 10)]
+    for p in prompts:
+        engine.generate_one(GenerationRequest(p, max_new_tokens=2))
+    assert engine.kept.nbytes <= engine.kept.budget_bytes
+    kept = [e.tokens[1] for e in engine.kept.entries()]
+    assert kept == [8, 9], "the two most recently overwritten prompts, oldest first"
+    # the oldest kept entry is dropped for the slot's prompt (10s) -- after it was matched
+    assert engine.generate_one(GenerationRequest(prompts[1], max_new_tokens=2)).stats.cached_prompt_tokens == 60
+    assert engine.generate_one(GenerationRequest(prompts[0], max_new_tokens=2)).stats.cached_prompt_tokens == 0
+
+
+def test_a_newcomer_overwrites_the_slot_released_longest_ago(models):
+    engine = _engine(models, drafters=(), max_batch=2, prefix_cache_mb=0)
+    a, b = engine.begin([GenerationRequest([1] + [7] * 40, max_new_tokens=2),
+                         GenerationRequest([1] + [8] * 40, max_new_tokens=2)])
+    engine.run([a, b])
+    slot_a, slot_b = a.slot, b.slot
+    engine.release(b)
+    engine.release(a)                                   # b released first: b's slot goes first
+    c = engine.begin([GenerationRequest([1] + [9] * 40, max_new_tokens=2)])[0]
+    assert c.slot == slot_b
+    again = engine.generate_one(GenerationRequest([1] + [7] * 40, max_new_tokens=2))
+    assert again.stats.cached_prompt_tokens == 40, "the later-released prompt was still there"
+    assert slot_a != slot_b
 
 
 def test_an_evicted_sequence_restarts_from_the_cache(models):
