@@ -139,6 +139,9 @@ class GenerationStage:
                            "max_rows_per_step": st.max_rows,
                            "mean_rows_per_step": round(st.rows / st.steps, 3) if st.steps else 0.0,
                            "draft_policy": self.config.draft_policy,
+                           # prompt prefixes copied out of slots handed to other requests
+                           "kept_prefixes": len(self.engine.kept),
+                           "kept_prefix_mb": round(self.engine.kept.nbytes / 2**20, 1),
                            # measured conditional acceptance by drafter/match length and draft position
                            "acceptance": self.engine.acceptance.table()}}
 

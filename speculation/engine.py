@@ -322,6 +322,8 @@ class StepRecord:
     seconds: float
     prefill_rows: int
     predicted_seconds: float | None = None  # the cost model's prediction for this step
+    drafted: int = 0                        # draft tokens verified
+    accepted: int = 0                       # of them, accepted
 
 
 @dataclass
@@ -646,7 +648,7 @@ class SpeculativeEngine:
         logits = self.runner.forward([self._row(p) for p in plans])
         verdicts = self._verify(plans, logits)
         seconds = time.perf_counter() - t0
-        prefill_rows = 0
+        prefill_rows = accepted = 0
         for plan in plans:
             state = plan.state
             first_chunk, state.fresh = state.fresh, False
@@ -668,6 +670,7 @@ class SpeculativeEngine:
                 continue
             path, nxt = verdicts[id(state)]
             n_acc = len(path)
+            accepted += n_acc
             draft = plan.draft
             if draft is not None:
                 depth = draft.depth() if draft.is_tree else None
@@ -695,7 +698,7 @@ class SpeculativeEngine:
             self.batch_residual.update(len(plans), drafted,
                                        seconds - self.cost(step_tokens, len(plans), self._context))
         if self.on_step is not None:
-            self.on_step(StepRecord(len(plans), step_tokens, seconds, prefill_rows, self._predicted))
+            self.on_step(StepRecord(len(plans), step_tokens, seconds, prefill_rows, self._predicted, drafted, accepted))
 
     @staticmethod
     def _row(plan: _RowPlan) -> Row:
