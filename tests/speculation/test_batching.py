@@ -95,6 +95,10 @@ def test_batched_generate_matches_batch1_and_hf(models):
         assert_same_tokens(target, req.prompt_ids, _hf_expected(oracle, req, tok), b.token_ids, f"case {n}")
     assert sum(r.stats.accepted_tokens for r in together) > 0
     assert {d for r in together for d in r.stats.by_drafter} == {"reference", "prompt_lookup", "draft_model"}
+    # the step records account for every draft token and acceptance the requests report
+    assert sum(s.drafted for s in steps) == sum(r.stats.draft_tokens for r in together)
+    assert sum(s.accepted for s in steps) == sum(r.stats.accepted_tokens for r in together)
+    assert all(0 <= s.accepted <= s.drafted for s in steps)
 
 
 def test_loop_requests_join_leave_and_cancel(models):
