@@ -74,12 +74,22 @@ class KVPool:
             for layer in store:
                 layer[slot, :, d] = layer[slot, :, s]     # the right side is gathered first
 
+    @property
+    def position_bytes(self) -> int:
+        """Bytes one position of one slot takes: keys and values of every layer."""
+        return 2 * self.n_layers * self.kv_heads * self.head_dim * self.keys[0].element_size()
+
     def copy_prefix(self, src: int, dst: int, length: int) -> None:
         """Copy positions ``[0, length)`` of slot ``src`` into slot ``dst`` (a shared prompt prefix)."""
+        self.write_prefix(dst, [k[src] for k in self.keys], [v[src] for v in self.values], length)
+
+    def write_prefix(self, dst: int, keys: list[torch.Tensor], values: list[torch.Tensor], length: int) -> None:
+        """Write positions ``[0, length)`` of per-layer ``[kv_heads, >= length, head_dim]``
+        keys and values into slot ``dst``."""
         self.ensure(dst + 1, length)
-        for store in (self.keys, self.values):
-            for layer in store:
-                layer[dst, :, :length] = layer[src, :, :length]
+        for store, part in ((self.keys, keys), (self.values, values)):
+            for layer, src in zip(store, part):
+                layer[dst, :, :length] = src[:, :length]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
@@ -180,7 +190,7 @@ class PrefixStore:
                 return entry
             if len(entry.tokens) < n and tokens[:len(entry.tokens)] == entry.tokens:
                 self._drop(key)                            # the new one extends it
-        size = 2 * pool.n_layers * pool.kv_heads * n * pool.head_dim * pool.keys[0].element_size()
+        size = n * pool.position_bytes
         if n == 0 or size > self.budget_bytes:
             return None
         while self.nbytes + size > self.budget_bytes:
@@ -193,10 +203,7 @@ class PrefixStore:
 
     def restore(self, entry: KeptPrefix, pool: KVPool, slot: int, length: int) -> None:
         """Copy the entry's first ``length`` positions into ``slot`` (a cache hit)."""
-        pool.ensure(slot + 1, length)
-        for store, kept in ((pool.keys, entry.keys), (pool.values, entry.values)):
-            for layer, part in zip(store, kept):
-                layer[slot, :, :length] = part[:, :length]
+        pool.write_prefix(slot, entry.keys, entry.values, length)
         if id(entry) in self._entries:
             self._entries.move_to_end(id(entry))
 

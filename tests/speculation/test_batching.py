@@ -6,6 +6,7 @@ sampled rows share the batch and are checked in distribution by test_sampling_en
 
 import random
 import threading
+import time
 
 import pytest
 import torch
@@ -127,10 +128,25 @@ def test_loop_requests_join_leave_and_cancel(models):
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
+    # hold the loop thread until the first ten are queued, so that they join in one step (these
+    # tiny requests take a few milliseconds: threads starting one by one need not overlap)
+    entered, gate = threading.Event(), threading.Event()
+
+    def hold():
+        entered.set()
+        gate.wait(30)
+    blocker = threading.Thread(target=loop.call, args=(hold,))
+    blocker.start()
+    assert entered.wait(30)
     first = [threading.Thread(target=client, args=(i,)) for i in range(10)]
     for t in first:
         t.start()
     long = loop.submit(GenerationRequest([1, 5, 6, 7], [], max_new_tokens=400))
+    deadline = time.monotonic() + 30
+    while loop.pending() < 11 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    gate.set()
+    blocker.join(30)
     assert step_seen.wait(30)
     late = [threading.Thread(target=client, args=(i,)) for i in range(10, 18)]   # join mid-run
     for t in late:

@@ -162,9 +162,7 @@ def test_what_an_overwritten_slot_held_is_kept_and_restored_bit_for_bit(models):
 
 def test_kept_prefixes_stay_within_their_budget_least_recently_used_first(models):
     engine = _engine(models, drafters=(), max_batch=1)
-    pool = engine.runner.pool
-    per_token = 2 * pool.n_layers * pool.kv_heads * pool.head_dim * pool.keys[0].element_size()
-    engine.kept.budget_bytes = per_token * 150          # room for two ~64-token prompts, not three
+    engine.kept.budget_bytes = engine.runner.pool.position_bytes * 150          # room for two ~64-token prompts, not three
     prompts = [[1] + [c] * 60 for c in (7, 8, 9, 10)]
     for p in prompts:
         engine.generate_one(GenerationRequest(p, max_new_tokens=2))
