@@ -698,7 +698,8 @@ class SpeculativeEngine:
             self.batch_residual.update(len(plans), drafted,
                                        seconds - self.cost(step_tokens, len(plans), self._context))
         if self.on_step is not None:
-            self.on_step(StepRecord(len(plans), step_tokens, seconds, prefill_rows, self._predicted, drafted, accepted))
+            self.on_step(StepRecord(len(plans), step_tokens, seconds, prefill_rows, self._predicted,
+                                    drafted, accepted))
 
     @staticmethod
     def _row(plan: _RowPlan) -> Row:

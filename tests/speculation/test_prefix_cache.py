@@ -162,7 +162,8 @@ def test_what_an_overwritten_slot_held_is_kept_and_restored_bit_for_bit(models):
 
 def test_kept_prefixes_stay_within_their_budget_least_recently_used_first(models):
     engine = _engine(models, drafters=(), max_batch=1)
-    engine.kept.budget_bytes = engine.runner.pool.position_bytes * 150          # room for two ~64-token prompts, not three
+    # room for two ~64-token prompts, not three
+    engine.kept.budget_bytes = engine.runner.pool.position_bytes * 150
     prompts = [[1] + [c] * 60 for c in (7, 8, 9, 10)]
     for p in prompts:
         engine.generate_one(GenerationRequest(p, max_new_tokens=2))
