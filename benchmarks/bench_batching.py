@@ -15,6 +15,13 @@ machine load hits them alike. Reported: tokens/s and questions/s of the whole ru
 latency, tokens per target forward, mean rows per engine step, and whether every answer equals
 that question's answer at concurrency 1 without speculation. Then ``specrag batch`` (Ray Data)
 questions/s at 1 and 2 actors. Not a timed test: run it alone on a quiet machine.
+
+Besides the whole run's rate, each run reports its *steady* rate: tokens per second while all c
+clients have a request out, i.e. without the run's final drain, in which ever fewer rows share a
+step (``_steady``). A closed loop of equal-length requests keeps runs without speculation in
+lockstep -- they all finish at the same step, so the drain is short -- while speculative requests
+finish at different steps and drain longer; under a steady load there is no drain.
+``--rounds R`` runs each path and mode R times per level, speculation first and second in turn.
 """
 
 from __future__ import annotations
@@ -38,33 +45,73 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_serve import QUESTIONS, add_index_args, ensure_index, pct  # noqa: E402
 
 
+def _steady(spans: list[tuple[float, float, int]], concurrency: int) -> tuple[float, float, float]:
+    """(window start, window end, tokens in it) of a closed-loop run's steady part.
+
+    The window runs from the moment every client has a request out (the ``concurrency``-th
+    start) to the first finish after the last request started (from then on a client that
+    finishes finds no question left: the drain). A request's tokens count in proportion to the
+    part of its duration inside the window (tokens committed at an even rate over it). Runs
+    whose requests finish at different times (speculation's) drain longer than runs whose
+    requests finish together, so the whole-run rate penalises them for the run's end; this rate
+    is the one a server under a steady load of ``concurrency`` clients keeps.
+    """
+    starts = sorted(s for s, _, _ in spans)
+    t0 = starts[min(concurrency, len(starts)) - 1]
+    t1 = min((e for _, e, _ in spans if e > starts[-1]), default=starts[-1])
+    tokens = 0.0
+    for s, e, n in spans:
+        if e > s:
+            tokens += n * max(0.0, min(e, t1) - max(s, t0)) / (e - s)
+    return t0, t1, tokens
+
+
 def _closed_loop(send, questions: list[str], concurrency: int) -> dict:
     """Send every question with ``concurrency`` clients; per request (latency, answer, stats)."""
-    results: list[tuple[float, str, dict]] = [None] * len(questions)  # type: ignore[list-item]
+    results: list[tuple[float, float, str, dict]] = [None] * len(questions)  # type: ignore[list-item]
 
     def one(i: int) -> None:
         t0 = time.perf_counter()
         text, stats = send(questions[i])
-        results[i] = (time.perf_counter() - t0, text, stats)
+        results[i] = (t0, time.perf_counter(), text, stats)
 
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, range(len(questions))))
     wall = time.perf_counter() - t0
-    lat = [r[0] for r in results]
-    tokens = sum(int(r[2].get("generated_tokens") or 0) for r in results)
-    forwards = sum(int(r[2].get("target_forwards") or 0) for r in results)
-    rows = [float(r[2].get("mean_rows_per_step") or 0) for r in results]
+    lat = [r[1] - r[0] for r in results]
+    counts = [int(r[3].get("generated_tokens") or 0) for r in results]
+    tokens = sum(counts)
+    forwards = sum(int(r[3].get("target_forwards") or 0) for r in results)
+    rows = [float(r[3].get("mean_rows_per_step") or 0) for r in results]
+    w0, w1, steady_tokens = _steady([(r[0], r[1], n) for r, n in zip(results, counts)], concurrency)
     return {"wall_s": round(wall, 3), "tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
             "questions_per_s": round(len(questions) / wall, 3),
+            "steady_s": round(w1 - w0, 3),
+            "steady_tokens_per_s": round(steady_tokens / (w1 - w0), 2) if w1 > w0 else None,
             "p50_s": round(pct(lat, 0.5), 3), "p99_s": round(pct(lat, 0.99), 3),
             "tokens_per_forward": round(tokens / forwards, 3) if forwards else 0.0,
             "mean_rows_per_step": round(statistics.fmean(rows), 2) if rows else 0.0,
-            "answers": [r[1] for r in results]}
+            "answers": [r[2] for r in results]}
+
+
+def _median_run(rounds: list[dict]) -> dict:
+    """One level's repeated runs as one: the round of median throughput, with every round's
+    whole-run and steady tokens/s beside it and the medians of both; answers of every round."""
+    ranked = sorted(rounds, key=lambda r: r["tokens_per_s"])
+    out = dict(ranked[(len(ranked) - 1) // 2])
+    out["tokens_per_s"] = round(statistics.median(r["tokens_per_s"] for r in rounds), 2)
+    steady = [r["steady_tokens_per_s"] for r in rounds if r["steady_tokens_per_s"] is not None]
+    out["steady_tokens_per_s"] = round(statistics.median(steady), 2) if steady else None
+    out["rounds"] = [{"tokens_per_s": r["tokens_per_s"], "steady_tokens_per_s": r["steady_tokens_per_s"],
+                      "p50_s": r["p50_s"], "wall_s": r["wall_s"]} for r in rounds]
+    out["answers"] = [a for r in rounds for a in r["answers"]]
+    return out
 
 
 def bench(index_dir: Path, questions: list[str], levels: list[int], max_tokens: int, k: int,
-          http_too: bool = True, inproc_too: bool = True, waves: int = 1, prefix_cache: bool = True) -> dict:
+          http_too: bool = True, inproc_too: bool = True, waves: int = 1, prefix_cache: bool = True,
+          rounds: int = 1) -> dict:
     import httpx
     import torch
 
@@ -123,12 +170,19 @@ def bench(index_dir: Path, questions: list[str], levels: list[int], max_tokens: 
         # makes requests finish at different times)
         n = max(len(questions), waves * c)
         level_questions = (questions * (n // len(questions) + 1))[:n]
-        for name, send in [(f"{path}_{'spec' if spec else 'plain'}", make(spec))
-                           for path, make in paths.items() for spec in (True, False)]:
-            runs.setdefault(name, {})[str(c)] = _closed_loop(send, level_questions, c)
-            r = runs[name][str(c)]
-            print(f"  {name}: {r['tokens_per_s']} tok/s, p50 {r['p50_s']} s, rows/step {r['mean_rows_per_step']}",
-                  file=sys.stderr, flush=True)
+        per_round: dict[str, list[dict]] = {}
+        for rnd in range(rounds):
+            # ABBA: speculation first in even rounds, second in odd ones, so drifting load and
+            # whatever one run leaves the next (caches, OpenMP teams) hit both modes alike
+            order = (True, False) if rnd % 2 == 0 else (False, True)
+            for name, send in [(f"{path}_{'spec' if spec else 'plain'}", make(spec))
+                               for path, make in paths.items() for spec in order]:
+                r = _closed_loop(send, level_questions, c)
+                per_round.setdefault(name, []).append(r)
+                print(f"  {name}: {r['tokens_per_s']} tok/s (steady {r['steady_tokens_per_s']}), p50 {r['p50_s']} s, "
+                      f"rows/step {r['mean_rows_per_step']}", file=sys.stderr, flush=True)
+        for name, rs in per_round.items():
+            runs.setdefault(name, {})[str(c)] = _median_run(rs)
     if http_too:
         health = client.get(url + "/health").json()
         client.close()
@@ -137,12 +191,16 @@ def bench(index_dir: Path, questions: list[str], levels: list[int], max_tokens: 
         health = pipe.generation.health()
     if pipe is not None:
         pipe.close()
-    reference = runs[f"{next(iter(paths))}_plain"][str(levels[0])]["answers"]
+    # each question's answer at the first level without speculation (its first round); a level's
+    # answers are its rounds' one after another, each round asking level_questions in order
+    reference = runs[f"{next(iter(paths))}_plain"][str(levels[0])]["answers"][:len(questions)]
     for per_level in runs.values():
         for r in per_level.values():
             answers = r.pop("answers")
+            per_round = len(answers) // rounds
             r["requests"] = len(answers)
-            r["identical_to_reference"] = sum(a == reference[i % len(reference)] for i, a in enumerate(answers))
+            r["identical_to_reference"] = sum(a == reference[(i % per_round) % len(questions)]
+                                              for i, a in enumerate(answers))
     return {"runs": runs, "torch_threads": threads, "health": health}
 
 
@@ -175,30 +233,38 @@ def markdown(res: dict) -> str:
            "tokens, greedy, closed loop; one engine loop (in-process) / one Generator replica (HTTP); "
            + ("prefix cache on, every question answered once per path before the runs (each prompt cached)."
               if res.get("prefix_cache", True) else "no prefix cache (every prompt prefilled)."), "",
-           "| path | speculation | concurrency | tokens/s | questions/s | p50 s | p99 s | tokens/forward | rows/step "
-           "| identical |", "|---|---|---|---|---|---|---|---|---|---|"]
+           f"{res.get('rounds', 1)} round(s) per level, speculation first and second in turn (ABBA); the medians. "
+           "Steady tokens/s: the rate while every client has a request out (the run's start and its final drain "
+           "left out; `_steady`).", "",
+           "| path | speculation | concurrency | tokens/s | steady tokens/s | questions/s | p50 s | p99 s "
+           "| tokens/forward | rows/step | identical |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in [n for n in ("inproc_spec", "inproc_plain", "http_spec", "http_plain") if n in runs]:
         path, mode = name.split("_")
         for c in levels:
             r = runs[name][str(c)]
             out.append(f"| {'in-process' if path == 'inproc' else 'HTTP'} | {'on' if mode == 'spec' else 'off'} | {c} "
-                       f"| {r['tokens_per_s']} | {r['questions_per_s']} | {r['p50_s']} | {r['p99_s']} "
+                       f"| {r['tokens_per_s']} | {r.get('steady_tokens_per_s')} | {r['questions_per_s']} "
+                       f"| {r['p50_s']} | {r['p99_s']} "
                        f"| {r['tokens_per_forward']} | {r['mean_rows_per_step']} "
                        f"| {r['identical_to_reference']}/{r['requests']} |")
     out += ["", "| ratio | " + " | ".join(f"c={c}" for c in levels) + " |", "|---|" + "---|" * len(levels)]
-    ratios = (   # label, run, vs: "c1" (the same run at the first level) or the run without speculation
-        ("HTTP throughput vs c=1 (spec on)", "http_spec", "c1"),
-        ("in-process throughput vs c=1 (spec on)", "inproc_spec", "c1"),
-        ("speculation on / off, HTTP", "http_spec", "http_plain"),
-        ("speculation on / off, in-process", "inproc_spec", "inproc_plain"),
+    ratios = (   # label, run, vs: "c1" (the same run at the first level) or the run without speculation; metric
+        ("HTTP throughput vs c=1 (spec on)", "http_spec", "c1", "tokens_per_s"),
+        ("in-process throughput vs c=1 (spec on)", "inproc_spec", "c1", "tokens_per_s"),
+        ("speculation on / off, HTTP", "http_spec", "http_plain", "tokens_per_s"),
+        ("speculation on / off, in-process", "inproc_spec", "inproc_plain", "tokens_per_s"),
+        ("HTTP steady throughput vs c=1 (spec on)", "http_spec", "c1", "steady_tokens_per_s"),
+        ("speculation on / off, HTTP, steady", "http_spec", "http_plain", "steady_tokens_per_s"),
+        ("speculation on / off, in-process, steady", "inproc_spec", "inproc_plain", "steady_tokens_per_s"),
     )
-    for label, name, vs in ratios:
+    for label, name, vs, metric in ratios:
         if name not in runs:
             continue
         cells = []
         for c in levels:
             base = runs[name][str(levels[0])] if vs == "c1" else runs[vs][str(c)]
-            cells.append(f"{runs[name][str(c)]['tokens_per_s'] / base['tokens_per_s']:.2f}x")
+            num, den = runs[name][str(c)].get(metric), base.get(metric)
+            cells.append(f"{num / den:.2f}x" if num and den else "-")
         out.append(f"| {label} | " + " | ".join(cells) + " |")
     if res.get("batch"):
         out += ["", "| `specrag batch` actors | questions/s | steady questions/s | tokens/s |", "|---|---|---|---|"]
@@ -250,6 +316,9 @@ def main() -> int:
                          "loop; run those with --in-process-only); writes batching_http.{json,md,png}")
     ap.add_argument("--waves", type=int, default=1,
                     help="at least this many requests per client at every level (default 1)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="runs of each path and mode per level, speculation first and second in turn (ABBA); "
+                         "the tables give the medians")
     ap.add_argument("--no-prefix-cache", action="store_true",
                     help="engines without prefix caching: every prompt prefilled (with it, the default, each path "
                          "first answers every question once, so every run finds each question's prompt cached)")
@@ -271,7 +340,8 @@ def main() -> int:
     if args.in_process_only and args.http_only:
         ap.error("--in-process-only and --http-only exclude each other")
     raw = bench(index_dir, questions, levels, args.max_tokens, args.k, http_too=not args.in_process_only,
-                inproc_too=not args.http_only, waves=args.waves, prefix_cache=not args.no_prefix_cache)
+                inproc_too=not args.http_only, waves=args.waves, prefix_cache=not args.no_prefix_cache,
+                rounds=args.rounds)
     batch = {}
     if not args.skip_batch and not args.in_process_only:
         for a in (1, 2):
@@ -281,7 +351,7 @@ def main() -> int:
            "machine": f"{cpu_info()['model'] or platform.machine()}, {os.cpu_count()} CPUs, "
                       f"torch threads {torch.get_num_threads()}",
            "load_average_at_start": load_start, "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-           "levels": levels, "requests": len(questions), "waves": args.waves, "prefix_cache": not args.no_prefix_cache,
+           "levels": levels, "requests": len(questions), "waves": args.waves, "rounds": args.rounds, "prefix_cache": not args.no_prefix_cache,
            "max_tokens": args.max_tokens,
            "k": args.k,
            **raw, "batch": batch}
