@@ -22,6 +22,9 @@ step (``_steady``). A closed loop of equal-length requests keeps runs without sp
 lockstep -- they all finish at the same step, so the drain is short -- while speculative requests
 finish at different steps and drain longer; under a steady load there is no drain.
 ``--rounds R`` runs each path and mode R times per level, speculation first and second in turn.
+``--rates`` adds open-loop runs: requests at Poisson arrival times, sent when due however many
+are out, as independent users send them; reported are latency percentiles with speculation on
+and off at each arrival rate.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import concurrent.futures as cf
 import json
 import os
 import platform
+import random
 import shlex
 import statistics
 import sys
@@ -95,6 +99,50 @@ def _closed_loop(send, questions: list[str], concurrency: int) -> dict:
             "answers": [r[2] for r in results]}
 
 
+def _open_loop(send, questions: list[str], rate: float, seed: int = 0) -> dict:
+    """Send the questions at Poisson arrival times, ``rate`` per second on average (seeded: every
+    path and mode gets the same schedule), each whenever it is due, however many are out; per
+    request (latency, answer, stats). No client waits for an answer before the next arrival, so
+    there is neither lockstep nor drain: the load a server sees from many independent users."""
+    rng = random.Random(seed)
+    due, t = [], 0.0
+    for _ in questions:
+        t += rng.expovariate(rate)
+        due.append(t)
+    results: list[tuple[float, float, str, dict]] = [None] * len(questions)  # type: ignore[list-item]
+
+    def one(i: int) -> None:
+        time.sleep(max(0.0, start + due[i] - time.perf_counter()))
+        t0 = time.perf_counter()
+        text, stats = send(questions[i])
+        results[i] = (t0, time.perf_counter(), text, stats)
+
+    start = time.perf_counter()
+    with cf.ThreadPoolExecutor(len(questions)) as pool:
+        list(pool.map(one, range(len(questions))))
+    wall = time.perf_counter() - start
+    lat = [r[1] - r[0] for r in results]
+    tokens = sum(int(r[3].get("generated_tokens") or 0) for r in results)
+    forwards = sum(int(r[3].get("target_forwards") or 0) for r in results)
+    return {"rate": rate, "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 2),
+            "p50_s": round(pct(lat, 0.5), 3), "p90_s": round(pct(lat, 0.9), 3), "p99_s": round(pct(lat, 0.99), 3),
+            "mean_in_flight": round(sum(lat) / wall, 2),
+            "tokens_per_forward": round(tokens / forwards, 3) if forwards else 0.0,
+            "answers": [r[2] for r in results]}
+
+
+def _median_open(rounds: list[dict]) -> dict:
+    """One rate's repeated runs as one: the round of median p50 latency, with every round's
+    latencies beside it and the medians; answers of every round."""
+    ranked = sorted(rounds, key=lambda r: r["p50_s"])
+    out = dict(ranked[(len(ranked) - 1) // 2])
+    for key in ("p50_s", "p90_s", "p99_s", "tokens_per_s"):
+        out[key] = round(statistics.median(r[key] for r in rounds), 3)
+    out["rounds"] = [{k: r[k] for k in ("p50_s", "p90_s", "p99_s", "wall_s")} for r in rounds]
+    out["answers"] = [a for r in rounds for a in r["answers"]]
+    return out
+
+
 def _median_run(rounds: list[dict]) -> dict:
     """One level's repeated runs as one: the round of median throughput, with every round's
     whole-run and steady tokens/s beside it and the medians of both; answers of every round."""
@@ -111,7 +159,7 @@ def _median_run(rounds: list[dict]) -> dict:
 
 def bench(index_dir: Path, questions: list[str], levels: list[int], max_tokens: int, k: int,
           http_too: bool = True, inproc_too: bool = True, waves: int = 1, prefix_cache: bool = True,
-          rounds: int = 1) -> dict:
+          rounds: int = 1, rates: tuple[float, ...] = (), open_requests: int = 32) -> dict:
     import httpx
     import torch
 
@@ -183,6 +231,21 @@ def bench(index_dir: Path, questions: list[str], levels: list[int], max_tokens: 
                       f"rows/step {r['mean_rows_per_step']}", file=sys.stderr, flush=True)
         for name, rs in per_round.items():
             runs.setdefault(name, {})[str(c)] = _median_run(rs)
+    open_runs: dict[str, dict[str, dict]] = {}
+    open_questions = (questions * (open_requests // len(questions) + 1))[:open_requests]
+    for rate in rates:
+        print(f"open loop, {rate} requests/s ...", file=sys.stderr, flush=True)
+        per_round = {}
+        for rnd in range(rounds):
+            order = (True, False) if rnd % 2 == 0 else (False, True)
+            for name, send in [(f"{path}_{'spec' if spec else 'plain'}", make(spec))
+                               for path, make in paths.items() for spec in order]:
+                r = _open_loop(send, open_questions, rate, seed=rnd)
+                per_round.setdefault(name, []).append(r)
+                print(f"  {name}: p50 {r['p50_s']} s, p99 {r['p99_s']} s, in flight {r['mean_in_flight']}",
+                      file=sys.stderr, flush=True)
+        for name, rs in per_round.items():
+            open_runs.setdefault(name, {})[str(rate)] = _median_open(rs)
     if http_too:
         health = client.get(url + "/health").json()
         client.close()
@@ -194,14 +257,14 @@ def bench(index_dir: Path, questions: list[str], levels: list[int], max_tokens: 
     # each question's answer at the first level without speculation (its first round); a level's
     # answers are its rounds' one after another, each round asking level_questions in order
     reference = runs[f"{next(iter(paths))}_plain"][str(levels[0])]["answers"][:len(questions)]
-    for per_level in runs.values():
+    for per_level in (*runs.values(), *open_runs.values()):
         for r in per_level.values():
             answers = r.pop("answers")
-            per_round = len(answers) // rounds
+            n_round = len(answers) // rounds
             r["requests"] = len(answers)
-            r["identical_to_reference"] = sum(a == reference[(i % per_round) % len(questions)]
+            r["identical_to_reference"] = sum(a == reference[(i % n_round) % len(questions)]
                                               for i, a in enumerate(answers))
-    return {"runs": runs, "torch_threads": threads, "health": health}
+    return {"runs": runs, "open_runs": open_runs, "torch_threads": threads, "health": health}
 
 
 def bench_batch(index_dir: Path, n: int, max_tokens: int, actors: int, k: int) -> dict:
@@ -266,6 +329,30 @@ def markdown(res: dict) -> str:
             num, den = runs[name][str(c)].get(metric), base.get(metric)
             cells.append(f"{num / den:.2f}x" if num and den else "-")
         out.append(f"| {label} | " + " | ".join(cells) + " |")
+    open_runs = res.get("open_runs") or {}
+    if open_runs:
+        rates = list(next(iter(open_runs.values())))
+        out += ["", f"Open loop: {res.get('open_requests')} requests per run at Poisson arrival times (the same "
+                "seeded schedule for every path and mode), each sent when due whatever is out; latency in seconds.",
+                "", "| path | speculation | requests/s | tokens/s | p50 s | p90 s | p99 s | mean in flight "
+                "| tokens/forward | identical |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for name in [n for n in ("inproc_spec", "inproc_plain", "http_spec", "http_plain") if n in open_runs]:
+            path, mode = name.split("_")
+            for rate in rates:
+                r = open_runs[name][rate]
+                out.append(f"| {'in-process' if path == 'inproc' else 'HTTP'} | {'on' if mode == 'spec' else 'off'} "
+                           f"| {rate} | {r['tokens_per_s']} | {r['p50_s']} | {r['p90_s']} | {r['p99_s']} "
+                           f"| {r['mean_in_flight']} | {r['tokens_per_forward']} "
+                           f"| {r['identical_to_reference']}/{r['requests']} |")
+        out += ["", "| latency off / on (> 1: speculation answers sooner) | "
+                + " | ".join(f"{rate}/s" for rate in rates) + " |", "|---|" + "---|" * len(rates)]
+        for path, label in (("http", "HTTP"), ("inproc", "in-process")):
+            if f"{path}_spec" not in open_runs:
+                continue
+            for key in ("p50_s", "p99_s"):
+                cells = [f"{open_runs[f'{path}_plain'][rate][key] / open_runs[f'{path}_spec'][rate][key]:.2f}x"
+                         for rate in rates]
+                out.append(f"| {label}, {key[:3]} | " + " | ".join(cells) + " |")
     if res.get("batch"):
         out += ["", "| `specrag batch` actors | questions/s | steady questions/s | tokens/s |", "|---|---|---|---|"]
         for a, d in res["batch"].items():
@@ -319,6 +406,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1,
                     help="runs of each path and mode per level, speculation first and second in turn (ABBA); "
                          "the tables give the medians")
+    ap.add_argument("--rates", default="",
+                    help="open-loop runs after the levels: requests per second, comma-separated (Poisson arrivals, "
+                         "no client waits for its answer); latency percentiles with speculation on and off")
+    ap.add_argument("--open-requests", type=int, default=32, help="requests per open-loop run")
     ap.add_argument("--no-prefix-cache", action="store_true",
                     help="engines without prefix caching: every prompt prefilled (with it, the default, each path "
                          "first answers every question once, so every run finds each question's prompt cached)")
@@ -341,7 +432,8 @@ def main() -> int:
         ap.error("--in-process-only and --http-only exclude each other")
     raw = bench(index_dir, questions, levels, args.max_tokens, args.k, http_too=not args.in_process_only,
                 inproc_too=not args.http_only, waves=args.waves, prefix_cache=not args.no_prefix_cache,
-                rounds=args.rounds)
+                rounds=args.rounds, rates=tuple(float(x) for x in args.rates.split(",") if x),
+                open_requests=args.open_requests)
     batch = {}
     if not args.skip_batch and not args.in_process_only:
         for a in (1, 2):
@@ -351,7 +443,8 @@ def main() -> int:
            "machine": f"{cpu_info()['model'] or platform.machine()}, {os.cpu_count()} CPUs, "
                       f"torch threads {torch.get_num_threads()}",
            "load_average_at_start": load_start, "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-           "levels": levels, "requests": len(questions), "waves": args.waves, "rounds": args.rounds, "prefix_cache": not args.no_prefix_cache,
+           "levels": levels, "requests": len(questions), "waves": args.waves, "rounds": args.rounds,
+           "open_requests": args.open_requests, "prefix_cache": not args.no_prefix_cache,
            "max_tokens": args.max_tokens,
            "k": args.k,
            **raw, "batch": batch}

@@ -2,7 +2,7 @@
 
 import pytest
 
-from bench_batching import _median_run, _steady
+from bench_batching import _median_run, _open_loop, _steady
 
 
 def test_steady_window_leaves_out_the_drain():
@@ -30,3 +30,22 @@ def test_median_run_keeps_every_round():
     assert out["tokens_per_s"] == 2.0 and out["steady_tokens_per_s"] == 3.0
     assert [r["tokens_per_s"] for r in out["rounds"]] == [3.0, 1.0, 2.0]
     assert out["answers"] == ["3.0", "1.0", "2.0"]
+
+
+def test_open_loop_sends_when_due_not_when_answered():
+    import threading
+    import time
+
+    out, lock = [], threading.Lock()
+
+    def send(q):
+        with lock:
+            out.append(q)
+        time.sleep(0.2)           # answers take longer than the gaps between arrivals
+        return q.upper(), {"generated_tokens": 4, "target_forwards": 2}
+
+    questions = [f"q{i}" for i in range(8)]
+    r = _open_loop(send, questions, rate=200.0, seed=1)
+    assert r["answers"] == [q.upper() for q in questions]       # in the questions' order
+    assert r["mean_in_flight"] > 2                               # overlapping, not one after another
+    assert r["wall_s"] < 8 * 0.2 and r["tokens_per_forward"] == 2.0
