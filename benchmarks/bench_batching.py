@@ -132,30 +132,30 @@ def _open_loop(send, questions: list[str], rate: float, seed: int = 0) -> dict:
             "answers": [r[2] for r in results]}
 
 
-def _median_open(rounds: list[dict]) -> dict:
-    """One rate's repeated runs as one: the round of median p50 latency, with every round's
-    latencies beside it and the medians; answers of every round."""
-    ranked = sorted(rounds, key=lambda r: r["p50_s"])
+def _median(rounds: list[dict], rank: str, medians: tuple[str, ...], kept: tuple[str, ...]) -> dict:
+    """Repeated runs of one path, mode and level (or rate) as one: the round of median ``rank``,
+    with the medians of ``medians`` in place of its own, each round's ``kept`` beside them, and
+    the answers of every round, one round after another."""
+    ranked = sorted(rounds, key=lambda r: r[rank])
     out = dict(ranked[(len(ranked) - 1) // 2])
-    for key in ("p50_s", "p90_s", "p99_s", "tokens_per_s"):
-        out[key] = round(statistics.median(r[key] for r in rounds), 3)
-    out["rounds"] = [{k: r[k] for k in ("p50_s", "p90_s", "p99_s", "wall_s")} for r in rounds]
+    for key in medians:
+        values = [r[key] for r in rounds if r[key] is not None]
+        out[key] = round(statistics.median(values), 3) if values else None
+    out["rounds"] = [{k: r[k] for k in kept} for r in rounds]
     out["answers"] = [a for r in rounds for a in r["answers"]]
     return out
 
 
 def _median_run(rounds: list[dict]) -> dict:
-    """One level's repeated runs as one: the round of median throughput, with every round's
-    whole-run and steady tokens/s beside it and the medians of both; answers of every round."""
-    ranked = sorted(rounds, key=lambda r: r["tokens_per_s"])
-    out = dict(ranked[(len(ranked) - 1) // 2])
-    out["tokens_per_s"] = round(statistics.median(r["tokens_per_s"] for r in rounds), 2)
-    steady = [r["steady_tokens_per_s"] for r in rounds if r["steady_tokens_per_s"] is not None]
-    out["steady_tokens_per_s"] = round(statistics.median(steady), 2) if steady else None
-    out["rounds"] = [{"tokens_per_s": r["tokens_per_s"], "steady_tokens_per_s": r["steady_tokens_per_s"],
-                      "p50_s": r["p50_s"], "wall_s": r["wall_s"]} for r in rounds]
-    out["answers"] = [a for r in rounds for a in r["answers"]]
-    return out
+    """A closed-loop level's rounds: the round of median throughput, medians of both rates."""
+    return _median(rounds, "tokens_per_s", ("tokens_per_s", "steady_tokens_per_s"),
+                   ("tokens_per_s", "steady_tokens_per_s", "p50_s", "wall_s"))
+
+
+def _median_open(rounds: list[dict]) -> dict:
+    """An open-loop rate's rounds: the round of median p50 latency, medians of the latencies."""
+    keys = ("p50_s", "p90_s", "p99_s", "tokens_per_s", "mean_in_flight")
+    return _median(rounds, "p50_s", keys, keys + ("wall_s",))
 
 
 def _run(send, kind: str, *args) -> dict:
