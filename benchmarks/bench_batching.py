@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import itertools
 import json
 import os
 import platform
@@ -71,33 +72,48 @@ def _steady(spans: list[tuple[float, float, int]], concurrency: int) -> tuple[fl
     return t0, t1, tokens
 
 
-def _closed_loop(send, questions: list[str], concurrency: int) -> dict:
-    """Send every question with ``concurrency`` clients; per request (latency, answer, stats)."""
+def _send_all(send, questions: list[str], workers: int,
+              due: list[float] | None = None) -> tuple[list[tuple[float, float, str, dict]], float]:
+    """Send every question from ``workers`` threads, each when a thread is free (or, given
+    ``due``, not before ``due[i]`` seconds from the start); per request (start, end, answer,
+    stats), in the questions' order, and the wall seconds of all."""
     results: list[tuple[float, float, str, dict]] = [None] * len(questions)  # type: ignore[list-item]
 
     def one(i: int) -> None:
+        if due is not None:
+            time.sleep(max(0.0, start + due[i] - time.perf_counter()))
         t0 = time.perf_counter()
         text, stats = send(questions[i])
         results[i] = (t0, time.perf_counter(), text, stats)
 
-    t0 = time.perf_counter()
-    with cf.ThreadPoolExecutor(concurrency) as pool:
+    start = time.perf_counter()
+    with cf.ThreadPoolExecutor(workers) as pool:
         list(pool.map(one, range(len(questions))))
-    wall = time.perf_counter() - t0
-    lat = [r[1] - r[0] for r in results]
-    counts = [int(r[3].get("generated_tokens") or 0) for r in results]
-    tokens = sum(counts)
+    return results, time.perf_counter() - start
+
+
+def _summary(results: list[tuple[float, float, str, dict]], wall: float) -> tuple[dict, list[float]]:
+    """What both loops report of a run (tokens, rates, answers), and its requests' latencies."""
+    tokens = sum(int(r[3].get("generated_tokens") or 0) for r in results)
     forwards = sum(int(r[3].get("target_forwards") or 0) for r in results)
+    return ({"wall_s": round(wall, 3), "tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
+             "tokens_per_forward": round(tokens / forwards, 3) if forwards else 0.0,
+             "answers": [r[2] for r in results]},
+            [r[1] - r[0] for r in results])
+
+
+def _closed_loop(send, questions: list[str], concurrency: int) -> dict:
+    """Send every question with ``concurrency`` clients; per request (latency, answer, stats)."""
+    results, wall = _send_all(send, questions, concurrency)
+    out, lat = _summary(results, wall)
     rows = [float(r[3].get("mean_rows_per_step") or 0) for r in results]
-    w0, w1, steady_tokens = _steady([(r[0], r[1], n) for r, n in zip(results, counts)], concurrency)
-    return {"wall_s": round(wall, 3), "tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
-            "questions_per_s": round(len(questions) / wall, 3),
+    w0, w1, steady_tokens = _steady([(r[0], r[1], int(r[3].get("generated_tokens") or 0)) for r in results],
+                                    concurrency)
+    return {**out, "questions_per_s": round(len(questions) / wall, 3),
             "steady_s": round(w1 - w0, 3),
             "steady_tokens_per_s": round(steady_tokens / (w1 - w0), 2) if w1 > w0 else None,
             "p50_s": round(pct(lat, 0.5), 3), "p99_s": round(pct(lat, 0.99), 3),
-            "tokens_per_forward": round(tokens / forwards, 3) if forwards else 0.0,
-            "mean_rows_per_step": round(statistics.fmean(rows), 2) if rows else 0.0,
-            "answers": [r[2] for r in results]}
+            "mean_rows_per_step": round(statistics.fmean(rows), 2) if rows else 0.0}
 
 
 def _open_loop(send, questions: list[str], rate: float, seed: int = 0) -> dict:
@@ -106,30 +122,12 @@ def _open_loop(send, questions: list[str], rate: float, seed: int = 0) -> dict:
     request (latency, answer, stats). No client waits for an answer before the next arrival, so
     there is neither lockstep nor drain: the load a server sees from many independent users."""
     rng = random.Random(seed)
-    due, t = [], 0.0
-    for _ in questions:
-        t += rng.expovariate(rate)
-        due.append(t)
-    results: list[tuple[float, float, str, dict]] = [None] * len(questions)  # type: ignore[list-item]
-
-    def one(i: int) -> None:
-        time.sleep(max(0.0, start + due[i] - time.perf_counter()))
-        t0 = time.perf_counter()
-        text, stats = send(questions[i])
-        results[i] = (t0, time.perf_counter(), text, stats)
-
-    start = time.perf_counter()
-    with cf.ThreadPoolExecutor(len(questions)) as pool:
-        list(pool.map(one, range(len(questions))))
-    wall = time.perf_counter() - start
-    lat = [r[1] - r[0] for r in results]
-    tokens = sum(int(r[3].get("generated_tokens") or 0) for r in results)
-    forwards = sum(int(r[3].get("target_forwards") or 0) for r in results)
-    return {"rate": rate, "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 2),
+    due = list(itertools.accumulate(rng.expovariate(rate) for _ in questions))
+    results, wall = _send_all(send, questions, len(questions), due)
+    out, lat = _summary(results, wall)
+    return {**out, "rate": rate,
             "p50_s": round(pct(lat, 0.5), 3), "p90_s": round(pct(lat, 0.9), 3), "p99_s": round(pct(lat, 0.99), 3),
-            "mean_in_flight": round(sum(lat) / wall, 2),
-            "tokens_per_forward": round(tokens / forwards, 3) if forwards else 0.0,
-            "answers": [r[2] for r in results]}
+            "mean_in_flight": round(sum(lat) / wall, 2)}
 
 
 def _median(rounds: list[dict], rank: str, medians: tuple[str, ...], kept: tuple[str, ...]) -> dict:
@@ -156,6 +154,23 @@ def _median_open(rounds: list[dict]) -> dict:
     """An open-loop rate's rounds: the round of median p50 latency, medians of the latencies."""
     keys = ("p50_s", "p90_s", "p99_s", "tokens_per_s", "mean_in_flight")
     return _median(rounds, "p50_s", keys, keys + ("wall_s",))
+
+
+def _rounds(paths: dict, rounds: int, kind: str, args, show) -> dict[str, list[dict]]:
+    """Every path's runs of one level (``kind`` "closed") or rate ("open"), ``rounds`` times,
+    speculation on and off; per run name ("http_spec", ...), its rounds' results in order.
+    ``args(round)``: the run's arguments; ``show(result)``: its progress line. ABBA: speculation
+    first in even rounds, second in odd ones, so drifting load and whatever one run leaves the
+    next (caches, OpenMP teams) hit both modes alike."""
+    per_round: dict[str, list[dict]] = {}
+    for rnd in range(rounds):
+        for path, run in paths.items():
+            for spec in ((True, False) if rnd % 2 == 0 else (False, True)):
+                name = f"{path}_{'spec' if spec else 'plain'}"
+                r = run(kind, spec, *args(rnd))
+                per_round.setdefault(name, []).append(r)
+                print(f"  {name}: {show(r)}", file=sys.stderr, flush=True)
+    return per_round
 
 
 def _run(send, kind: str, *args) -> dict:
@@ -202,9 +217,9 @@ def bench(index_dir: Path, questions: list[str], levels: list[int], max_tokens: 
     threads = torch.get_num_threads()
     pipeline = {"index_dir": str(index_dir), "max_tokens": max_tokens, "k": k, "prefix_cache": prefix_cache}
     if inproc_too:
-        conn, child = multiprocessing.get_context("spawn").Pipe()
-        worker = multiprocessing.get_context("spawn").Process(
-            target=_inproc_worker, args=(child, pipeline, max_tokens, k), daemon=True)
+        spawn = multiprocessing.get_context("spawn")
+        conn, child = spawn.Pipe()
+        worker = spawn.Process(target=_inproc_worker, args=(child, pipeline, max_tokens, k), daemon=True)
         worker.start()
     cfg = ServeConfig.model_validate({
         "pipeline": pipeline, "torch_threads": threads,
@@ -253,34 +268,17 @@ def bench(index_dir: Path, questions: list[str], levels: list[int], max_tokens: 
         # makes requests finish at different times)
         n = max(len(questions), waves * c)
         level_questions = (questions * (n // len(questions) + 1))[:n]
-        per_round: dict[str, list[dict]] = {}
-        for rnd in range(rounds):
-            # ABBA: speculation first in even rounds, second in odd ones, so drifting load and
-            # whatever one run leaves the next (caches, OpenMP teams) hit both modes alike
-            order = (True, False) if rnd % 2 == 0 else (False, True)
-            for path, run in paths.items():
-                for spec in order:
-                    name = f"{path}_{'spec' if spec else 'plain'}"
-                    r = run("closed", spec, level_questions, c)
-                    per_round.setdefault(name, []).append(r)
-                    print(f"  {name}: {r['tokens_per_s']} tok/s (steady {r['steady_tokens_per_s']}), "
-                          f"p50 {r['p50_s']} s, rows/step {r['mean_rows_per_step']}", file=sys.stderr, flush=True)
+        per_round = _rounds(paths, rounds, "closed", lambda rnd: (level_questions, c),
+                            lambda r: f"{r['tokens_per_s']} tok/s (steady {r['steady_tokens_per_s']}), "
+                                      f"p50 {r['p50_s']} s, rows/step {r['mean_rows_per_step']}")
         for name, rs in per_round.items():
             runs.setdefault(name, {})[str(c)] = _median_run(rs)
     open_runs: dict[str, dict[str, dict]] = {}
     open_questions = (questions * (open_requests // len(questions) + 1))[:open_requests]
     for rate in rates:
         print(f"open loop, {rate} requests/s ...", file=sys.stderr, flush=True)
-        per_round = {}
-        for rnd in range(rounds):
-            order = (True, False) if rnd % 2 == 0 else (False, True)
-            for path, run in paths.items():
-                for spec in order:
-                    name = f"{path}_{'spec' if spec else 'plain'}"
-                    r = run("open", spec, open_questions, rate, rnd)
-                    per_round.setdefault(name, []).append(r)
-                    print(f"  {name}: p50 {r['p50_s']} s, p99 {r['p99_s']} s, in flight {r['mean_in_flight']}",
-                          file=sys.stderr, flush=True)
+        per_round = _rounds(paths, rounds, "open", lambda rnd: (open_questions, rate, rnd),
+                            lambda r: f"p50 {r['p50_s']} s, p99 {r['p99_s']} s, in flight {r['mean_in_flight']}")
         for name, rs in per_round.items():
             open_runs.setdefault(name, {})[str(rate)] = _median_open(rs)
     if http_too:
@@ -322,6 +320,15 @@ def bench_batch(index_dir: Path, n: int, max_tokens: int, actors: int, k: int) -
     return s.as_dict()
 
 
+RUN_NAMES = ("inproc_spec", "inproc_plain", "http_spec", "http_plain")   # the tables' row order
+
+
+def _label(name: str) -> str:
+    """A run name's path and speculation cells: "http_spec" -> "HTTP | on"."""
+    path, mode = name.split("_")
+    return f"{'in-process' if path == 'inproc' else 'HTTP'} | {'on' if mode == 'spec' else 'off'}"
+
+
 def markdown(res: dict) -> str:
     levels = res["levels"]
     runs = res["runs"]
@@ -339,11 +346,10 @@ def markdown(res: dict) -> str:
            "left out; `_steady`).", "",
            "| path | speculation | concurrency | tokens/s | steady tokens/s | questions/s | p50 s | p99 s "
            "| tokens/forward | rows/step | identical |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name in [n for n in ("inproc_spec", "inproc_plain", "http_spec", "http_plain") if n in runs]:
-        path, mode = name.split("_")
+    for name in [n for n in RUN_NAMES if n in runs]:
         for c in levels:
             r = runs[name][str(c)]
-            out.append(f"| {'in-process' if path == 'inproc' else 'HTTP'} | {'on' if mode == 'spec' else 'off'} | {c} "
+            out.append(f"| {_label(name)} | {c} "
                        f"| {r['tokens_per_s']} | {r.get('steady_tokens_per_s')} | {r['questions_per_s']} "
                        f"| {r['p50_s']} | {r['p99_s']} "
                        f"| {r['tokens_per_forward']} | {r['mean_rows_per_step']} "
@@ -374,12 +380,10 @@ def markdown(res: dict) -> str:
                 "seeded schedule for every path and mode), each sent when due whatever is out; latency in seconds.",
                 "", "| path | speculation | requests/s | tokens/s | p50 s | p90 s | p99 s | mean in flight "
                 "| tokens/forward | identical |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for name in [n for n in ("inproc_spec", "inproc_plain", "http_spec", "http_plain") if n in open_runs]:
-            path, mode = name.split("_")
+        for name in [n for n in RUN_NAMES if n in open_runs]:
             for rate in rates:
                 r = open_runs[name][rate]
-                out.append(f"| {'in-process' if path == 'inproc' else 'HTTP'} | {'on' if mode == 'spec' else 'off'} "
-                           f"| {rate} | {r['tokens_per_s']} | {r['p50_s']} | {r['p90_s']} | {r['p99_s']} "
+                out.append(f"| {_label(name)} | {rate} | {r['tokens_per_s']} | {r['p50_s']} | {r['p90_s']} | {r['p99_s']} "
                            f"| {r['mean_in_flight']} | {r['tokens_per_forward']} "
                            f"| {r['identical_to_reference']}/{r['requests']} |")
         out += ["", "| latency off / on (> 1: speculation answers sooner) | "
