@@ -38,6 +38,8 @@ Origin = tuple[str, int, int]
 TARGET: Origin = ("target", -1, -1)
 DRAFT_MODEL: Origin = ("draft_model", -1, -1)
 GIVEN: Origin = ("given", -1, -1)
+# a draft token the draft model has yet to fill in (``Draft.extended``): never verified as such
+EXTENSION = -1
 
 
 @dataclass
@@ -82,20 +84,57 @@ class Draft:
     def depth(self) -> int:
         return max(self.depths(), default=0)
 
-    def best_path(self) -> "Draft":
-        """The tree's heaviest root-to-leaf path, as a chain: from the root, the child of the
-        largest weight (the first listed), as far as the tree goes."""
+    def best_nodes(self) -> list[int]:
+        """The heaviest root-to-leaf path's nodes: from the root, the child of the largest weight
+        (the first listed), as far as the draft goes (a chain: all of it)."""
         if self.parents is None:
-            return self
+            return list(range(len(self.tokens)))
         path: list[int] = []
         node = -1
         while True:
             child = next((i for i, p in enumerate(self.parents) if p == node), None)
             if child is None:
-                return Draft([self.tokens[i] for i in path], self.source, self.match_len,
-                             origins=None if self.origins is None else [self.origins[i] for i in path])
+                return path
             path.append(child)
             node = child
+
+    def best_path(self) -> "Draft":
+        """The tree's heaviest root-to-leaf path, as a chain."""
+        return self if self.parents is None else self.kept(self.best_nodes(), chain=True)
+
+    def kept(self, nodes: list[int], chain: bool = False) -> "Draft":
+        """The draft of ``nodes`` only (they must hold every kept node's parent), in that order;
+        ``chain``: as a chain (the nodes are one path)."""
+        tokens = [self.tokens[i] for i in nodes]
+        origins = None if self.origins is None else [self.origins[i] for i in nodes]
+        if self.parents is None or chain:
+            return Draft(tokens, self.source, self.match_len, origins=origins)
+        _, parents, weights = _reorder(nodes, self.tokens, self.parents, self.weights or [1.0] * len(self.tokens))
+        return Draft(tokens, self.source, self.match_len, parents, weights, origins)
+
+    def extended(self, n: int) -> "Draft":
+        """The draft with ``n`` EXTENSION placeholders chained below its best path's leaf, for
+        the draft model to fill in (``ModelDrafter.propose_batch(after=...)``); a tree's
+        placeholders carry the leaf's weight."""
+        holes = [EXTENSION] * n
+        origins = None if self.origins is None else self.origins + [DRAFT_MODEL] * n
+        if self.parents is None:
+            return Draft(self.tokens + holes, self.source, self.match_len, origins=origins)
+        leaf = self.best_nodes()[-1]
+        first = len(self.tokens)
+        parents = self.parents + [leaf] + list(range(first, first + n - 1))
+        weights = (self.weights or [1.0] * first) + [self.weights[leaf] if self.weights else 1.0] * n
+        return Draft(self.tokens + holes, self.source, self.match_len, parents[:first + n], weights, origins)
+
+    def path_to(self, node: int) -> list[int]:
+        """The nodes from the root down to ``node`` (-1: none)."""
+        if self.parents is None:
+            return list(range(node + 1))
+        path = []
+        while node >= 0:
+            path.append(node)
+            node = self.parents[node]
+        return path[::-1]
 
     def ranked(self, gains: list[float]) -> "Draft":
         """The tree's nodes reordered by ``gains`` (largest first; a node's gain never exceeds
@@ -454,37 +493,42 @@ class ModelDrafter:
         return self.propose_batch([state], [max_tokens])[0]
 
     @torch.inference_mode()
-    def propose_batch(self, states: list["SequenceState"], limits: list[int]) -> list[Draft | None]:
+    def propose_batch(self, states: list["SequenceState"], limits: list[int],
+                      after: list[list[int]] | None = None) -> list[Draft | None]:
+        """Drafts for ``states``, at most ``limits`` tokens each; ``after``: per state, tokens
+        another drafter guessed (a copy draft's best branch) that the draft continues from."""
         from .forward import Row
 
         drafts: list[Draft | None] = [None] * len(states)
-        # per drafting row: [index, state, k, feed, start, tokens]
+        # per drafting row: [index, state, k, feed, start, tokens, ahead]
         active: list[list[Any]] = []
         for i, (state, limit) in enumerate(zip(states, limits)):
             st = state.drafter_state[self.name]
             k = min(limit, st["length"].current) if self.adaptive else min(limit, self.max_draft)
             if k <= 0 or state.slot is None:
                 continue
+            ahead = after[i] if after is not None else []
+            seq = state.tokens + ahead if ahead else state.tokens
             cached: list[int] = st["cached"]
-            keep, bound = 0, min(len(cached), len(state.tokens) - 1)   # always feed at least one token
-            while keep < bound and cached[keep] == state.tokens[keep]:
+            keep, bound = 0, min(len(cached), len(seq) - 1)   # always feed at least one token
+            while keep < bound and cached[keep] == seq[keep]:
                 keep += 1
             del cached[keep:]
-            active.append([i, state, k, state.tokens[keep:], keep, []])
+            active.append([i, state, k, seq[keep:], keep, [], len(ahead)])
         while active:
             logits = self.runner.forward([Row(s.slot, start, feed, len(feed) - 1)
-                                          for _, s, _, feed, start, _ in active])
+                                          for _, s, _, feed, start, _, _ in active])
             greedy = logits.argmax(-1).tolist()
             still: list[list[Any]] = []
             for j, row in enumerate(active):
-                i, state, k, feed, start, tokens = row
+                i, state, k, feed, start, tokens, ahead = row
                 st = state.drafter_state[self.name]
                 st["cached"].extend(feed)
                 params: SamplingParams = state.sampling
                 if params.greedy:
                     tok = greedy[j]
                 else:   # the target's draw at this position, from q: drafts agree where the CDFs do
-                    tok = int(sample_at(warp_probs(logits[j:j + 1], params), draws(state, 1, len(tokens)))[0])
+                    tok = int(sample_at(warp_probs(logits[j:j + 1], params), draws(state, 1, ahead + len(tokens)))[0])
                 tokens.append(tok)
                 if len(tokens) < k:
                     row[3], row[4] = [tok], start + len(feed)

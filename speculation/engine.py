@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 from .cost import Acceptance, Candidate, CostCurve, StepResidual, choose_lengths, load_or_measure, tally_positions
-from .drafters import GIVEN, TARGET, Draft, Drafter, ModelDrafter, NgramDrafter, Origin, TreeDrafter
+from .drafters import EXTENSION, GIVEN, TARGET, Draft, Drafter, ModelDrafter, NgramDrafter, Origin, TreeDrafter
 from .errors import GenerationInputError
 from .forward import SHORT_ROW, PooledModel, Row
 from .kv import KeptPrefix, PrefixStore, SlotTable
@@ -335,6 +335,7 @@ class _RowPlan:
     node_limit: int = 0                     # nodes a draft tree may hold
     draft: Draft | None = None
     defer: bool = False                     # the draft model drafts for it once its length is chosen
+    extended: list[int] = field(default_factory=list)   # the draft's nodes the draft model drafted
 
     @property
     def drafted(self) -> list[int]:
@@ -671,13 +672,11 @@ class SpeculativeEngine:
             path, nxt = verdicts[id(state)]
             n_acc = len(path)
             accepted += n_acc
-            draft = plan.draft
+            draft, verified = plan.draft, []
             if draft is not None:
-                depth = draft.depth() if draft.is_tree else None
-                st.by_drafter.setdefault(draft.source, DrafterStats()).add(len(draft.tokens), n_acc, depth)
                 st.draft_tokens += len(draft.tokens)
                 st.accepted_tokens += n_acc
-                self.acceptance.update(draft.source, draft.match_len, depth or len(draft.tokens), n_acc)
+                verified = self._tally(plan, path)
                 if draft.is_tree:
                     # the accepted branch's keys and values, moved behind the prefix; the rest dropped
                     if path != list(range(n_acc)):
@@ -687,8 +686,8 @@ class SpeculativeEngine:
             tokens = [draft.tokens[i] for i in path] + [nxt] if draft else [nxt]
             origins = ([draft.origin(i) for i in path] if draft else []) + [TARGET] if self.config.provenance else []
             self._commit(state, tokens, origins, on_commit)
-            if draft is not None:
-                self.drafters[draft.source].accepted(state, draft, n_acc)
+            for part, n_part in verified:
+                self.drafters[part.source].accepted(state, part, n_part)
         drafted = sum(len(p.drafted) for p in plans)
         step_tokens = sum(len(p.fed) for p in plans) + drafted
         if self._predicted is not None and prefill_rows == 0 and len(plans) == 1:
@@ -700,6 +699,30 @@ class SpeculativeEngine:
         if self.on_step is not None:
             self.on_step(StepRecord(len(plans), step_tokens, seconds, prefill_rows, self._predicted,
                                     drafted, accepted))
+
+    def _tally(self, plan: _RowPlan, path: list[int]) -> list[tuple[Draft, int]]:
+        """A verified draft's tokens into its request's stats and the measured acceptance: a
+        copy draft's own nodes for its drafter, the nodes the draft model added below its best
+        branch (``plan.extended``) for the draft model, whose first token was reached only if
+        the accepted path went through the branch's leaf. Returns each drafter's part and how
+        many of its tokens were accepted."""
+        draft, st = plan.draft, plan.state.stats
+        assert draft is not None
+        parts = [(draft, len(path))]
+        if plan.extended:
+            ext = set(plan.extended)
+            n_ext = sum(i in ext for i in path)
+            leaf = draft.parents[plan.extended[0]] if draft.is_tree else plan.extended[0] - 1  # type: ignore[index]
+            parts = [(draft.kept([i for i in range(len(draft.tokens)) if i not in ext]), len(path) - n_ext)]
+            if leaf in path:
+                parts.append((Draft([draft.tokens[i] for i in plan.extended], "draft_model"), n_ext))
+            else:               # never reached: drafted, not verified
+                st.by_drafter.setdefault("draft_model", DrafterStats()).drafted += len(ext)
+        for part, n_acc in parts:
+            depth = part.depth() if part.is_tree else None
+            st.by_drafter.setdefault(part.source, DrafterStats()).add(len(part.tokens), n_acc, depth)
+            self.acceptance.update(part.source, part.match_len, depth or len(part.tokens), n_acc)
+        return parts
 
     @staticmethod
     def _row(plan: _RowPlan) -> Row:
@@ -772,6 +795,52 @@ class SpeculativeEngine:
                                                          [p.node_limit if tree else p.draft_limit for p in want]))
         if self.cost is not None:
             self._size(plans)
+        else:
+            model = self.drafters.get("draft_model")
+            for p in plans:
+                room = self._extension_room(p, model)
+                if room and p.draft is not None:
+                    p.draft = p.draft.extended(room)
+        self._fill_extensions(plans)
+
+    def _extension_room(self, plan: _RowPlan, model: Drafter | None) -> int:
+        """How many draft-model tokens may follow the best branch of a row's copy draft (a
+        tree's or a chain's): where the row asks the draft model after the copy drafter, within
+        the row's depth and node limits and the draft model's own."""
+        draft = plan.draft
+        order = plan.state.drafters
+        if (not isinstance(model, ModelDrafter) or draft is None or draft.source == model.name
+                or model.name not in order or order.index(model.name) < order.index(draft.source)):
+            return 0
+        room = min(plan.draft_limit - len(draft.best_nodes()), model.max_draft)
+        if draft.is_tree:
+            room = min(room, plan.node_limit - len(draft.tokens))
+        return max(0, room)
+
+    def _fill_extensions(self, plans: list[_RowPlan]) -> None:
+        """The draft model drafts, in one batch, the placeholders ``Draft.extended`` put below
+        rows' best branches, continuing from each branch; placeholders it leaves unfilled (its
+        adaptive length is shorter) are dropped."""
+        todo = [(p, [i for i, t in enumerate(p.draft.tokens) if t == EXTENSION])
+                for p in plans if p.draft is not None and EXTENSION in p.draft.tokens]
+        if not todo:
+            return
+        model = self.drafters["draft_model"]
+        branches = [[p.draft.tokens[i] for i in p.draft.path_to(p.draft.parents[holes[0]] if p.draft.is_tree  # type: ignore[union-attr]
+                                                                  else holes[0] - 1)] for p, holes in todo]
+        drafts = model.propose_batch([p.state for p, _ in todo], [len(h) for _, h in todo],  # type: ignore[call-arg]
+                                     after=branches)
+        for (p, holes), got in zip(todo, drafts):
+            filled = got.tokens[:len(holes)] if got is not None else []
+            draft = p.draft
+            assert draft is not None
+            for i, tok in zip(holes, filled):
+                draft.tokens[i] = tok
+            dropped = set(holes[len(filled):])
+            keep = [i for i in range(len(draft.tokens)) if i not in dropped]
+            new_index = {old: new for new, old in enumerate(keep)}
+            p.draft = draft.kept(keep) if dropped else draft
+            p.extended = [new_index[i] for i in holes[:len(filled)]]
 
     def _skip_proposals(self, plans: list[_RowPlan]) -> bool:
         """Whether this step's rows skip drafting: a batch whose size's last sizings took none of
@@ -812,18 +881,8 @@ class SpeculativeEngine:
         model = self.drafters.get("draft_model")
         candidates: list[Candidate | None] = []
         for p in plans:
-            if p.draft is not None and p.draft.is_tree:
-                # a node's gain: P(the path reaches its depth) (the tree drafter's measured rate
-                # by depth) x its share of the matches; nodes ranked by it, so any first k are a tree
-                depths = p.draft.depths()
-                reach = list(itertools.accumulate(
-                    self.acceptance.rates(p.draft.source, p.draft.match_len, max(depths)), operator.mul))
-                gains = [reach[d - 1] * w for d, w in zip(depths, p.draft.weights)]  # type: ignore[arg-type]
-                p.draft = p.draft.ranked(gains)
-                candidates.append(Candidate(p.draft.source, p.draft.match_len, len(p.draft.tokens),
-                                            sorted(gains, reverse=True)))
-            elif p.draft is not None:
-                candidates.append(Candidate(p.draft.source, p.draft.match_len, len(p.draft.tokens)))
+            if p.draft is not None:
+                candidates.append(self._copy_candidate(p, model))
             elif p.defer and isinstance(model, ModelDrafter):
                 candidates.append(Candidate(model.name, 0, min(p.draft_limit, model.max_draft)))
             else:
@@ -843,6 +902,33 @@ class SpeculativeEngine:
                 deferred.append(p)
         if deferred and model is not None:
             self._assign(deferred, model.propose_batch([p.state for p in deferred], [p.draft_limit for p in deferred]))
+
+    def _copy_candidate(self, plan: _RowPlan, model: Drafter | None) -> Candidate:
+        """A copy draft's candidate for the cost model, with the gain of every token: a tree's
+        node gains P(the path reaches its depth) (the drafter's measured rate by depth) x its
+        share of the matches, and the nodes are ranked by it, so any first k are a tree. Where
+        the draft model may extend the best branch, placeholders for its tokens follow the
+        branch's leaf, each gaining the leaf's gain x the draft model's measured rates."""
+        draft = plan.draft
+        assert draft is not None
+        depths = draft.depths()
+        reach = list(itertools.accumulate(self.acceptance.rates(draft.source, draft.match_len, max(depths)),
+                                          operator.mul))
+        gains = [reach[d - 1] * w for d, w in zip(depths, draft.weights)] if draft.weights else reach
+        if draft.is_tree:
+            draft = plan.draft = draft.ranked(gains)
+            gains = sorted(gains, reverse=True)
+        room = self._extension_room(plan, model)
+        if room:
+            leaf = gains[draft.best_nodes()[-1]]
+            rates = self.acceptance.rates(model.name, 0, room)  # type: ignore[union-attr]
+            gains = gains + [leaf * g for g in itertools.accumulate(rates, operator.mul)]
+            draft = draft.extended(room)
+            if draft.is_tree:
+                draft = draft.ranked(gains)
+                gains = sorted(gains, reverse=True)
+        plan.draft = draft
+        return Candidate(draft.source, draft.match_len, len(draft.tokens), gains)
 
     def _verify(self, plans: list[_RowPlan], logits: torch.Tensor) -> dict[int, tuple[list[int], int]]:
         """(accepted draft indices, next token) per complete row, from the one forward's logits,

@@ -86,6 +86,8 @@ CONFIGS = {
     "draft_model": (("draft_model",), []),
     "reference": (("reference",), [[3, 4, 0, 3, 4, 1, 0, 1, 3, 3, 4]]),
     "tree": (("tree",), TREE_REFS),
+    # the documents run out within a few tokens: the draft model extends the tree's best branch
+    "tree+draft_model": (("tree", "draft_model"), TREE_REFS),
 }
 
 

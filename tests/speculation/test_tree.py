@@ -266,6 +266,85 @@ def test_tree_rows_share_a_batch_with_chain_rows(target):
         assert_same_tokens(target, req.prompt_ids, case[3][:req.max_new_tokens], res.token_ids, f"row {i}")
 
 
+# ---- the draft model extends the best branch -------------------------------------------------
+
+def test_extended_draft_hangs_placeholders_below_the_best_leaf():
+    tree = Draft([5, 6, 7, 8], "tree", 2, [-1, 0, -1, 1], [0.6, 0.6, 0.4, 0.3], [("reference", 0, i) for i in range(4)])
+    ext = tree.extended(2)
+    assert ext.tokens == [5, 6, 7, 8, -1, -1] and ext.parents == [-1, 0, -1, 1, 3, 4]
+    assert ext.weights[4:] == [0.3, 0.3] and ext.origins[4:] == [("draft_model", -1, -1)] * 2
+    assert ext.best_nodes() == [0, 1, 3, 4, 5] and ext.path_to(4) == [0, 1, 3, 4]
+    chain = Draft([5, 6], "reference", 3).extended(3)
+    assert chain.tokens == [5, 6, -1, -1, -1] and chain.parents is None
+    # dropping nodes keeps the rest a tree, parents re-indexed
+    kept = ext.kept([0, 1, 2, 3])
+    assert kept.parents == [-1, 0, -1, 1] and kept.tokens == [5, 6, 7, 8]
+
+
+def _short_document_cases(target, n=12):
+    """Documents holding only the first few tokens of the answer (a right copy, then a corrupted
+    one, so trees branch): a copy draft runs out where the document ends, and a draft model may
+    go on."""
+    rng = random.Random(7)
+    cases = []
+    for _ in range(n):
+        prompt = [1] + [rng.randrange(3, VOCAB) for _ in range(rng.randrange(3, 20))]
+        oracle = hf_greedy(target, prompt, 40)
+        cut = rng.randrange(3, 7)
+        wrong = oracle[:cut - 1] + [(oracle[cut - 1] + 1) % VOCAB or 3]
+        cases.append((prompt, [prompt[-3:] + oracle[:cut], prompt[-3:] + wrong], rng.choice([17, 40]), oracle))
+    return cases
+
+
+@pytest.mark.parametrize("policy", ["fixed", "flat"])
+@pytest.mark.parametrize("drafters", [("tree", "draft_model"), ("reference", "draft_model")])
+@pytest.mark.parametrize("draft_seed", [0, 1], ids=["right-draft", "unrelated-draft"])
+def test_draft_model_extends_the_best_branch(target, drafters, policy, draft_seed):
+    """Where the documents run out, the draft model continues the copy draft's best branch in
+    the same forward: output equals HF generate and no speculation; with a draft model that is
+    right (the target's own weights) some single commit holds copied tokens followed by the
+    draft model's; with an unrelated one the extensions are drafted and rejected."""
+    draft = tiny_llama(seed=draft_seed)
+    engine = SpeculativeEngine(target, TinyTokenizer(VOCAB), draft,
+                               EngineConfig(drafters=drafters, **POLICIES[policy]))
+    plain = SpeculativeEngine(target, TinyTokenizer(VOCAB), None, EngineConfig(drafters=()))
+    extensions = []        # per verified draft with an extension: (its tokens, accepted, leaf reached)
+    real_tally = engine._tally
+
+    def tally(plan, path):
+        if plan.extended:
+            d = plan.draft
+            leaf = d.parents[plan.extended[0]] if d.is_tree else plan.extended[0] - 1
+            extensions.append((len(plan.extended), sum(i in plan.extended for i in path), leaf in path))
+        return real_tally(plan, path)
+    engine._tally = tally
+    mixed = 0
+    for n, (prompt, refs, max_new, oracle) in enumerate(_short_document_cases(target)):
+        result = engine.generate_one(GenerationRequest(prompt, refs, max_new_tokens=max_new))
+        assert_same_tokens(target, prompt, oracle[:max_new], result.token_ids, f"case {n} ({drafters}, {policy})")
+        assert result.token_ids == plain.generate_one(GenerationRequest(prompt, [], max_new_tokens=max_new)).token_ids
+        origins = [o[0] for o in result.origins]
+        # one commit = a run of drafted tokens ending at the target's own token
+        commits, run = [], []
+        for kind in origins:
+            run.append(kind)
+            if kind == "target":
+                commits.append(run)
+                run = []
+        mixed += any("reference" in c and "draft_model" in c[c.index("reference"):] for c in commits)
+        by = result.stats.by_drafter
+        assert sum(s.drafted for s in by.values()) == result.stats.draft_tokens
+        assert sum(s.accepted for s in by.values()) == result.stats.accepted_tokens
+    assert extensions, "the draft model never extended a branch"
+    reached = [(n, a) for n, a, hit in extensions if hit]
+    print(f"{len(extensions)} extensions, {len(reached)} reached, {sum(a for _, a in reached)} of "
+          f"{sum(n for n, _ in reached)} of their tokens accepted")
+    if draft_seed == 0:
+        # the target's own weights continue the right branch with the target's own tokens
+        assert mixed > 0, "no commit held copied tokens followed by the draft model's"
+        assert reached and sum(a == n for n, a in reached) >= 0.9 * len(reached), reached
+
+
 def test_validated_drafter_names_are_the_engines():
     """Configs and HTTP requests validate drafter names against one Literal: it must list
     exactly the drafters the engine knows."""
