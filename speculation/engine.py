@@ -535,12 +535,13 @@ class SpeculativeEngine:
     def _acquire(self, state: SequenceState, busy: set[int]) -> None:
         """A slot for a sequence without one, starting from the longest cached prefix of its
         tokens (copied in, or in place when the slot holding it is the one handed out); it
-        always feeds at least its pending token. What the slot held, unless it is that prefix,
-        goes to the kept prefixes first."""
+        always feeds at least its pending token. What the slot held past that prefix goes to the
+        kept prefixes first (all of it, unless the slot is the donor: a slot taken over in place
+        for the system prompt and sources it shares keeps the question and answer it held)."""
         donor, length = self._cached_prefix(state)
         slot, overwritten = self.slots.acquire(state, busy, prefer=donor if isinstance(donor, int) else None,
                                                allocated=self.runner.pool.slots, held=self._held)
-        if overwritten and slot != donor and self.config.prefix_cache:
+        if overwritten and (slot != donor or length < len(overwritten)) and self.config.prefix_cache:
             self._keep(overwritten, slot)
         state.slot = slot
         state.cached, state.fresh = 0, True

@@ -110,6 +110,22 @@ def test_a_released_slot_is_taken_over_in_place_when_no_slot_is_empty(models):
     assert c.stats.cached_prompt_tokens >= 91
 
 
+def test_a_slot_taken_over_in_place_keeps_what_it_held_past_the_shared_part(models):
+    """A newcomer sharing only the first part of what a released slot held (the same system
+    prompt and sources, another question) takes that slot over in place; what the slot held past
+    the shared part is copied out first, so the first prompt, asked again, is not prefilled."""
+    engine = _engine(models, drafters=(), max_batch=1)
+    prompts = _family(seed=9)
+    first = engine.generate_one(GenerationRequest(prompts[0], max_new_tokens=4))
+    other = engine.generate_one(GenerationRequest(prompts[2], max_new_tokens=4))
+    shared = _common(prompts[0], prompts[2])
+    assert 91 <= shared < len(prompts[0]) - 1
+    assert other.stats.cached_prompt_tokens == shared, "taken over in place from the shared part"
+    again = engine.generate_one(GenerationRequest(prompts[0], max_new_tokens=4))
+    assert again.stats.cached_prompt_tokens == len(prompts[0]) - 1
+    assert again.token_ids == first.token_ids
+
+
 def test_an_empty_slot_gets_a_copy_and_the_released_one_keeps_its_prefix(models):
     engine = _engine(models, drafters=(), max_batch=4)
     prompts = _family(seed=9)
