@@ -245,12 +245,15 @@ class Drafter(Protocol):
 
 
 class _NgramIndex:
-    """Maps every n-gram (n = 1..max_n) of a set of token lists to every place its continuation
-    starts, in order: documents before the prompt before the output, earlier before later.
+    """Every place where each n-gram (n = 1..max_n) of a set of token lists is continued, in
+    order: documents before the prompt before the output, earlier before later.
 
-    Built once per request and extended as tokens are committed (rolled back with them), so a
-    lookup is max_n dict probes -- never a scan of the references. The single-path drafters copy
-    the first occurrence (LLMA's rule); the tree drafter reads them all.
+    Built once per request and extended as tokens are committed (rolled back with them). Only
+    unigrams and bigrams are keys -- two entries per position, a quarter of what keying every
+    n-gram up to 8 cost (the build is on the engine loop's thread, once per request) -- and a
+    lookup extends the suffix's bigram places backwards to their match length: a few
+    comparisons per place, never a scan of the references. The single-path drafters copy the
+    first occurrence of the longest match (LLMA's rule); the tree drafter reads them all.
     """
 
     def __init__(self, max_n: int) -> None:
@@ -288,17 +291,39 @@ class _NgramIndex:
 
     def _index(self, seq_id: int) -> None:
         seq, table, owned = self.seqs[seq_id], self._table, self._owned[seq_id]
+        bigrams = self.max_n > 1
         # an n-gram ending at j-1 is useful only once its continuation seq[j] exists
         for j in range(self._indexed[seq_id], len(seq)):
-            for n in range(1, min(self.max_n, j) + 1):
-                key = tuple(seq[j - n:j])
+            at = (seq_id, j)
+            for key in ((seq[j - 1],), (seq[j - 2], seq[j - 1])) if bigrams and j > 1 else ((seq[j - 1],),):
                 hits = table.get(key)
                 if hits is None:
-                    table[key] = [(seq_id, j)]
+                    table[key] = [at]
                 else:
-                    hits.append((seq_id, j))
+                    hits.append(at)
                 owned.append((j, key))
         self._indexed[seq_id] = max(self._indexed[seq_id], len(seq))
+
+    def _matches(self, suffix_source: Sequence[int]) -> list[tuple[int, int, int]]:
+        """(match length, seq, position) of every place continuing the suffix's last token or two,
+        in the index's order: a bigram's places extended backwards up to ``max_n`` tokens, or, where
+        the last two tokens occur nowhere, the last token's places."""
+        m = len(suffix_source)
+        if m == 0:
+            return []
+        if m > 1 and self.max_n > 1:
+            hits = self._table.get((suffix_source[-2], suffix_source[-1]))
+            if hits:
+                out = []
+                for seq_id, j in hits:
+                    seq = self.seqs[seq_id]
+                    cap = min(self.max_n, j, m)
+                    n = 2
+                    while n < cap and seq[j - 1 - n] == suffix_source[m - 1 - n]:
+                        n += 1
+                    out.append((n, seq_id, j))
+                return out
+        return [(1, seq_id, j) for seq_id, j in self._table.get((suffix_source[-1],), ())]
 
     def lookup(self, suffix_source: Sequence[int], max_tokens: int, min_n: int = 1) -> list[int]:
         """Continuation of the longest suffix of ``suffix_source`` found in the index."""
@@ -313,37 +338,30 @@ class _NgramIndex:
     def lookup_place(self, suffix_source: Sequence[int], max_tokens: int,
                      min_n: int = 1) -> tuple[list[int], int, tuple[int, int]]:
         """``lookup_match`` and where the continuation starts, (seq, position)."""
-        for n in range(min(self.max_n, len(suffix_source)), min_n - 1, -1):
-            hits = self._table.get(tuple(suffix_source[len(suffix_source) - n:]))
-            if hits:
-                seq_id, start = hits[0]
-                cont = self.seqs[seq_id][start:start + max_tokens]
-                if cont:
-                    return cont, n, (seq_id, start)
-        return [], 0, (-1, -1)
+        best = None
+        for hit in self._matches(suffix_source):
+            if best is None or hit[0] > best[0]:
+                best = hit                           # the first place of the longest match
+        if best is None or best[0] < min_n or max_tokens <= 0:
+            return [], 0, (-1, -1)
+        n, seq_id, start = best
+        return self.seqs[seq_id][start:start + max_tokens], n, (seq_id, start)
 
     def occurrences(self, suffix_source: Sequence[int], min_n: int = 1, shorter: int = 1,
                     limit: int = 64) -> list[tuple[int, int, int]]:
         """(match length, seq, start) of every occurrence of the longest suffix of
         ``suffix_source`` found, then of the suffixes up to ``shorter`` tokens shorter (the places
         they add), at most ``limit`` in all, in the index's order within a length."""
-        out: list[tuple[int, int, int]] = []
-        seen: set[tuple[int, int]] = set()
-        longest = 0
-        for n in range(min(self.max_n, len(suffix_source)), min_n - 1, -1):
-            if longest and n < longest - shorter:
-                break
-            hits = self._table.get(tuple(suffix_source[len(suffix_source) - n:]))
-            if not hits:
-                continue
-            longest = longest or n
-            for hit in hits:
-                if hit not in seen:
-                    seen.add(hit)
-                    out.append((n, *hit))
-                    if len(out) >= limit:
-                        return out
-        return out
+        matches = self._matches(suffix_source)
+        longest = max((n for n, _, _ in matches), default=0)
+        if longest < max(min_n, 1):
+            return []
+        floor = max(min_n, longest - shorter)
+        out = sorted((hit for hit in matches if hit[0] >= floor), key=lambda hit: -hit[0])   # stable
+        if floor <= 1 < longest:               # the last token's places its bigram lacks
+            seen = {(s, j) for _, s, j in matches}
+            out += [(1, s, j) for s, j in self._table.get((suffix_source[-1],), ()) if (s, j) not in seen]
+        return out[:limit]
 
 
 class NgramDrafter:

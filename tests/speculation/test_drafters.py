@@ -64,9 +64,10 @@ def test_adaptive_length_grows_on_full_acceptance_and_shrinks_on_rejection():
 
 
 def test_lookup_cost_does_not_grow_with_reference_size():
-    """Lookups are dict probes: with a reference 100x larger a lookup still makes at most max_n
-    of them and reads no reference token but the continuation it returns. Counted, not timed,
-    so a loaded machine cannot fail it."""
+    """Lookups are dict probes: with a reference 100x larger a lookup still makes two of them
+    (the suffix's last two tokens, then its last one) and, where the suffix's bigram occurs
+    nowhere, reads no reference token but the continuation it returns. Counted, not timed, so a
+    loaded machine cannot fail it."""
     import random
 
     rng = random.Random(0)
@@ -114,4 +115,54 @@ def test_lookup_cost_does_not_grow_with_reference_size():
         return most, Reads.count - returned
 
     small, large = costs(500), costs(50000)
-    assert small == (8, 0) and large[0] <= 8 and large[1] == 0, (small, large)
+    assert small == (2, 0) and large == (2, 0), (small, large)
+
+
+def _scan(seqs, suffix, max_n):
+    """Every place continuing a suffix of ``suffix``, by scanning: (match length, seq, position)
+    in the index's order (documents before the prompt before the output, earlier first)."""
+    out = []
+    for s, seq in enumerate(seqs):
+        for j in range(1, len(seq)):
+            n = 0
+            while n < min(max_n, j, len(suffix)) and seq[j - 1 - n] == suffix[len(suffix) - 1 - n]:
+                n += 1
+            if n:
+                out.append((n, s, j))
+    return out
+
+
+def test_index_agrees_with_a_scan_through_extends_and_rollbacks():
+    """The bigram-keyed index returns what scanning every sequence returns: the first place of
+    the longest suffix match (the single-path rule) and every place down to ``shorter`` tokens
+    shorter (the tree's), as the output grows and is rolled back."""
+    import random
+
+    rng = random.Random(5)
+    checked = 0
+    for _ in range(150):
+        vocab, max_n = rng.choice([3, 6, 40]), rng.choice([1, 2, 3, 8])
+        index = _NgramIndex(max_n)
+        for _ in range(rng.randrange(1, 4)):
+            index.add([rng.randrange(vocab) for _ in range(rng.randrange(0, 40))])
+        own = index.add([rng.randrange(vocab) for _ in range(4)])
+        for _ in range(25):
+            if rng.random() < 0.6:
+                index.extend(own, [rng.randrange(vocab) for _ in range(rng.randrange(1, 5))])
+            else:
+                index.truncate(own, rng.randrange(0, len(index.seqs[own]) + 1))
+            query = list(index.seqs[own]) if rng.random() < 0.7 else [rng.randrange(vocab) for _ in range(6)]
+            places = _scan(index.seqs, query, max_n)
+            longest = max((n for n, _, _ in places), default=0)
+            for min_n in (1, 2, 3):
+                first = next(((n, s, j) for n, s, j in places if n == longest), None)
+                want = (([], 0, (-1, -1)) if first is None or longest < min_n
+                        else (index.seqs[first[1]][first[2]:first[2] + 5], longest, first[1:]))
+                assert index.lookup_place(query, 5, min_n) == want
+                for shorter in (0, 1, 3):
+                    floor = max(min_n, longest - shorter)
+                    want_all = [] if longest < min_n else sorted(
+                        (p for p in places if p[0] >= floor), key=lambda p: -p[0])
+                    assert index.occurrences(query, min_n, shorter, limit=64) == want_all[:64]
+                    checked += 1
+    assert checked > 10000
