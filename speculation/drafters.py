@@ -13,7 +13,9 @@ One protocol, several implementations; the engine never knows which one it talks
 
 A step asks its drafters in order of preference (``EngineConfig.drafters``): each fills in the
 rows the ones before it left without a draft (``propose_batch``), so reference drafting wins
-where a document matches and the draft model covers the rest.
+where a document matches and the draft model covers the rest; a draft model after a copy
+drafter also continues the copy draft's best branch where the document runs out
+(``Draft.extended``, filled by ``propose_batch(after=...)``).
 """
 
 from __future__ import annotations

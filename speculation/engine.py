@@ -84,7 +84,8 @@ class EngineConfig:
     drafters: any of "reference" (LLMA: references + prompt + output), "tree" (the same
     sources, every continuation of the match, verified as a token tree), "prompt_lookup"
     (prompt + output only), "draft_model" (needs a draft model). Empty: no speculation. A step
-    asks them in this order; each drafts for the rows the ones before it left without a draft.
+    asks them in this order; each drafts for the rows the ones before it left without a draft,
+    and a draft model after a copy drafter also continues that drafter's best branch.
     """
 
     drafters: tuple[str, ...] = ("reference", "draft_model")
