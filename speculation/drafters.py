@@ -128,14 +128,16 @@ class Draft:
         weights = (self.weights or [1.0] * first) + [self.weights[leaf] if self.weights else 1.0] * n
         return Draft(self.tokens + holes, self.source, self.match_len, parents[:first + n], weights, origins)
 
+    def parent(self, node: int) -> int:
+        """The node ``node`` hangs below (-1: the pending token)."""
+        return node - 1 if self.parents is None else self.parents[node]
+
     def path_to(self, node: int) -> list[int]:
         """The nodes from the root down to ``node`` (-1: none)."""
-        if self.parents is None:
-            return list(range(node + 1))
         path = []
         while node >= 0:
             path.append(node)
-            node = self.parents[node]
+            node = self.parent(node)
         return path[::-1]
 
     def ranked(self, gains: list[float]) -> "Draft":

@@ -714,9 +714,8 @@ class SpeculativeEngine:
         if plan.extended:
             ext = set(plan.extended)
             n_ext = sum(i in ext for i in path)
-            leaf = draft.parents[plan.extended[0]] if draft.is_tree else plan.extended[0] - 1  # type: ignore[index]
             parts = [(draft.kept([i for i in range(len(draft.tokens)) if i not in ext]), len(path) - n_ext)]
-            if leaf in path:
+            if draft.parent(plan.extended[0]) in path:          # the branch's leaf was accepted
                 parts.append((Draft([draft.tokens[i] for i in plan.extended], "draft_model"), n_ext))
             else:               # never reached: drafted, not verified
                 st.by_drafter.setdefault("draft_model", DrafterStats()).drafted += len(ext)
@@ -828,8 +827,8 @@ class SpeculativeEngine:
         if not todo:
             return
         model = self.drafters["draft_model"]
-        branches = [[p.draft.tokens[i] for i in p.draft.path_to(p.draft.parents[holes[0]] if p.draft.is_tree  # type: ignore[union-attr]
-                                                                  else holes[0] - 1)] for p, holes in todo]
+        branches = [[p.draft.tokens[i] for i in p.draft.path_to(p.draft.parent(holes[0]))]  # type: ignore[union-attr]
+                    for p, holes in todo]
         drafts = model.propose_batch([p.state for p, _ in todo], [len(h) for _, h in todo],  # type: ignore[call-arg]
                                      after=branches)
         for (p, holes), got in zip(todo, drafts):

@@ -273,9 +273,10 @@ def test_extended_draft_hangs_placeholders_below_the_best_leaf():
     ext = tree.extended(2)
     assert ext.tokens == [5, 6, 7, 8, -1, -1] and ext.parents == [-1, 0, -1, 1, 3, 4]
     assert ext.weights[4:] == [0.3, 0.3] and ext.origins[4:] == [("draft_model", -1, -1)] * 2
-    assert ext.best_nodes() == [0, 1, 3, 4, 5] and ext.path_to(4) == [0, 1, 3, 4]
+    assert ext.best_nodes() == [0, 1, 3, 4, 5] and ext.path_to(4) == [0, 1, 3, 4] and ext.parent(4) == 3
     chain = Draft([5, 6], "reference", 3).extended(3)
     assert chain.tokens == [5, 6, -1, -1, -1] and chain.parents is None
+    assert chain.parent(2) == 1 and chain.path_to(2) == [0, 1, 2]
     # dropping nodes keeps the rest a tree, parents re-indexed
     kept = ext.kept([0, 1, 2, 3])
     assert kept.parents == [-1, 0, -1, 1] and kept.tokens == [5, 6, 7, 8]
@@ -313,8 +314,7 @@ def test_draft_model_extends_the_best_branch(target, drafters, policy, draft_see
 
     def tally(plan, path):
         if plan.extended:
-            d = plan.draft
-            leaf = d.parents[plan.extended[0]] if d.is_tree else plan.extended[0] - 1
+            leaf = plan.draft.parent(plan.extended[0])
             extensions.append((len(plan.extended), sum(i in plan.extended for i in path), leaf in path))
         return real_tally(plan, path)
     engine._tally = tally
