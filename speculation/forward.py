@@ -253,13 +253,7 @@ def _use_linear_kernel(model: Any, kernel: Any) -> None:
             all_ours = rows.fast is None or x.shape[-2] != rows.total  # every token, or the kept logit rows
             if not all_ours and not rows.fast.numel():
                 return prev(self, x)                                   # every token a prompt chunk's
-            # the weight as the kernel reads it, packed once (again if the weight changed: the
-            # entry holds the tensor it was packed from, so its address cannot be reused)
-            key = (self.weight.data_ptr(), _version(self.weight), kernel.name)
-            cached = getattr(self, "_specrag_packed", None)
-            if cached is None or cached[0] != key:
-                cached = self._specrag_packed = (key, kernel.pack(self.weight), self.weight.detach())
-            packed = cached[1]
+            packed = packed_weight(self, kernel)
             if all_ours:
                 return kernel.linear(x, self.weight, self.bias, packed)
             out = rows.route(x.reshape(-1, x.shape[-1]), lambda xs: kernel.linear(xs, self.weight, self.bias, packed),
@@ -273,6 +267,16 @@ def _use_linear_kernel(model: Any, kernel: Any) -> None:
                 module.weight.data = module.weight.data.contiguous()
             module.forward = types.MethodType(patched(unbound_forward(module)), module)
     model._specrag_linear_kernel = kernel.name
+
+
+def packed_weight(module: torch.nn.Linear, kernel: Any) -> torch.Tensor:
+    """``module``'s weight as ``kernel`` reads it, packed once (again if the weight changed: the
+    entry holds the tensor it was packed from, so its address cannot be reused)."""
+    key = (module.weight.data_ptr(), _version(module.weight), kernel.name)
+    cached = getattr(module, "_specrag_packed", None)
+    if cached is None or cached[0] != key:
+        cached = module._specrag_packed = (key, kernel.pack(module.weight), module.weight.detach())
+    return cached[1]
 
 
 def unbound_forward(module: Any) -> Any:
@@ -356,16 +360,18 @@ class PooledModel:
             make_rows_invariant(model)
         self.lean = None
         self._check_attention_is_ours(n_layers)
-        # the lean loop (fp32 Llama on both our kernels), decided once; checked above through
+        # the lean loop (fp32 or bf16 Llama on both our kernels), decided once; checked above through
         # transformers' path, which the forwards it does not take still go through
-        if lean and self.kernel is not None and self.kernel.dtype == torch.float32 and self.attention is not None:
+        if lean and self.kernel is not None and self.attention is not None:
             from .kernels import layer_ops, lean_kernel
             from .lean import LeanLlama, why_not
 
             why = why_not(model)
             ops = layer_ops() if why is None else None
             if ops is not None:
-                self.lean = LeanLlama(model, self.kernel, self.attention, ops, lean_kernel())
+                # the layer loop in C is fp32's; a bf16 model's runs in Python
+                fp32 = self.kernel.dtype == torch.float32
+                self.lean = LeanLlama(model, self.kernel, self.attention, ops, lean_kernel() if fp32 else None)
         self.forward_path = "lean" if self.lean is not None else "transformers"     # reported by generate --json, /health
         # what the forward's cost depends on beyond the model: its kernels (the cost curve's key)
         self.kernels = f"{self.linear_kernel}+{self.attention_kernel}" + (f"+{self.lean.name}" if self.lean else "")

@@ -238,31 +238,35 @@ def attention_kernel() -> AttentionKernel | None:
     return kernel
 
 
-# the small operations of a Llama layer in fp32 (plain C: any x86-64 or other CPU with a compiler)
-LAYER_OPS = KernelSpec(None, Path(__file__).with_name("csrc") / "layer_f32.c", "specrag_add_rmsnorm", (),
+# the small operations of a Llama layer in fp32 and bf16 (plain C: any x86-64 or other CPU with a compiler)
+LAYER_OPS = KernelSpec(None, Path(__file__).with_name("csrc") / "layer.c", "specrag_add_rmsnorm", (),
                        frozenset(), "specrag-layer", 1e-5)
 
 
 class LayerOps:
-    """The loaded ``csrc/layer_f32.c``: ``add_rmsnorm`` and ``rope_kv`` for the lean forward
-    (speculation/lean.py), each token computed alike whatever else is in the call."""
+    """The loaded ``csrc/layer.c``: ``add_rmsnorm`` and ``rope_kv`` for the lean forward
+    (speculation/lean.py), fp32 or bf16 (by the tensors' dtype; in bf16 rounded where
+    transformers' modules round), each token computed alike whatever else is in the call."""
 
     def __init__(self, spec: KernelSpec, path: Path, digest: str) -> None:
         self.path = path
         self.name = f"{spec.name}-{digest[:10]}"
         lib = ctypes.CDLL(str(path))
-        self._norm = lib.specrag_add_rmsnorm
-        self._norm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float]
-        self._norm.restype = None
-        self._rope = lib.specrag_rope_kv
-        self._rope.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 8
-        self._rope.restype = None
+        # per dtype: (add_rmsnorm, rope_kv); the fp32 pair is what csrc/lean_f32.c calls
+        self._fns = {}
+        for dtype, suffix in ((torch.float32, ""), (torch.bfloat16, "_bf16")):
+            norm, rope = getattr(lib, "specrag_add_rmsnorm" + suffix), getattr(lib, "specrag_rope_kv" + suffix)
+            norm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float]
+            rope.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 8
+            norm.restype = rope.restype = None
+            self._fns[dtype] = (norm, rope)
+        self._norm, self._rope = self._fns[torch.float32]
 
     def add_rmsnorm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, out: torch.Tensor,
                     eps: float) -> None:
         """``h += delta`` (unless None), then ``out = weight * h / sqrt(mean(h^2) + eps)`` per row;
-        fp32 [T, n] contiguous tensors (``delta`` too), ``weight`` [n]."""
-        self._norm(h.data_ptr(), delta.data_ptr() if delta is not None else None, weight.data_ptr(), out.data_ptr(),
+        fp32 or bf16 [T, n] contiguous tensors (``delta`` too), ``weight`` [n], all of one dtype."""
+        self._fns[h.dtype][0](h.data_ptr(), delta.data_ptr() if delta is not None else None, weight.data_ptr(), out.data_ptr(),
                    h.shape[0], h.shape[1], eps)
 
     def rope_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -270,11 +274,11 @@ class LayerOps:
         """Rotate ``q`` [T, Hq*D] in place; rotate ``k`` and copy ``v`` [T, Hkv*D] into the pool
         ``keys`` / ``values`` [slots, Hkv, L, D] at (slot[t], pos[t]). q, k, v: rows with unit
         stride (contiguous, or column blocks of one fused product), k's and v's rows equally far
-        apart; cos, sin: [T, D]; slot, pos: int64 [T]; all fp32, contiguous where not said,
-        and inside the pool (the caller checked)."""
+        apart; cos, sin: [T, D]; slot, pos: int64 [T]; all fp32 or all bf16, contiguous where
+        not said, and inside the pool (the caller checked)."""
         if not (k.stride(0) == v.stride(0) and q.stride(1) == k.stride(1) == v.stride(1) == 1):
             raise ValueError("rope_kv: q, k and v need unit stride along a row, and k and v one row stride")
-        self._rope(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), keys.data_ptr(),
+        self._fns[q.dtype][1](q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), keys.data_ptr(),
                    values.data_ptr(), slot.data_ptr(), pos.data_ptr(), q.shape[0], q.shape[1] // head_dim,
                    k.shape[1] // head_dim, head_dim, q.stride(0), k.stride(0), keys.stride(0), keys.stride(1))
 
@@ -316,12 +320,48 @@ def _check_layer_ops(ops: LayerOps) -> str | None:
                 keys2, values2, slot, pos, dim)
     if not (torch.equal(fused[:, :hq * dim], qq) and torch.equal(keys2, keys) and torch.equal(values2, values)):
         return "its rotary embedding of column blocks differs from that of whole tensors"
+    return _check_layer_ops_bf16(ops, gen)
+
+
+def _check_layer_ops_bf16(ops: LayerOps, gen: torch.Generator) -> str | None:
+    """bf16: the residual add and the rotary embedding bitwise as transformers' bf16 operators
+    give them; the RMSNorm within a bf16 rounding of theirs (its sum of squares runs in another
+    order, so a value at a rounding boundary may round the other way)."""
+    bf = torch.bfloat16
+    h = torch.randn(7, 75, generator=gen).to(bf)
+    d = torch.randn(7, 75, generator=gen).to(bf)
+    w = (0.5 + torch.rand(75, generator=gen)).to(bf)
+    out = torch.empty(7, 75, dtype=bf)
+    hh = h.clone()
+    ops.add_rmsnorm(hh, d, w, out, 1e-5)
+    want_h = h + d
+    f = want_h.float()
+    want = w * (f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + 1e-5)).to(bf)      # LlamaRMSNorm
+    if not (torch.equal(hh, want_h) and torch.allclose(out.float(), want.float(), rtol=1e-2, atol=1e-2)):
+        return "its bf16 RMSNorm differs from transformers'"
+    t, hq, hkv, dim = 5, 6, 2, 16
+    q, k, v = (torch.randn(t, n * dim, generator=gen).to(bf) for n in (hq, hkv, hkv))
+    ang = torch.randn(t, dim // 2, generator=gen)
+    cos, sin = torch.cat([ang, ang], -1).cos().to(bf), torch.cat([ang, ang], -1).sin().to(bf)
+    keys, values = torch.zeros(3, hkv, 8, dim, dtype=bf), torch.zeros(3, hkv, 8, dim, dtype=bf)
+    slot, pos = torch.tensor([2, 2, 0, 1, 2]), torch.tensor([0, 1, 7, 3, 2])
+    qq = q.clone()
+    ops.rope_kv(qq, k, v, cos, sin, keys, values, slot, pos, dim)
+
+    def rot(x: torch.Tensor) -> torch.Tensor:     # transformers' apply_rotary_pos_emb, on bf16 tensors
+        half = torch.cat((-x[..., dim // 2:], x[..., :dim // 2]), -1)
+        return (x * cos[:, None]) + (half * sin[:, None])
+
+    if not torch.equal(qq.view(t, hq, dim), rot(q.view(t, hq, dim))):
+        return "its bf16 rotary embedding differs from transformers'"
+    if not (torch.equal(keys[slot, :, pos], rot(k.view(t, hkv, dim))) and torch.equal(values[slot, :, pos], v.view(t, hkv, dim))):
+        return "it wrote other bf16 keys or values into the pool"
     return None
 
 
 @functools.lru_cache(maxsize=None)
 def layer_ops() -> LayerOps | None:
-    """This machine's ``csrc/layer_f32.c``, or None with the reason logged."""
+    """This machine's ``csrc/layer.c``, or None with the reason logged."""
     ops, why = _load(LAYER_OPS, LayerOps, _check_layer_ops)
     if ops is None:
         log.info("the lean forward is off: %s", why)

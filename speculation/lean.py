@@ -3,7 +3,7 @@
 Through transformers, a one-token fp32 forward of SmolLM2 (30 layers) runs ~1000 torch
 operators and ~450 module calls around 211 matrix products; on a 2-core AMD EPYC they cost
 ~30 ms of a 68 ms decode forward, as much as the products. This loop computes the same model
-with per layer: two calls of ``csrc/layer_f32.c`` (residual add + RMSNorm; rotary embedding +
+with per layer: two calls of ``csrc/layer.c`` (residual add + RMSNorm; rotary embedding +
 KV write), our attention kernel, the seven linear layers in four calls of our fp32 kernel (the
 query, key and value projections in one, gate and up in one: one parallel region each, the next
 weight's prefetch running on from the last), and the MLP's activation (SiLU(gate) * up in
@@ -28,7 +28,17 @@ differently, so equality with plain output is up to fp32 near-ties, as before.
 Its logits differ from transformers' path in the last bits only (the RMSNorm's reduction order),
 which the engine's tests compare against Hugging Face ``generate`` with the near-tie rule.
 
-Models: transformers' ``LlamaForCausalLM`` in fp32 on a CPU (SmolLM2, Llama, TinyLlama), built
+bf16 (where our bf16 linear kernel builds: AVX512-BF16) runs the loop in Python, with the
+layer operations in bf16 rounded where transformers' bf16 modules round (``csrc/layer.c``: the
+residual add, the normalised row cast to bf16 and then times the weight, the rotary embedding's
+products and sum) and the MLP's activation in torch; the C loop is fp32's. Its logits are
+transformers' path's but where the RMSNorm's sum of squares, in another order, rounds a
+normalised value the other way: in bf16 that moved SmolLM2's logits by up to 0.5 (tests compare
+against HF ``generate`` with the bf16 near-tie rule). Through transformers
+a bf16 decode forward of SmolLM2 cost 15.6-16.2 ms on a 2-core AMD EPYC with AVX512-BF16, in the
+loop 10.9-11.1 (16 rows x 1 token: 37.6-38.2 against 30.9-31.5; 700-token context).
+
+Models: transformers' ``LlamaForCausalLM`` in fp32 or bf16 on a CPU (SmolLM2, Llama, TinyLlama), built
 of its own module types without hooks, rotary embeddings other than dynamic / longrope; anything
 else keeps transformers' path (``why_not`` says why).
 """
@@ -40,6 +50,8 @@ import itertools
 from typing import Any
 
 import torch
+
+from .forward import packed_weight
 
 
 def why_not(model: Any) -> str | None:
@@ -53,8 +65,8 @@ def why_not(model: Any) -> str | None:
         return f"{type(model).__name__} is not transformers' LlamaForCausalLM"
     cfg = model.config
     param = next(model.parameters())
-    if param.dtype != torch.float32 or param.device.type != "cpu":
-        return "the lean forward is fp32 on a CPU"
+    if param.dtype not in (torch.float32, torch.bfloat16) or param.device.type != "cpu":
+        return "the lean forward is fp32 or bf16 on a CPU"
     # transformers' rotary module computes cos / sin for the positions (linear, llama3, yarn
     # scaling and attention_scaling included); types whose frequencies depend on the whole call
     # are left to it
@@ -147,6 +159,9 @@ class LeanLlama:
         biases = [m.bias for m in modules]
 
         def ours(xs: torch.Tensor) -> torch.Tensor:
+            if self.linear.packed:      # bf16: each weight as the kernel reads it, packed once
+                outs = [self.linear.linear(xs, m.weight, m.bias, packed_weight(m, self.linear)) for m in modules]
+                return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
             if len(weights) == 1:
                 return self.linear.linear(xs, weights[0], biases[0], weights[0])
             return self.linear.linear_multi(xs, weights, biases)
@@ -161,7 +176,8 @@ class LeanLlama:
                 rows: Any = None) -> torch.Tensor:
         """ids, positions: [T]; batch: the plan (every row a chain, on the attention kernel);
         keep: the packed indices whose logits are wanted; rows: which tokens' products go to
-        torch's GEMM (``_KernelRows``; None: none). Returns [len(keep), vocab] fp32."""
+        torch's GEMM (``_KernelRows``; None: none). Returns [len(keep), vocab] fp32 (a bf16
+        model's logits cast up, as transformers' path does)."""
         ops, d = self.ops, self.head_dim
         lin = self._lin
         pool = batch.pool
@@ -188,7 +204,7 @@ class LeanLlama:
             g = lin(gate_up, x, rows)                                   # [T, gate | up]
             delta = lin(down, silu_mul(g) if silu_mul else act(g[:, :self.inter]) * g[:, self.inter:], rows)
         ops.add_rmsnorm(h, delta, self.norm.weight, x, self.norm.variance_epsilon)
-        return lin(self.head, x[keep])              # the kept logit rows: all ours
+        return lin(self.head, x[keep]).float()      # the kept logit rows: all ours
 
     def _layers_in_c(self, h: torch.Tensor, batch: Any, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The layers and the final norm through ``specrag_lean_layers``: the weights as they are

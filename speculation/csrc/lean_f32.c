@@ -8,7 +8,7 @@
  *
  * It computes nothing itself but the MLP's activation: the products, the attention, the RMSNorm
  * and the rotary embedding are the very kernels the Python loop calls (linear_f32.c,
- * attention.c, layer_f32.c, each its own build), passed in as function pointers and called with
+ * attention.c, layer.c, each its own build), passed in as function pointers and called with
  * the same arguments in the same order, so a token's result is theirs. The activation,
  * SiLU(gate) * up, is per element, the same instructions whatever T: each token is computed
  * alike whatever else is in the call, and the forward stays batch-invariant.

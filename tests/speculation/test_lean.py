@@ -2,7 +2,9 @@
 layers on our kernels. It computes what transformers' path computes (to fp32 rounding: its
 RMSNorm sums in another order), each token bitwise alike whatever shares its forward, for the
 forwards it is given (chains of decode and draft rows; everything in the batch-invariant
-forward), and stays out of the others; models it does not compute keep transformers' path."""
+forward), and stays out of the others; models it does not compute keep transformers' path.
+In bf16 (where our bf16 linear kernel builds: AVX512-BF16) the loop runs in Python and rounds
+where transformers' bf16 modules round."""
 
 import copy
 import random
@@ -35,6 +37,11 @@ def model():
             norm.weight.copy_(0.5 + torch.rand(norm.weight.shape, generator=gen))
             norm.variance_epsilon = 10.0 ** -(2 + i)
     return m
+
+
+def _needs_bf16():
+    if kernels.linear_kernel(torch.bfloat16) is None:
+        pytest.skip("the bf16 lean forward needs our bf16 linear kernel (AVX512-BF16 and a C compiler)")
 
 
 def _biased():
@@ -195,7 +202,7 @@ def test_a_model_with_another_activation_keeps_the_python_loop_with_its_own(mode
 def test_models_it_does_not_compute_keep_transformers_path(model):
     assert lean.why_not(model) is None
     refused = {}
-    refused["fp32"] = copy.deepcopy(model).to(torch.bfloat16)
+    refused["fp32 or bf16"] = copy.deepcopy(model).to(torch.float16)
     dynamic = refused["dynamic"] = copy.deepcopy(model)
     dynamic.config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
     hooked = refused["hook on its Linear"] = copy.deepcopy(model)
@@ -240,3 +247,74 @@ def test_the_engine_on_it_gives_hf_generate_and_its_own_plain_output(model, draf
     for p, spec, plain in zip(prompts, outs["spec"], outs["plain"]):
         assert spec == plain
         assert_same_tokens(model, p, hf_greedy(model, p, 40), spec, "lean forward vs HF generate")
+
+
+@pytest.mark.parametrize("which", ["tiny", "biased"])
+def test_bf16_its_logits_and_kv_are_transformers_paths_to_a_bf16_rounding(model, which):
+    """A bf16 model in the batch-invariant forward (chains only, every product ours): the lean
+    loop in Python (the C loop is fp32's) gives transformers' path's logits and KV, bitwise but
+    where the RMSNorm's sum of squares, summed in another order, rounds a value the other way."""
+    _needs_bf16()
+    m = copy.deepcopy(model if which == "tiny" else _biased()).to(torch.bfloat16)
+    rng = random.Random(12)
+    seqs = [[1] + [rng.randrange(3, 96) for _ in range(120)] for _ in range(3)]
+    ours, theirs = PooledModel(m, 4, invariant=True), PooledModel(m, 4, invariant=True, lean=False)
+    assert ours.lean is not None and ours.lean.loop is None and ours.forward_path == "lean" and theirs.lean is None
+    taken = []
+    real = ours.lean.forward
+    ours.lean.forward = lambda *a: taken.append(a[0].numel()) or real(*a)
+    rows = [Row(0, 60, seqs[0][60:61], 0), Row(1, 60, seqs[1][60:77], 0), Row(2, 60, seqs[2][60:64], 2),
+            Row(3, 0, seqs[0][:SHORT_ROW + 40], SHORT_ROW + 39)]
+    with torch.inference_mode():
+        _prefill(ours, seqs)
+        _prefill(theirs, seqs)
+        got, want = ours.forward(rows), theirs.forward(rows)
+    assert taken == [60, 60, 60, 1 + 17 + 4 + SHORT_ROW + 40]
+    assert got.dtype == want.dtype == torch.float32 and got.shape == want.shape == (1 + 17 + 2 + 1, 96)
+    torch.testing.assert_close(got, want, rtol=0.02, atol=0.02)
+    assert (got == want).float().mean() > 0.9
+    for layer in range(len(m.model.layers)):
+        for slot, n in ((0, 61), (1, 77), (2, 64), (3, SHORT_ROW + 40)):
+            for pool_ours, pool_theirs in ((ours.pool.keys, theirs.pool.keys), (ours.pool.values, theirs.pool.values)):
+                a, b = pool_ours[layer][slot, :, :n], pool_theirs[layer][slot, :, :n]
+                assert a.dtype == torch.bfloat16
+                torch.testing.assert_close(a, b, rtol=0.02, atol=0.02)
+
+
+def test_bf16_a_tokens_logits_are_bitwise_the_same_alone_among_drafts_and_beside_other_rows(model):
+    _needs_bf16()
+    m = copy.deepcopy(model).to(torch.bfloat16)
+    rng = random.Random(13)
+    seqs = [[1] + [rng.randrange(3, 96) for _ in range(100)] for _ in range(4)]
+    runner = PooledModel(m, 4, invariant=True)
+    assert runner.forward_path == "lean"
+    with torch.inference_mode():
+        _prefill(runner, seqs)
+        alone = [runner.forward([Row(0, 60 + i, seqs[0][60 + i:61 + i], 0)]) for i in range(16)]
+        block = runner.forward([Row(0, 60, seqs[0][60:76], 0)])
+        batch = runner.forward([Row(2, 60, seqs[2][60:63], 0), Row(0, 60, seqs[0][60:76], 0),
+                                Row(1, 60, seqs[1][60:61], 0), Row(3, 60, seqs[3][60:69], 0)])
+    for i in range(16):
+        assert torch.equal(alone[i][0], block[i]), i
+        assert torch.equal(alone[i][0], batch[3 + i]), i
+
+
+def test_bf16_the_engine_on_it_gives_hf_generate_and_its_own_plain_output(model, monkeypatch):
+    import exactness
+
+    _needs_bf16()
+    m = copy.deepcopy(model).to(torch.bfloat16)
+    tok = TinyTokenizer(96)
+    rng = random.Random(14)
+    prompts = [[1] + [rng.randrange(3, 96) for _ in range(n)] for n in (7, 40, 90)]
+    refs = [[rng.randrange(3, 96) for _ in range(60)] + p[1:30] for p in prompts]
+    outs = {}
+    for name, cfg in (("spec", EngineConfig(drafters=("reference", "prompt_lookup"))), ("plain", EngineConfig(drafters=()))):
+        engine = SpeculativeEngine(m, tok, config=cfg)
+        assert engine.batch_invariant and engine.runner.forward_path == "lean"
+        reqs = [GenerationRequest(p, max_new_tokens=40, references=[r]) for p, r in zip(prompts, refs)]
+        outs[name] = [r.token_ids for r in engine.generate(reqs)]
+    assert outs["spec"] == outs["plain"]
+    monkeypatch.setattr(exactness, "NEAR_TIE_LOW_PRECISION", 0.125)      # bf16 spacing at logit scale
+    for p, plain in zip(prompts, outs["plain"]):
+        assert_same_tokens(m, p, hf_greedy(m, p, 40), plain, "bf16 lean forward vs HF generate")
