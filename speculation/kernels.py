@@ -115,15 +115,19 @@ class LinearKernel:
         return out.reshape(*x.shape[:-1], n)
 
     def linear_multi(self, x: torch.Tensor, weights: list[torch.Tensor],
-                     biases: list[torch.Tensor | None]) -> torch.Tensor:
+                     biases: list[torch.Tensor | None], packed: list[torch.Tensor] | None = None) -> torch.Tensor:
         """``torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases)], -1)`` for a 2-D
         ``x`` (unit stride along its rows), in one call: each weight's columns bitwise those of
         ``linear(x, w, b)``, the call's overhead and the weights' prefetch shared (the query, key
-        and value projections; gate and up). Unpacked kernels (fp32) with ``_multi`` only."""
+        and value projections; gate and up). ``packed``: a packed kernel's (bf16) ``pack(w)`` of
+        each weight, made once by the caller (else packed here, at the cost of copies)."""
         if len(biases) != len(weights) or not weights:
             raise ValueError("linear_multi: one bias (or None) per weight, at least one weight")
-        if self._multi is None or self.packed or len(weights) > 8:
-            return torch.cat([self.linear(x, w, b) for w, b in zip(weights, biases)], -1)
+        if self.packed:
+            packed = packed if packed is not None else [self.pack(w) for w in weights]
+        if self._multi is None or len(weights) > 8:
+            return torch.cat([self.linear(x, w, b, p) for w, b, p in
+                              zip(weights, biases, packed if self.packed else weights)], -1)
         if x.stride(-1) != 1:
             x = x.contiguous()
         m, k = x.shape
@@ -135,7 +139,7 @@ class LinearKernel:
         out = torch.empty(m, sum(ns), dtype=self.dtype)
         if m:
             n = len(weights)
-            ptrs = (ctypes.c_void_p * n)(*[w.data_ptr() for w in weights])
+            ptrs = (ctypes.c_void_p * n)(*[w.data_ptr() for w in (packed if self.packed else weights)])
             bias = (ctypes.c_void_p * n)(*[b.data_ptr() if b is not None else None for b in biases])
             self._multi(x.data_ptr(), n, ptrs, bias if any(b is not None for b in biases) else None,
                         (ctypes.c_int64 * n)(*ns), out.data_ptr(), m, k, x.stride(0), torch.get_num_threads())

@@ -158,13 +158,13 @@ class LeanLlama:
         weights = [m.weight for m in modules]
         biases = [m.bias for m in modules]
 
+        # bf16: each weight as the kernel reads it, packed once
+        packed = [packed_weight(m, self.linear) for m in modules] if self.linear.packed else weights
+
         def ours(xs: torch.Tensor) -> torch.Tensor:
-            if self.linear.packed:      # bf16: each weight as the kernel reads it, packed once
-                outs = [self.linear.linear(xs, m.weight, m.bias, packed_weight(m, self.linear)) for m in modules]
-                return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
             if len(weights) == 1:
-                return self.linear.linear(xs, weights[0], biases[0], weights[0])
-            return self.linear.linear_multi(xs, weights, biases)
+                return self.linear.linear(xs, weights[0], biases[0], packed[0])
+            return self.linear.linear_multi(xs, weights, biases, packed)
 
         def theirs(xs: torch.Tensor) -> torch.Tensor:
             outs = [torch.nn.functional.linear(xs, w, b) for w, b in zip(weights, biases)]

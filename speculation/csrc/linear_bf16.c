@@ -31,10 +31,12 @@ static inline __m512bh pair(const uint16_t *x, int64_t kp, int64_t K) {
     return (__m512bh)_mm512_set1_epi32(v);
 }
 
-/* rows m0 .. m0 + mc - 1 of X against the 32 outputs of packed group g */
+/* rows m0 .. m0 + mc - 1 of X against the 32 outputs of packed group g, into Y's rows (ldy
+ * apart) from column col0 */
 static inline __attribute__((always_inline)) void tile(const uint16_t *X, const uint16_t *Wp, const uint16_t *B,
                                                         uint16_t *Y, int64_t K, int64_t N, int64_t sx,
-                                                        int64_t m0, const int mc, int64_t g) {
+                                                        int64_t m0, const int mc, int64_t g, int64_t ldy,
+                                                        int64_t col0) {
     int64_t K2 = (K + 1) / 2;
     const uint16_t *w = Wp + g * K2 * 64;
     __m512 acc[MR][2];
@@ -53,8 +55,28 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *X, const 
         float s[32];
         _mm512_storeu_ps(s, acc[i][0]);
         _mm512_storeu_ps(s + 16, acc[i][1]);
-        uint16_t *y = Y + (m0 + i) * N + n0;
+        uint16_t *y = Y + (m0 + i) * ldy + col0 + n0;
         for (int64_t j = 0; j < nc; j++) y[j] = f32_to_bf16(B ? s[j] + bf16_to_f32(B[n0 + j]) : s[j]);
+    }
+}
+
+/* rows [mb * MB, ...) of X (up to MB) against packed group g of one weight */
+static void block(const uint16_t *X, const uint16_t *Wp, const uint16_t *B, uint16_t *Y, int64_t M, int64_t K,
+                  int64_t N, int64_t sx, int64_t mb, int64_t g, int64_t ldy, int64_t col0) {
+    int64_t m_end = (mb + 1) * MB < M ? (mb + 1) * MB : M;
+    for (int64_t m0 = mb * MB; m0 < m_end; m0 += MR) {
+        /* constant row counts, so each pass is unrolled; the per-(m, n) reduction is the
+           same instructions in all of them */
+        switch (m_end - m0 < MR ? m_end - m0 : MR) {
+            case 8: tile(X, Wp, B, Y, K, N, sx, m0, 8, g, ldy, col0); break;
+            case 7: tile(X, Wp, B, Y, K, N, sx, m0, 7, g, ldy, col0); break;
+            case 6: tile(X, Wp, B, Y, K, N, sx, m0, 6, g, ldy, col0); break;
+            case 5: tile(X, Wp, B, Y, K, N, sx, m0, 5, g, ldy, col0); break;
+            case 4: tile(X, Wp, B, Y, K, N, sx, m0, 4, g, ldy, col0); break;
+            case 3: tile(X, Wp, B, Y, K, N, sx, m0, 3, g, ldy, col0); break;
+            case 2: tile(X, Wp, B, Y, K, N, sx, m0, 2, g, ldy, col0); break;
+            default: tile(X, Wp, B, Y, K, N, sx, m0, 1, g, ldy, col0); break;
+        }
     }
 }
 
@@ -65,22 +87,29 @@ void specrag_linear_bf16(const uint16_t *X, const uint16_t *Wp, const uint16_t *
                          int64_t M, int64_t K, int64_t N, int64_t sx, int nthreads) {
     int64_t groups = (N + 31) / 32, mblocks = (M + MB - 1) / MB;
     #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t t = 0; t < groups * mblocks; t++)
+        block(X, Wp, B, Y, M, K, N, sx, t / groups, t % groups, N, 0);
+}
+
+/* nw (<= 8) packed weights [Ns[i], K] against one X in one parallel region: Y [M, sum Ns]
+ * contiguous, weight i's outputs in its columns after those of the weights before it, each
+ * (m, n) by the instructions of specrag_linear_bf16 (bitwise its result). Bs: NULL, or nw
+ * pointers each NULL or [Ns[i]]. (The lean loop's q / k / v and gate / up products.) */
+void specrag_linear_bf16_multi(const uint16_t *X, int nw, const uint16_t *const *Wps, const uint16_t *const *Bs,
+                               const int64_t *Ns, uint16_t *Y, int64_t M, int64_t K, int64_t sx, int nthreads) {
+    int64_t first[9], col[9], ldy = 0, mblocks = (M + MB - 1) / MB;
+    first[0] = 0;
+    for (int i = 0; i < nw; i++) {
+        col[i] = ldy;
+        ldy += Ns[i];
+        first[i + 1] = first[i] + (Ns[i] + 31) / 32;     /* groups before weight i + 1 */
+    }
+    int64_t groups = first[nw];
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t t = 0; t < groups * mblocks; t++) {
-        int64_t mb = t / groups, g = t % groups;
-        int64_t m_end = (mb + 1) * MB < M ? (mb + 1) * MB : M;
-        for (int64_t m0 = mb * MB; m0 < m_end; m0 += MR) {
-            /* constant row counts, so each pass is unrolled; the per-(m, n) reduction is the
-               same instructions in all of them */
-            switch (m_end - m0 < MR ? m_end - m0 : MR) {
-                case 8: tile(X, Wp, B, Y, K, N, sx, m0, 8, g); break;
-                case 7: tile(X, Wp, B, Y, K, N, sx, m0, 7, g); break;
-                case 6: tile(X, Wp, B, Y, K, N, sx, m0, 6, g); break;
-                case 5: tile(X, Wp, B, Y, K, N, sx, m0, 5, g); break;
-                case 4: tile(X, Wp, B, Y, K, N, sx, m0, 4, g); break;
-                case 3: tile(X, Wp, B, Y, K, N, sx, m0, 3, g); break;
-                case 2: tile(X, Wp, B, Y, K, N, sx, m0, 2, g); break;
-                default: tile(X, Wp, B, Y, K, N, sx, m0, 1, g); break;
-            }
-        }
+        int64_t mb = t / groups, gg = t % groups;
+        int i = 0;
+        while (gg >= first[i + 1]) i++;
+        block(X, Wps[i], Bs ? Bs[i] : 0, Y, M, K, Ns[i], sx, mb, gg - first[i], ldy, col[i]);
     }
 }

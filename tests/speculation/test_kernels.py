@@ -87,14 +87,17 @@ def test_every_build_this_cpu_has_passes_its_check(spec):
     torch.testing.assert_close(full.float(), torch.nn.functional.linear(x.float(), w.float()).to(spec.dtype).float(),
                                rtol=1e-4 if spec.dtype == torch.float32 else 8e-3, atol=1e-3)
     assert all(torch.equal(kernel.linear(x[i:i + m], w), full[i:i + m]) for m in (1, 3, 4, 5, 7) for i in (0, 40 - m))
-    if spec.dtype == torch.float32:
-        # several weights against one input in one call: each one's columns bitwise its own product
-        ws = [w, torch.randn(13, 200, generator=gen), w[:6]]
-        bs = [None, torch.randn(13, generator=gen), torch.randn(6, generator=gen)]
-        for m in (1, 2, 5, 40):
-            got = kernel.linear_multi(x[:m], ws, bs)
-            assert got.shape == (m, 70 + 13 + 6)
-            assert torch.equal(got, torch.cat([kernel.linear(x[:m], a, b) for a, b in zip(ws, bs)], -1))
+    # several weights against one input in one call: each one's columns bitwise its own product
+    # (bf16: the packed weights given, or packed in the call)
+    ws = [w, torch.randn(13, 200, generator=gen).to(spec.dtype), w[:6].contiguous()]
+    bs = [None, torch.randn(13, generator=gen).to(spec.dtype), torch.randn(6, generator=gen).to(spec.dtype)]
+    packed = [kernel.pack(a) for a in ws] if kernel.packed else None
+    for m in (1, 2, 5, 40, 70):
+        xs = torch.randn(m, 200, generator=gen).to(spec.dtype)
+        got = kernel.linear_multi(xs, ws, bs, packed)
+        assert got.shape == (m, 70 + 13 + 6)
+        assert torch.equal(got, torch.cat([kernel.linear(xs, a, b) for a, b in zip(ws, bs)], -1))
+        assert torch.equal(kernel.linear_multi(xs, ws, bs), got)
 
 
 @pytest.mark.parametrize("spec", kernels.LEAN, ids=lambda s: s.name)
@@ -132,9 +135,9 @@ def test_pooled_forward_uses_the_kernel_for_generation_rows_and_torch_for_prompt
         ours.append(x.reshape(-1, x.shape[-1]).shape[0])
         return real_linear(x, w, b, packed)
 
-    def spy_multi(x, weights, biases):      # several layers' products in one call (the lean loop's)
+    def spy_multi(x, weights, biases, packed=None):      # several layers' products in one call (the lean loop's)
         ours.extend([x.shape[0]] * len(weights))
-        return real_multi(x, weights, biases)
+        return real_multi(x, weights, biases, packed)
 
     def spy_torch(x, w, b=None):
         theirs.append(x.reshape(-1, x.shape[-1]).shape[0])
