@@ -369,9 +369,7 @@ class PooledModel:
             why = why_not(model)
             ops = layer_ops() if why is None else None
             if ops is not None:
-                # the layer loop in C is fp32's; a bf16 model's runs in Python
-                fp32 = self.kernel.dtype == torch.float32
-                self.lean = LeanLlama(model, self.kernel, self.attention, ops, lean_kernel() if fp32 else None)
+                self.lean = LeanLlama(model, self.kernel, self.attention, ops, lean_kernel())
         self.forward_path = "lean" if self.lean is not None else "transformers"     # reported by generate --json, /health
         # what the forward's cost depends on beyond the model: its kernels (the cost curve's key)
         self.kernels = f"{self.linear_kernel}+{self.attention_kernel}" + (f"+{self.lean.name}" if self.lean else "")

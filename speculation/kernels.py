@@ -256,7 +256,7 @@ class LayerOps:
         self.path = path
         self.name = f"{spec.name}-{digest[:10]}"
         lib = ctypes.CDLL(str(path))
-        # per dtype: (add_rmsnorm, rope_kv); the fp32 pair is what csrc/lean_f32.c calls
+        # per dtype: (add_rmsnorm, rope_kv); the fp32 pair is what csrc/lean.c calls
         self._fns = {}
         for dtype, suffix in ((torch.float32, ""), (torch.bfloat16, "_bf16")):
             norm, rope = getattr(lib, "specrag_add_rmsnorm" + suffix), getattr(lib, "specrag_rope_kv" + suffix)
@@ -373,10 +373,10 @@ def layer_ops() -> LayerOps | None:
 
 
 # the lean forward's layer loop in C and the MLP's activation (one source, 16 or 8 fp32 lanes)
-_LEAN_F32 = Path(__file__).with_name("csrc") / "lean_f32.c"
-LEAN = (KernelSpec(None, _LEAN_F32, "specrag_lean_layers", ("-mavx512f", "-mfma"), frozenset({"avx512f", "fma"}),
+_LEAN = Path(__file__).with_name("csrc") / "lean.c"
+LEAN = (KernelSpec(None, _LEAN, "specrag_lean_layers", ("-mavx512f", "-mfma"), frozenset({"avx512f", "fma"}),
                    "specrag-lean", 1e-5),
-        KernelSpec(None, _LEAN_F32, "specrag_lean_layers", ("-mavx2", "-mfma"), frozenset({"avx2", "fma"}),
+        KernelSpec(None, _LEAN, "specrag_lean_layers", ("-mavx2", "-mfma"), frozenset({"avx2", "fma"}),
                    "specrag-lean-avx2", 1e-5))
 
 
@@ -386,56 +386,62 @@ def _fn_ptr(fn: Any) -> int:
 
 
 class LeanKernel:
-    """The loaded ``csrc/lean_f32.c``: ``silu_mul`` (the Llama MLP's activation, per element) and
+    """The loaded ``csrc/lean.c``: ``silu_mul`` (the Llama MLP's activation, per element) and
     ``layers``, every decoder layer of the lean forward in one call of C that calls our other
-    kernels, the very functions the Python loop calls, with the same arguments."""
+    kernels, the very functions the Python loop calls, with the same arguments; fp32, and bf16
+    in the AVX-512 build (``bf16``)."""
 
     def __init__(self, spec: KernelSpec, path: Path, digest: str) -> None:
         self.path = path
         self.name = f"{spec.name}-{digest[:10]}"
         lib = ctypes.CDLL(str(path))
-        self._silu = lib.specrag_silu_mul
-        self._silu.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
-        self._silu.restype = None
-        self._layers = lib.specrag_lean_layers
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        self._layers.argtypes = ([p] * 4 + [i64] * 2 + [p] * 6 + [i64] * 2 + [p] * 3 + [i64, ctypes.c_float]
-                                 + [p] * 9 + [ctypes.c_int])
-        self._layers.restype = None
+        self._silu, self._layers = {}, {}
+        for dtype, suffix in ((torch.float32, ""), (torch.bfloat16, "_bf16")):
+            silu, layers = getattr(lib, "specrag_silu_mul" + suffix, None), getattr(lib, "specrag_lean_layers" + suffix, None)
+            if silu is None or layers is None:
+                continue             # bf16: the AVX-512 build only
+            silu.argtypes = [p] * 2 + [i64] * 2 + [ctypes.c_int]
+            layers.argtypes = [p] * 4 + [i64] * 2 + [p] * 6 + [i64] * 2 + [p] * 3 + [i64, ctypes.c_float] + [p] * 9 + [ctypes.c_int]
+            silu.restype = layers.restype = None
+            self._silu[dtype], self._layers[dtype] = silu, layers
+        self.bf16 = torch.bfloat16 in self._layers
 
     def silu_mul(self, g: torch.Tensor) -> torch.Tensor:
-        """``silu(g[:, :n]) * g[:, n:]`` for fp32 ``g`` [T, 2n] (gate | up) contiguous: [T, n]."""
+        """``silu(g[:, :n]) * g[:, n:]`` for ``g`` [T, 2n] (gate | up) contiguous: [T, n] (fp32;
+        bf16: the SiLU rounded to bf16, then the product, as transformers' bf16 MLP rounds)."""
         t, n2 = g.shape
-        out = torch.empty(t, n2 // 2)
+        out = torch.empty(t, n2 // 2, dtype=g.dtype)
         if t:
-            self._silu(g.data_ptr(), out.data_ptr(), t, n2 // 2, torch.get_num_threads())
+            self._silu[g.dtype](g.data_ptr(), out.data_ptr(), t, n2 // 2, torch.get_num_threads())
         return out
 
     @staticmethod
     def entry_points(linear: LinearKernel, attention: AttentionKernel, ops: LayerOps) -> tuple[int, int, int, int]:
-        """The addresses of the kernels ``layers`` calls (the Python loop's own): take once, pass
-        to every ``layers`` call."""
-        return _fn_ptr(linear._multi), _fn_ptr(attention._fn), _fn_ptr(ops._norm), _fn_ptr(ops._rope)
+        """The addresses of the kernels ``layers`` calls (the Python loop's own, for the linear
+        kernel's dtype): take once, pass to every ``layers`` call."""
+        norm, rope = ops._fns[linear.dtype]
+        return _fn_ptr(linear._multi), _fn_ptr(attention._fn), _fn_ptr(norm), _fn_ptr(rope)
 
     def layers(self, kernels: tuple[int, int, int, int], n_layers: int, h: torch.Tensor, dims: Any, wts: Any,
                bias: Any, eps: Any, keys: Any, values: Any, pool_strides: tuple[int, int], slot: torch.Tensor,
                pos: torch.Tensor, nvis: torch.Tensor, max_visible: int, scale: float, cos: torch.Tensor,
                sin: torch.Tensor) -> torch.Tensor:
         """Every decoder layer and the final RMSNorm for the T tokens of ``h`` [T, hidden]
-        (contiguous fp32 embeddings; the residual stream on return); the normed hidden states
-        [T, hidden]. kernels: ``entry_points``; dims / wts / bias / eps / keys / values: ctypes
-        arrays laid out as ``specrag_lean_layers`` reads them (``LeanLlama`` builds them); slot,
-        pos, nvis: int64 [T], inside the pool (the caller checked); cos, sin: [T, head dim]
-        contiguous."""
+        (contiguous fp32 or bf16 embeddings; the residual stream on return); the normed hidden
+        states [T, hidden]. kernels: ``entry_points``; dims / wts / bias / eps / keys / values:
+        ctypes arrays laid out as ``specrag_lean_layers`` reads them (``LeanLlama`` builds them);
+        slot, pos, nvis: int64 [T], inside the pool (the caller checked); cos, sin: [T, head dim]
+        contiguous, of h's dtype."""
         t, hid = h.shape
         nq, nkv, inter = dims[1], dims[2], dims[3]
         x = torch.empty_like(h)
-        y, a = torch.empty(t, nq + 2 * nkv), torch.empty(t, nq)
-        g, p, dn = torch.empty(t, 2 * inter), torch.empty(t, inter), torch.empty(t, hid)
-        self._layers(*kernels, n_layers, t, dims, wts, bias, eps, keys, values, pool_strides[0], pool_strides[1],
-                     slot.data_ptr(), pos.data_ptr(), nvis.data_ptr(), max_visible, scale, cos.data_ptr(),
-                     sin.data_ptr(), h.data_ptr(), x.data_ptr(), y.data_ptr(), a.data_ptr(), g.data_ptr(),
-                     p.data_ptr(), dn.data_ptr(), torch.get_num_threads())
+        y, a = h.new_empty(t, nq + 2 * nkv), h.new_empty(t, nq)
+        g, p, dn = h.new_empty(t, 2 * inter), h.new_empty(t, inter), h.new_empty(t, hid)
+        self._layers[h.dtype](*kernels, n_layers, t, dims, wts, bias, eps, keys, values, pool_strides[0],
+                              pool_strides[1], slot.data_ptr(), pos.data_ptr(), nvis.data_ptr(), max_visible, scale,
+                              cos.data_ptr(), sin.data_ptr(), h.data_ptr(), x.data_ptr(), y.data_ptr(), a.data_ptr(),
+                              g.data_ptr(), p.data_ptr(), dn.data_ptr(), torch.get_num_threads())
         return x
 
 
@@ -452,12 +458,24 @@ def _check_lean(kernel: LeanKernel) -> str | None:
         for i in (0, t - 1):
             if not torch.equal(kernel.silu_mul(g[i:i + 1].contiguous()), got[i:i + 1]):
                 return "a token's SiLU changed with the tokens beside it"
+        if kernel.bf16:
+            # bf16: torch's bf16 SiLU then product, but where its fp32 SiLU (another exp) rounds a
+            # value the other way: at most one bf16 step apart
+            gb = g.to(torch.bfloat16)
+            got = kernel.silu_mul(gb)
+            want = torch.nn.functional.silu(gb[:, :n]) * gb[:, n:]
+            if got.dtype != torch.bfloat16 or not torch.allclose(got.float(), want.float(), rtol=1.6e-2, atol=1e-6):
+                return "its bf16 SiLU differs from torch's"
+            if (got != want).float().mean() > 0.01:
+                return "its bf16 SiLU rounds unlike torch's"
+            if not torch.equal(kernel.silu_mul(gb[t - 1:].contiguous()), got[t - 1:]):
+                return "a token's bf16 SiLU changed with the tokens beside it"
     return None
 
 
 @functools.lru_cache(maxsize=None)
 def lean_kernel() -> LeanKernel | None:
-    """This machine's ``csrc/lean_f32.c`` (AVX-512, else AVX2 + FMA), or None with the reasons
+    """This machine's ``csrc/lean.c`` (AVX-512, else AVX2 + FMA), or None with the reasons
     logged (the lean forward then loops over its layers in Python)."""
     kernel, why = _load_widest(LEAN, LeanKernel, _check_lean)
     if kernel is None:

@@ -7,11 +7,11 @@ with per layer: two calls of ``csrc/layer.c`` (residual add + RMSNorm; rotary em
 KV write), our attention kernel, the seven linear layers in four calls of our fp32 kernel (the
 query, key and value projections in one, gate and up in one: one parallel region each, the next
 weight's prefetch running on from the last), and the MLP's activation (SiLU(gate) * up in
-``csrc/lean_f32.c``; another activation in torch, as the model defines it).
+``csrc/lean.c``; another activation in torch, as the model defines it).
 
 Even so, the loop in Python cost ~7 ms of a 36 ms decode forward on that EPYC (ctypes calls,
 slices, views). Where every token of a forward is on our kernels (decode and draft rows; the
-batch-invariant forward), the whole loop runs in one call of ``csrc/lean_f32.c``, which calls
+batch-invariant forward), the whole loop runs in one call of ``csrc/lean.c``, which calls
 the same kernels' C functions with the same arguments in the same order (function pointers of
 the loaded builds): bitwise the Python loop's result in a quarter less time for a one-token
 decode (26.5 against 35.1 ms at a 700-token context on that EPYC, interleaved medians), 11% less
@@ -28,15 +28,18 @@ differently, so equality with plain output is up to fp32 near-ties, as before.
 Its logits differ from transformers' path in the last bits only (the RMSNorm's reduction order),
 which the engine's tests compare against Hugging Face ``generate`` with the near-tie rule.
 
-bf16 (where our bf16 linear kernel builds: AVX512-BF16) runs the loop in Python, with the
-layer operations in bf16 rounded where transformers' bf16 modules round (``csrc/layer.c``: the
-residual add, the normalised row cast to bf16 and then times the weight, the rotary embedding's
-products and sum) and the MLP's activation in torch; the C loop is fp32's. Its logits are
-transformers' path's but where the RMSNorm's sum of squares, in another order, rounds a
-normalised value the other way: in bf16 that moved SmolLM2's logits by up to 0.5 (tests compare
-against HF ``generate`` with the bf16 near-tie rule). Through transformers
-a bf16 decode forward of SmolLM2 cost 15.6-16.2 ms on a 2-core AMD EPYC with AVX512-BF16, in the
-loop 10.9-11.1 (16 rows x 1 token: 37.6-38.2 against 30.9-31.5; 700-token context).
+bf16 (where our bf16 linear kernel builds: AVX512-BF16) runs the same loop, in C too (the AVX-512
+build of ``csrc/lean.c``), with the layer operations rounded where transformers' bf16 modules
+round (``csrc/layer.c``: the residual add, the normalised row cast to bf16 and then times the
+weight, the rotary embedding's products and sum; the SiLU rounded to bf16 before its product with
+up) and the products on the packed bf16 kernel (q / k / v and gate / up one call each). Its
+logits are transformers' path's but where the RMSNorm's sum of squares (in another order) or the
+SiLU (another exp) rounds a value the other way: in bf16 that moved SmolLM2's logits by up to 0.5
+(tests compare against HF ``generate`` with the bf16 near-tie rule). On a 2-core AMD EPYC with
+AVX512-BF16, SmolLM2 at a 700-token context, fastest of 12 in two runs, transformers' path ->
+the C loop: decode 19.2-19.4 -> 9.4-10.0 ms (15.6-16.6 in other runs), 8-token verification
+23.2-23.7 -> 13.5-14.0, 8 rows 25.2-26.8 -> 14.8-16.0, 16 rows 36.5-37.2 -> 25.0-26.0, 16 rows
+x 2 tokens 54.7-55.8 -> 42.7-43.3.
 
 Models: transformers' ``LlamaForCausalLM`` in fp32 or bf16 on a CPU (SmolLM2, Llama, TinyLlama), built
 of its own module types without hooks, rotary embeddings other than dynamic / longrope; anything
@@ -51,7 +54,7 @@ from typing import Any
 
 import torch
 
-from .forward import packed_weight
+from .forward import _version, packed_weight
 
 
 def why_not(model: Any) -> str | None:
@@ -106,7 +109,7 @@ class LeanLlama:
     """The loop; ``forward`` takes what ``PooledModel.forward`` planned."""
 
     def __init__(self, model: Any, linear: Any, attention: Any, ops: Any, loop: Any = None) -> None:
-        """``loop``: the loaded ``csrc/lean_f32.c`` (``kernels.lean_kernel()``) or None: the layer
+        """``loop``: the loaded ``csrc/lean.c`` (``kernels.lean_kernel()``) or None: the layer
         loop in C where every token is on our kernels, and the MLP's SiLU in C everywhere."""
         self.linear, self.attention, self.ops = linear, attention, ops
         inner = model.model
@@ -126,14 +129,16 @@ class LeanLlama:
         self.rotary = inner.rotary_emb
         self.norm = inner.norm
         self.head = (model.lm_head,)
-        # the MLP's activation in C (csrc/lean_f32.c) where it is SiLU (Llama's), and with it
+        # the MLP's activation in C (csrc/lean.c) where it is SiLU (Llama's), and with it
         # the whole layer loop in C for forwards that are all on our kernels
         act = inner.layers[0].mlp.act_fn
         silu = isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
+        self.dtype = self.embed.dtype
         self.loop = loop if silu and all(layer.mlp.act_fn is act or type(layer.mlp.act_fn) is type(act)
-                                         for layer in inner.layers) else None
+                                         for layer in inner.layers) and (
+            loop is None or self.dtype == torch.float32 or loop.bf16) else None
         self.name = f"lean+{ops.name}" + (f"+{self.loop.name}" if self.loop is not None else "")
-        # what the C loop reads, per layer in its order (csrc/lean_f32.c, specrag_lean_layers)
+        # what the C loop reads, per layer in its order (csrc/lean.c, specrag_lean_layers)
         self._w_modules = [m for n1, qkv, o, n2, gu, dn, _ in self.layers for m in (n1, *qkv, *o, n2, *gu, *dn)]
         self._w_modules.append(self.norm)
         self._b_modules = [m for _, qkv, o, _, gu, dn, _ in self.layers for m in (*qkv, *o, *gu, *dn)]
@@ -189,7 +194,7 @@ class LeanLlama:
         if self.loop is not None and (rows is None or rows.fast is None):
             # every token on our kernels: the whole loop in one call of C
             x = self._layers_in_c(h, batch, cos, sin)
-            return lin(self.head, x[keep])
+            return lin(self.head, x[keep]).float()
         x = torch.empty_like(h)
         delta = None
         silu_mul = self.loop.silu_mul if self.loop is not None else None
@@ -214,18 +219,25 @@ class LeanLlama:
         ws = list(map(dict.get, self._w_params, itertools.repeat("weight")))
         bs = list(map(dict.get, self._b_params, itertools.repeat("bias")))
         now = list(map(torch.Tensor.data_ptr, ws)) + [b.data_ptr() if b is not None else 0 for b in bs]
+        if self.linear.packed:        # bf16: C reads packed copies, made again when a weight changes in place
+            now += list(map(_version, ws))
         if now != self._checked:
             # another tensor somewhere (a new parameter, or new data for one): check them all
+            kind = "fp32" if self.dtype == torch.float32 else "bf16"
             for w, shape in zip(ws, self._w_shapes):
-                if tuple(w.shape) != shape or w.dtype != torch.float32 or not w.is_contiguous() or w.device.type != "cpu":
-                    raise ValueError(f"the lean forward needs contiguous fp32 CPU weights of shape {shape}, "
+                if tuple(w.shape) != shape or w.dtype != self.dtype or not w.is_contiguous() or w.device.type != "cpu":
+                    raise ValueError(f"the lean forward needs contiguous {kind} CPU weights of shape {shape}, "
                                      f"got {tuple(w.shape)} {w.dtype} on {w.device}")
             for m, b in zip(self._b_modules, bs):
-                if b is not None and (tuple(b.shape) != (m.out_features,) or b.dtype != torch.float32
+                if b is not None and (tuple(b.shape) != (m.out_features,) or b.dtype != self.dtype
                                       or not b.is_contiguous() or b.device.type != "cpu"):
-                    raise ValueError(f"the lean forward needs contiguous fp32 CPU biases of shape ({m.out_features},)")
-            self._wts = (ctypes.c_void_p * len(ws))(*now[:len(ws)])
-            self._bias = (ctypes.c_void_p * len(bs))(*[p or None for p in now[len(ws):]])
+                    raise ValueError(f"the lean forward needs contiguous {kind} CPU biases of shape ({m.out_features},)")
+            wts = now[:len(ws)]
+            if self.linear.packed:
+                wts = [packed_weight(m, self.linear).data_ptr() if isinstance(m, torch.nn.Linear) else ptr
+                       for m, ptr in zip(self._w_modules, wts)]
+            self._wts = (ctypes.c_void_p * len(ws))(*wts)
+            self._bias = (ctypes.c_void_p * len(bs))(*[p or None for p in now[len(ws):len(ws) + len(bs)]])
             self._checked = now
         n = len(self.layers)
         pool = batch.pool

@@ -1,4 +1,4 @@
-/* The vector width and operations our fp32 kernels share (attention.c, lean_f32.c): 16 lanes
+/* The vector width and operations our fp32 kernels share (attention.c, lean.c): 16 lanes
  * where the build has AVX-512, else 8 (AVX2 + FMA), and e^x for x <= 0 by a fixed polynomial. A
  * build's operations are the same instructions wherever they are used. */
 #ifndef SPECRAG_SIMD_H

@@ -136,15 +136,27 @@ def _forced_python_loop(runner, rows):
                                _KernelRows(n, torch.arange(n), torch.empty(0, dtype=torch.long)))
 
 
+def _in_dtype(model, dtype):
+    """``model`` in ``dtype`` (bf16: where our bf16 kernel and the C loop's bf16 build exist)."""
+    if dtype == "bfloat16":
+        _needs_bf16()
+        if not kernels.lean_kernel().bf16:
+            pytest.skip("the C layer loop's bf16 half is in its AVX-512 build only")
+        return copy.deepcopy(model).to(torch.bfloat16)
+    return model
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("which", ["tiny", "biased"])
-def test_the_layer_loop_in_c_gives_the_python_loops_bits_and_kv(model, which):
-    """csrc/lean_f32.c runs the layers by calling the very kernels the Python loop calls: its
+def test_the_layer_loop_in_c_gives_the_python_loops_bits_and_kv(model, which, dtype):
+    """csrc/lean.c runs the layers by calling the very kernels the Python loop calls: its
     logits and the KV it writes are bitwise the Python loop's, one row or several, biases and
-    4 query heads per kv head included."""
+    4 query heads per kv head included; in fp32 and in bf16 (its packed weights, its SiLU)."""
     if kernels.lean_kernel() is None:
         pytest.skip("the C layer loop did not build here")
     if which == "biased":
         model = _biased()
+    model = _in_dtype(model, dtype)
     rng = random.Random(4)
     seqs = [[1] + [rng.randrange(3, 96) for _ in range(120)] for _ in range(3)]
     in_c, in_python = PooledModel(model, 4), PooledModel(model, 4)
@@ -167,11 +179,13 @@ def test_the_layer_loop_in_c_gives_the_python_loops_bits_and_kv(model, which):
     assert len(called) == 2
 
 
-def test_the_c_loop_reads_the_weights_as_they_are_now_and_refuses_ones_it_cannot_read(model):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_c_loop_reads_the_weights_as_they_are_now_and_refuses_ones_it_cannot_read(model, dtype):
     if kernels.lean_kernel() is None:
         pytest.skip("the C layer loop did not build here")
-    m = copy.deepcopy(model)
+    m = copy.deepcopy(_in_dtype(model, dtype))
     runner = PooledModel(m, 2)
+    assert runner.lean.loop is not None
     row = [Row(0, 0, [1, 5, 9], 0)]
     with torch.inference_mode():
         before = runner.forward(row)
@@ -181,8 +195,14 @@ def test_the_c_loop_reads_the_weights_as_they_are_now_and_refuses_ones_it_cannot
         after = runner.forward(row)
         assert not torch.equal(before, after)
         assert torch.equal(after, PooledModel(copy.deepcopy(m), 2).forward(row))
+    with torch.no_grad():
+        down.weight.mul_(0.5)                                      # the same tensor changed in place
+    with torch.inference_mode():
+        changed = runner.forward(row)
+        assert not torch.equal(changed, after)
+        assert torch.equal(changed, PooledModel(copy.deepcopy(m), 2).forward(row))
     down.weight = torch.nn.Parameter(down.weight[:, :-1].clone())  # one column short: refused, not read
-    with pytest.raises(ValueError, match="contiguous fp32 CPU weights"):
+    with pytest.raises(ValueError, match=f"contiguous {'fp32' if dtype == 'float32' else 'bf16'} CPU weights"):
         runner.forward(row)
 
 
@@ -252,14 +272,14 @@ def test_the_engine_on_it_gives_hf_generate_and_its_own_plain_output(model, draf
 @pytest.mark.parametrize("which", ["tiny", "biased"])
 def test_bf16_its_logits_and_kv_are_transformers_paths_to_a_bf16_rounding(model, which):
     """A bf16 model in the batch-invariant forward (chains only, every product ours): the lean
-    loop in Python (the C loop is fp32's) gives transformers' path's logits and KV, bitwise but
-    where the RMSNorm's sum of squares, summed in another order, rounds a value the other way."""
+    loop gives transformers' path's logits and KV, bitwise but where the RMSNorm's sum of squares
+    (summed in another order) or the SiLU (another exp) rounds a value the other way."""
     _needs_bf16()
     m = copy.deepcopy(model if which == "tiny" else _biased()).to(torch.bfloat16)
     rng = random.Random(12)
     seqs = [[1] + [rng.randrange(3, 96) for _ in range(120)] for _ in range(3)]
     ours, theirs = PooledModel(m, 4, invariant=True), PooledModel(m, 4, invariant=True, lean=False)
-    assert ours.lean is not None and ours.lean.loop is None and ours.forward_path == "lean" and theirs.lean is None
+    assert ours.lean is not None and ours.forward_path == "lean" and theirs.lean is None
     taken = []
     real = ours.lean.forward
     ours.lean.forward = lambda *a: taken.append(a[0].numel()) or real(*a)
