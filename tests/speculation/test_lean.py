@@ -44,6 +44,16 @@ def _needs_bf16():
         pytest.skip("the bf16 lean forward needs our bf16 linear kernel (AVX512-BF16 and a C compiler)")
 
 
+def _in_dtype(model, dtype):
+    """``model`` in ``dtype`` (bf16: where our bf16 kernel and the C loop's bf16 build exist)."""
+    if dtype == "bfloat16":
+        _needs_bf16()
+        if not kernels.lean_kernel().bf16:
+            pytest.skip("the C layer loop's bf16 half is in its AVX-512 build only")
+        return copy.deepcopy(model).to(torch.bfloat16)
+    return model
+
+
 def _biased():
     """A tiny Llama with attention and MLP biases, 4 query heads per kv head, head dim 64 (the
     attention kernel's unrolled layout) and tied embeddings."""
@@ -107,10 +117,12 @@ def test_its_logits_and_kv_are_transformers_path_to_fp32_rounding(model, which):
                                        rtol=1e-4, atol=1e-4)
 
 
-def test_a_tokens_logits_are_bitwise_the_same_alone_among_drafts_and_beside_other_rows(model):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_tokens_logits_are_bitwise_the_same_alone_among_drafts_and_beside_other_rows(model, dtype):
     rng = random.Random(3)
     seqs = [[1] + [rng.randrange(3, 96) for _ in range(100)] for _ in range(4)]
-    runner = PooledModel(model, 4)
+    runner = PooledModel(_in_dtype(model, dtype), 4)
+    assert runner.forward_path == "lean"
     with torch.inference_mode():
         _prefill(runner, seqs)
         alone = [runner.forward([Row(0, 60 + i, seqs[0][60 + i:61 + i], 0)]) for i in range(16)]
@@ -134,16 +146,6 @@ def _forced_python_loop(runner, rows):
     n = ids.numel()
     return runner.lean.forward(ids, positions, batch, torch.tensor(keep),
                                _KernelRows(n, torch.arange(n), torch.empty(0, dtype=torch.long)))
-
-
-def _in_dtype(model, dtype):
-    """``model`` in ``dtype`` (bf16: where our bf16 kernel and the C loop's bf16 build exist)."""
-    if dtype == "bfloat16":
-        _needs_bf16()
-        if not kernels.lean_kernel().bf16:
-            pytest.skip("the C layer loop's bf16 half is in its AVX-512 build only")
-        return copy.deepcopy(model).to(torch.bfloat16)
-    return model
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -299,24 +301,6 @@ def test_bf16_its_logits_and_kv_are_transformers_paths_to_a_bf16_rounding(model,
                 a, b = pool_ours[layer][slot, :, :n], pool_theirs[layer][slot, :, :n]
                 assert a.dtype == torch.bfloat16
                 torch.testing.assert_close(a, b, rtol=0.02, atol=0.02)
-
-
-def test_bf16_a_tokens_logits_are_bitwise_the_same_alone_among_drafts_and_beside_other_rows(model):
-    _needs_bf16()
-    m = copy.deepcopy(model).to(torch.bfloat16)
-    rng = random.Random(13)
-    seqs = [[1] + [rng.randrange(3, 96) for _ in range(100)] for _ in range(4)]
-    runner = PooledModel(m, 4, invariant=True)
-    assert runner.forward_path == "lean"
-    with torch.inference_mode():
-        _prefill(runner, seqs)
-        alone = [runner.forward([Row(0, 60 + i, seqs[0][60 + i:61 + i], 0)]) for i in range(16)]
-        block = runner.forward([Row(0, 60, seqs[0][60:76], 0)])
-        batch = runner.forward([Row(2, 60, seqs[2][60:63], 0), Row(0, 60, seqs[0][60:76], 0),
-                                Row(1, 60, seqs[1][60:61], 0), Row(3, 60, seqs[3][60:69], 0)])
-    for i in range(16):
-        assert torch.equal(alone[i][0], block[i]), i
-        assert torch.equal(alone[i][0], batch[3 + i]), i
 
 
 def test_bf16_the_engine_on_it_gives_hf_generate_and_its_own_plain_output(model, monkeypatch):
