@@ -92,29 +92,42 @@ def test_it_takes_every_forward_of_chains_and_leaves_trees_to_transformers(model
         assert taken == [100, SHORT_ROW + 1]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("which", ["tiny", "biased"])
-def test_its_logits_and_kv_are_transformers_path_to_fp32_rounding(model, which):
+def test_its_logits_and_kv_are_transformers_paths_to_the_dtypes_rounding(model, which, dtype):
+    """fp32: to fp32 rounding, decode and draft rows beside a prompt chunk whose products go to
+    torch's GEMM in both. bf16, in the batch-invariant forward (every product ours): bitwise but
+    where the RMSNorm's sum of squares (another order) or the SiLU (another exp) rounds a bf16
+    value the other way."""
     if which == "biased":
         model = _biased()
+    bf16 = dtype == "bfloat16"
+    model = _in_dtype(model, dtype)
     rng = random.Random(2)
     seqs = [[1] + [rng.randrange(3, 96) for _ in range(120)] for _ in range(3)]
-    ours, theirs = PooledModel(model, 4), PooledModel(model, 4, lean=False)
-    assert ours.lean is not None and theirs.lean is None
-    # decode and draft rows beside a prompt chunk (whose products go to torch's GEMM in both)
+    ours, theirs = PooledModel(model, 4, invariant=bf16), PooledModel(model, 4, invariant=bf16, lean=False)
+    assert ours.lean is not None and ours.forward_path == "lean" and theirs.lean is None
+    taken = []
+    real = ours.lean.forward
+    ours.lean.forward = lambda *a: taken.append(a[0].numel()) or real(*a)
     rows = [Row(0, 60, seqs[0][60:61], 0), Row(1, 60, seqs[1][60:77], 0), Row(2, 60, seqs[2][60:64], 2),
             Row(3, 0, seqs[0][:SHORT_ROW + 40], SHORT_ROW + 39)]
     with torch.inference_mode():
         _prefill(ours, seqs)
         _prefill(theirs, seqs)
         got, want = ours.forward(rows), theirs.forward(rows)
-    assert got.shape == want.shape == (1 + 17 + 2 + 1, 96)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert taken == [60, 60, 60, 1 + 17 + 4 + SHORT_ROW + 40]
+    assert got.dtype == want.dtype == torch.float32 and got.shape == want.shape == (1 + 17 + 2 + 1, 96)
+    tol = 0.02 if bf16 else 1e-4
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    if bf16:
+        assert (got == want).float().mean() > 0.9
     for layer in range(len(model.model.layers)):
         for slot, n in ((0, 61), (1, 77), (2, 64), (3, SHORT_ROW + 40)):
-            torch.testing.assert_close(ours.pool.keys[layer][slot, :, :n], theirs.pool.keys[layer][slot, :, :n],
-                                       rtol=1e-4, atol=1e-4)
-            torch.testing.assert_close(ours.pool.values[layer][slot, :, :n], theirs.pool.values[layer][slot, :, :n],
-                                       rtol=1e-4, atol=1e-4)
+            for pool_ours, pool_theirs in ((ours.pool.keys, theirs.pool.keys), (ours.pool.values, theirs.pool.values)):
+                assert pool_ours[layer].dtype == model.dtype
+                torch.testing.assert_close(pool_ours[layer][slot, :, :n], pool_theirs[layer][slot, :, :n],
+                                           rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -269,38 +282,6 @@ def test_the_engine_on_it_gives_hf_generate_and_its_own_plain_output(model, draf
     for p, spec, plain in zip(prompts, outs["spec"], outs["plain"]):
         assert spec == plain
         assert_same_tokens(model, p, hf_greedy(model, p, 40), spec, "lean forward vs HF generate")
-
-
-@pytest.mark.parametrize("which", ["tiny", "biased"])
-def test_bf16_its_logits_and_kv_are_transformers_paths_to_a_bf16_rounding(model, which):
-    """A bf16 model in the batch-invariant forward (chains only, every product ours): the lean
-    loop gives transformers' path's logits and KV, bitwise but where the RMSNorm's sum of squares
-    (summed in another order) or the SiLU (another exp) rounds a value the other way."""
-    _needs_bf16()
-    m = copy.deepcopy(model if which == "tiny" else _biased()).to(torch.bfloat16)
-    rng = random.Random(12)
-    seqs = [[1] + [rng.randrange(3, 96) for _ in range(120)] for _ in range(3)]
-    ours, theirs = PooledModel(m, 4, invariant=True), PooledModel(m, 4, invariant=True, lean=False)
-    assert ours.lean is not None and ours.forward_path == "lean" and theirs.lean is None
-    taken = []
-    real = ours.lean.forward
-    ours.lean.forward = lambda *a: taken.append(a[0].numel()) or real(*a)
-    rows = [Row(0, 60, seqs[0][60:61], 0), Row(1, 60, seqs[1][60:77], 0), Row(2, 60, seqs[2][60:64], 2),
-            Row(3, 0, seqs[0][:SHORT_ROW + 40], SHORT_ROW + 39)]
-    with torch.inference_mode():
-        _prefill(ours, seqs)
-        _prefill(theirs, seqs)
-        got, want = ours.forward(rows), theirs.forward(rows)
-    assert taken == [60, 60, 60, 1 + 17 + 4 + SHORT_ROW + 40]
-    assert got.dtype == want.dtype == torch.float32 and got.shape == want.shape == (1 + 17 + 2 + 1, 96)
-    torch.testing.assert_close(got, want, rtol=0.02, atol=0.02)
-    assert (got == want).float().mean() > 0.9
-    for layer in range(len(m.model.layers)):
-        for slot, n in ((0, 61), (1, 77), (2, 64), (3, SHORT_ROW + 40)):
-            for pool_ours, pool_theirs in ((ours.pool.keys, theirs.pool.keys), (ours.pool.values, theirs.pool.values)):
-                a, b = pool_ours[layer][slot, :, :n], pool_theirs[layer][slot, :, :n]
-                assert a.dtype == torch.bfloat16
-                torch.testing.assert_close(a, b, rtol=0.02, atol=0.02)
 
 
 def test_bf16_the_engine_on_it_gives_hf_generate_and_its_own_plain_output(model, monkeypatch):
