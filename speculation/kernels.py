@@ -256,7 +256,7 @@ class LayerOps:
         self.path = path
         self.name = f"{spec.name}-{digest[:10]}"
         lib = ctypes.CDLL(str(path))
-        # per dtype: (add_rmsnorm, rope_kv); the fp32 pair is what csrc/lean.c calls
+        # per dtype: (add_rmsnorm, rope_kv), the pair csrc/lean.c calls for that dtype too
         self._fns = {}
         for dtype, suffix in ((torch.float32, ""), (torch.bfloat16, "_bf16")):
             norm, rope = getattr(lib, "specrag_add_rmsnorm" + suffix), getattr(lib, "specrag_rope_kv" + suffix)
@@ -264,7 +264,6 @@ class LayerOps:
             rope.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 8
             norm.restype = rope.restype = None
             self._fns[dtype] = (norm, rope)
-        self._norm, self._rope = self._fns[torch.float32]
 
     def add_rmsnorm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, out: torch.Tensor,
                     eps: float) -> None:
