@@ -84,12 +84,12 @@ static inline __m256i vround_bf16(vf x) {
     r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
     return _mm512_cvtepi32_epi16(r);
 }
-static inline vf vwiden(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 
-/* bf16, rounded where transformers' bf16 MLP rounds: P = bf16(bf16(SiLU(gate)) * up), the SiLU
- * of silu() above in fp32 */
-static inline __m256i silu_mul_bf16(__m256i g, __m256i u) {
-    return vround_bf16(vmul(vwiden(vround_bf16(silu(vwiden(g)))), vwiden(u)));
+/* W bf16 values at g and u, rounded where transformers' bf16 MLP rounds: bf16(bf16(SiLU(gate)) *
+ * up), the SiLU of silu() above in fp32 (simd.h's vload widens bf16 to fp32) */
+static inline __m256i silu_mul_bf16(const uint16_t *g, const uint16_t *u) {
+    __m256i s = vround_bf16(silu(vload((const char *)g, 1)));
+    return vround_bf16(vmul(vload((const char *)&s, 1), vload((const char *)u, 1)));
 }
 
 void specrag_silu_mul_bf16(const uint16_t *G, uint16_t *P, int64_t T, int64_t n, int nthreads) {
@@ -98,14 +98,11 @@ void specrag_silu_mul_bf16(const uint16_t *G, uint16_t *P, int64_t T, int64_t n,
         const uint16_t *g = G + t * 2 * n, *u = g + n;
         uint16_t *p = P + t * n;
         int64_t i = 0;
-        for (; i + W <= n; i += W)
-            _mm256_storeu_si256((__m256i *)(p + i), silu_mul_bf16(_mm256_loadu_si256((const __m256i *)(g + i)),
-                                                                  _mm256_loadu_si256((const __m256i *)(u + i))));
+        for (; i + W <= n; i += W) _mm256_storeu_si256((__m256i *)(p + i), silu_mul_bf16(g + i, u + i));
         if (i < n) {
             uint16_t a[W] = {0}, b[W] = {0}, c[W];
             for (int64_t j = 0; i + j < n; j++) a[j] = g[i + j], b[j] = u[i + j];
-            _mm256_storeu_si256((__m256i *)c, silu_mul_bf16(_mm256_loadu_si256((const __m256i *)a),
-                                                            _mm256_loadu_si256((const __m256i *)b)));
+            _mm256_storeu_si256((__m256i *)c, silu_mul_bf16(a, b));
             for (int64_t j = 0; i + j < n; j++) p[i + j] = c[j];
         }
     }
