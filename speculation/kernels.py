@@ -50,6 +50,7 @@ class KernelSpec:
     name: str
     rtol: float            # the self-check's tolerance against torch's product
     packed: bool = False   # reads the weight packed (LinearKernel.pack), not as [N, K]
+    k_align: int = 2       # packed: k padded with zeros to a multiple of this
 
 
 _LINEAR_F32 = Path(__file__).with_name("csrc") / "linear_f32.c"
@@ -60,7 +61,11 @@ SPECS = {
                                frozenset({"avx512f", "fma"}), "specrag-f32", 1e-4),
                     KernelSpec(torch.float32, _LINEAR_F32, "specrag_linear_f32", ("-mavx2", "-mfma"),
                                frozenset({"avx2", "fma"}), "specrag-f32-avx2", 1e-4)),
-    torch.bfloat16: (KernelSpec(torch.bfloat16, Path(__file__).with_name("csrc") / "linear_bf16.c",
+    torch.bfloat16: (KernelSpec(torch.bfloat16, Path(__file__).with_name("csrc") / "linear_amx.c",
+                                "specrag_linear_bf16", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mamx-tile", "-mamx-bf16"),
+                                frozenset({"avx512f", "avx512bw", "avx512vl", "amx_tile", "amx_bf16"}), "specrag-bf16-amx",
+                                2e-2, packed=True, k_align=32),
+                     KernelSpec(torch.bfloat16, Path(__file__).with_name("csrc") / "linear_bf16.c",
                                 "specrag_linear_bf16", ("-mavx512f", "-mavx512bf16"),
                                 frozenset({"avx512f", "avx512_bf16"}), "specrag-bf16", 2e-2, packed=True),),
 }
@@ -75,6 +80,9 @@ class LinearKernel:
         self.packed = spec.packed
         self.name = f"{spec.name}-{digest[:10]}"
         lib = ctypes.CDLL(str(path))
+        init = getattr(lib, "specrag_amx_init", None)
+        if init is not None and init() != 0:
+            raise RuntimeError("the operating system refused this process the AMX tile state (Linux >= 5.16 grants it)")
         fn = getattr(lib, spec.symbol)
         fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int]
         fn.restype = None
@@ -87,12 +95,14 @@ class LinearKernel:
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` [N, K] as the kernel reads it: itself (contiguous) for fp32; for bf16,
-        groups of 32 outputs with each k pair side by side, [ceil(N/32), ceil(K/2), 32, 2],
-        zero past N and K (a copy: pack once per weight, see ``PooledModel``)."""
+        groups of 32 outputs with each k pair side by side, [ceil(N/32), ceil(K/a)*a/2, 32, 2]
+        (a: the kernel's ``k_align``, 2, or 32 for AMX tiles), zero past N and K (a copy: pack
+        once per weight, see ``PooledModel``)."""
         if not self.packed:
             return weight.contiguous()
         n, k = weight.shape
-        groups, pairs = -(-n // 32), -(-k // 2)
+        a = self.spec.k_align
+        groups, pairs = -(-n // 32), -(-k // a) * a // 2
         wp = weight.new_zeros(groups * 32, pairs * 2)
         wp[:n, :k] = weight
         return wp.view(groups, 32, pairs, 2).permute(0, 2, 1, 3).contiguous()

@@ -1,5 +1,5 @@
-"""Our linear kernels (speculation/kernels.py): fp32 (AVX-512 or AVX2 + FMA) and bf16 (AVX512-BF16, packed
-weights). Each gives torch's product to its dtype's rounding, each row bitwise the same whatever
+"""Our linear kernels (speculation/kernels.py): fp32 (AVX-512 or AVX2 + FMA) and bf16 (AMX tiles, else
+AVX512-BF16; packed weights). Each gives torch's product to its dtype's rounding, each row bitwise the same whatever
 else shares the product; they are used by pooled forwards only (decode and draft rows always,
 long prompt chunks on torch's GEMM), and fall back cleanly where they cannot be built."""
 
@@ -67,6 +67,8 @@ def test_product_matches_torch_and_each_row_is_bitwise_independent_of_the_others
     wide = torch.zeros(300, k + 3, dtype=dt)
     wide[:, 1:k + 1] = x
     assert torch.equal(kernel.linear(wide[:, 1:k + 1], w, b, packed), full)
+    for m in (1, 5, 16, 17):     # AMX: up to 16 rows are read in place (strided here), more are copied
+        assert torch.equal(kernel.linear(wide[7:7 + m, 1:k + 1], w, b, packed), full[7:7 + m]), m
     # leading dimensions are kept, like F.linear's
     assert torch.equal(kernel.linear(x[:12].reshape(3, 4, k), w, b, packed), full[:12].reshape(3, 4, n))
 
