@@ -1,4 +1,5 @@
-"""Our linear-layer kernels for CPUs (``csrc/linear_f32.c``, ``csrc/linear_bf16.c``): built
+"""Our linear-layer kernels for CPUs (``csrc/linear_f32.c``, ``csrc/linear_bf16.c``,
+``csrc/linear_amx.c``): built
 with the system's C compiler on first use, cached, loaded with ctypes, and checked before they
 are trusted.
 
@@ -8,7 +9,8 @@ memory bandwidth for one row, and slows down per row from 2 to ~8 rows, so verif
 cost 1.7x a decode step and speculation rarely paid. The fp32 kernel (AVX-512, else AVX2 + FMA) reads the
 weights once per block of rows at close to the memory bandwidth (SmolLM2's 30 layers on a 2-core
 AMD EPYC: 16 ms at 1 row, 18 at 2, 26 at 8, against torch's 33 / 46 / 43). The bf16 kernel
-(AVX512-BF16, VDPBF16PS) does the same with half the bytes. Each computes a row the same way
+(AVX512-BF16, VDPBF16PS) does the same with half the bytes; on CPUs with AMX-BF16 its AMX build
+(TDPBF16PS, the same packed weights) computes 16 rows for about the cost of one. Each computes a row the same way
 whatever shares its product, so the forward's linear layers are batch-invariant.
 
 They are used by the pooled forward only (:class:`speculation.forward.PooledModel`); the model
