@@ -8,18 +8,23 @@
  * 2-core AMD EPYC, more than the attention. Here they are two calls per layer.
  *
  * Every token is computed by the same scalar instructions in the same order whatever else is
- * in the call (no threads, no vector reductions whose shape depends on the call): a token's
- * result depends on its own inputs only, so the forward stays batch-invariant.
+ * in the call (no vector reductions whose shape depends on the call; from PAR_T tokens on, the
+ * tokens are dealt out to the OpenMP threads -- torch's count, the caller's ICV -- which changes
+ * only which core computes a token): a token's result depends on its own inputs only, so the
+ * forward stays batch-invariant.
  */
 #include <math.h>
 #include <stdint.h>
 
 #include "bf16.h"
 
+#define PAR_T 8     /* tokens from which a call is split over the threads (~2 us of work each) */
+
 /* H[t] += Dl[t] (when Dl is not NULL), then X[t] = Wt * (H[t] / sqrt(mean(H[t]^2) + eps)), for
  * the T rows of n values (all contiguous). The sum of squares in 8 interleaved partial sums,
  * added pairwise at the end: a fixed order. */
 void specrag_add_rmsnorm(float *H, const float *Dl, const float *Wt, float *X, int64_t T, int64_t n, float eps) {
+    #pragma omp parallel for schedule(static) if (T >= PAR_T)
     for (int64_t t = 0; t < T; t++) {
         float *h = H + t * n, *x = X + t * n;
         if (Dl) {
@@ -54,8 +59,9 @@ static inline void rope(float *out, const float *in, const float *c, const float
 void specrag_rope_kv(float *Q, const float *Kn, const float *Vn, const float *cs, const float *sn, float *Kp,
                      float *Vp, const int64_t *slot, const int64_t *pos, int64_t T, int64_t Hq, int64_t Hkv,
                      int64_t D, int64_t sq, int64_t skv, int64_t ps_slot, int64_t ps_head) {
-    float tmp[512];
+    #pragma omp parallel for schedule(static) if (T >= PAR_T)
     for (int64_t t = 0; t < T; t++) {
+        float tmp[512];
         const float *c = cs + t * D, *s = sn + t * D;
         for (int64_t hd = 0; hd < Hq; hd++) {
             float *q = Q + t * sq + hd * D;
@@ -78,6 +84,7 @@ void specrag_rope_kv(float *Q, const float *Kn, const float *Vn, const float *cs
  * normalised row cast to bf16, then times the bf16 weight). */
 void specrag_add_rmsnorm_bf16(uint16_t *H, const uint16_t *Dl, const uint16_t *Wt, uint16_t *X, int64_t T,
                               int64_t n, float eps) {
+    #pragma omp parallel for schedule(static) if (T >= PAR_T)
     for (int64_t t = 0; t < T; t++) {
         uint16_t *h = H + t * n, *x = X + t * n;
         if (Dl) {
@@ -125,8 +132,9 @@ void specrag_rope_kv_bf16(uint16_t *Q, const uint16_t *Kn, const uint16_t *Vn, c
                           const uint16_t *sn, uint16_t *Kp, uint16_t *Vp, const int64_t *slot, const int64_t *pos,
                           int64_t T, int64_t Hq, int64_t Hkv, int64_t D, int64_t sq, int64_t skv, int64_t ps_slot,
                           int64_t ps_head) {
-    uint16_t tmp[512];
+    #pragma omp parallel for schedule(static) if (T >= PAR_T)
     for (int64_t t = 0; t < T; t++) {
+        uint16_t tmp[512];
         const uint16_t *c = cs + t * D, *s = sn + t * D;
         for (int64_t hd = 0; hd < Hq; hd++) {
             uint16_t *q = Q + t * sq + hd * D;
