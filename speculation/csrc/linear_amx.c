@@ -11,8 +11,10 @@
  * The weights are packed as for linear_bf16.c (speculation/kernels.py ``pack``): groups of 32
  * outputs, Wp[g][k/2][32][2], the two bf16 of a k pair side by side, here with k padded with
  * zeros to a multiple of 32. A B tile is 16 k pairs x 16 outputs of that layout (rows 128 bytes
- * apart). X's rows are copied into a zero-padded [ceil(M/16) * 16][ceil(K/32) * 32] buffer, so
- * every A tile is 16 whole rows; pad rows are computed and dropped. Each output element is one
+ * apart). Up to 16 rows with K a multiple of 32 (a decode step, a row's drafts), the A tiles are
+ * X's rows in place, the tiles configured to M rows; else X's rows are copied into a zero-padded
+ * [ceil(M/16) * 16][ceil(K/32) * 32] buffer, so every A tile is 16 whole rows (pad rows are
+ * computed and dropped). Each output element is one
  * fp32 element of a C tile that TDPBF16PS feeds 32 k (16 pairs) at a time in k order, from zero;
  * then the bias in fp32 and one round-to-nearest-even to bf16 (as torch rounds its fp32
  * accumulation, and as linear_bf16.c does). A row's result is bitwise independent of the other
