@@ -72,6 +72,14 @@ SPECS = {
                                 frozenset({"avx512f", "avx512_bf16"}), "specrag-bf16", 2e-2, packed=True),),
 }
 
+def _amx_init(lib: ctypes.CDLL) -> None:
+    """Ask Linux for the AMX tile state where ``lib`` is an AMX build (``specrag_amx_init``);
+    a refusal (Linux < 5.16, a sandbox) raises, and the next build is loaded instead."""
+    init = getattr(lib, "specrag_amx_init", None)
+    if init is not None and init() != 0:
+        raise RuntimeError("the operating system refused this process the AMX tile state (Linux >= 5.16 grants it)")
+
+
 class LinearKernel:
     """A loaded kernel: ``linear(x, weight, bias)`` for CPU tensors of its ``dtype``."""
 
@@ -82,9 +90,7 @@ class LinearKernel:
         self.packed = spec.packed
         self.name = f"{spec.name}-{digest[:10]}"
         lib = ctypes.CDLL(str(path))
-        init = getattr(lib, "specrag_amx_init", None)
-        if init is not None and init() != 0:
-            raise RuntimeError("the operating system refused this process the AMX tile state (Linux >= 5.16 grants it)")
+        _amx_init(lib)
         fn = getattr(lib, spec.symbol)
         fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int]
         fn.restype = None

@@ -102,6 +102,28 @@ def test_every_build_this_cpu_has_passes_its_check(spec):
         assert torch.equal(kernel.linear_multi(xs, ws, bs), got)
 
 
+def test_bf16_products_run_on_the_widest_build_and_amx_gives_way_where_the_os_refuses_its_tiles(monkeypatch):
+    """A CPU with AMX-BF16 computes bf16 products on AMX tiles; where Linux refuses the process
+    the tile state, the AMX build is not used and the VDPBF16PS build is loaded instead."""
+    flags = cpu_info()["flags"]
+    amx, vdp = kernels.SPECS[torch.bfloat16]
+    if vdp.cpu_flags - flags:
+        pytest.skip(f"{vdp.name} needs {', '.join(sorted(vdp.cpu_flags - flags))}, which this CPU lacks")
+    widest = vdp if amx.cpu_flags - flags else amx
+    assert kernels.linear_kernel(torch.bfloat16).name.startswith(widest.name + "-")
+    if widest is not amx:
+        pytest.skip(f"{amx.name} needs {', '.join(sorted(amx.cpu_flags - flags))}, which this CPU lacks")
+
+    def refused(lib):
+        if hasattr(lib, "specrag_amx_init"):
+            raise RuntimeError("the operating system refused this process the AMX tile state (a test)")
+    monkeypatch.setattr(kernels, "_amx_init", refused)
+    kernel, why = kernels._load(amx, kernels.LinearKernel, kernels._self_check)
+    assert kernel is None and "refused" in why
+    kernel, _ = kernels._load_widest(kernels.SPECS[torch.bfloat16], kernels.LinearKernel, kernels._self_check)
+    assert kernel.name.startswith(vdp.name + "-") and kernel.spec.k_align == 2
+
+
 @pytest.mark.parametrize("spec", kernels.LEAN, ids=lambda s: s.name)
 def test_every_build_of_the_c_layer_loop_this_cpu_has_passes_its_check(spec):
     missing = spec.cpu_flags - cpu_info()["flags"]
