@@ -10,8 +10,8 @@ cost 1.7x a decode step and speculation rarely paid. The fp32 kernel (AVX-512, e
 weights once per block of rows at close to the memory bandwidth (SmolLM2's 30 layers on a 2-core
 AMD EPYC: 16 ms at 1 row, 18 at 2, 26 at 8, against torch's 33 / 46 / 43). The bf16 kernel
 (AVX512-BF16, VDPBF16PS) does the same with half the bytes; on CPUs with AMX-BF16 its AMX build
-(TDPBF16PS, the same packed weights) computes 16 rows for about the cost of one. Each computes a row the same way
-whatever shares its product, so the forward's linear layers are batch-invariant.
+(TDPBF16PS, the same packed weights) computes 16 rows for about the cost of one. Each computes a
+row the same way whatever shares its product, so the forward's linear layers are batch-invariant.
 
 They are used by the pooled forward only (:class:`speculation.forward.PooledModel`); the model
 stays a plain torch model for every other caller (Hugging Face ``generate``, the tests'
@@ -71,6 +71,7 @@ SPECS = {
                                 "specrag_linear_bf16", ("-mavx512f", "-mavx512bf16"),
                                 frozenset({"avx512f", "avx512_bf16"}), "specrag-bf16", 2e-2, packed=True),),
 }
+
 
 def _amx_init(lib: ctypes.CDLL) -> None:
     """Ask Linux for the AMX tile state where ``lib`` is an AMX build (``specrag_amx_init``);
