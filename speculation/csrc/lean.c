@@ -15,6 +15,7 @@
  */
 #include <stdint.h>
 
+#include "bf16.h"
 #include "simd.h"
 
 /* the kernels' entry points, their element pointers as void (float, or uint16_t for bf16) */
@@ -74,19 +75,9 @@ void specrag_silu_mul(const float *G, float *P, int64_t T, int64_t n, int nthrea
 }
 
 #if defined(__AVX512F__)
-/* fp32 -> bf16 as torch converts (bf16.h's f32_to_bf16), 16 at a time */
-static inline __m256i vround_bf16(vf x) {
-    __m512i u = _mm512_castps_si512(x);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
-    __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                            _mm512_set1_epi32(0x7f800000));
-    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-    return _mm512_cvtepi32_epi16(r);
-}
-
 /* W bf16 values at g and u, rounded where transformers' bf16 MLP rounds: bf16(bf16(SiLU(gate)) *
- * up), the SiLU of silu() above in fp32 (simd.h's vload widens bf16 to fp32) */
+ * up), the SiLU of silu() above in fp32 (simd.h's vload widens bf16 to fp32; bf16.h's
+ * vround_bf16 rounds) */
 static inline __m256i silu_mul_bf16(const uint16_t *g, const uint16_t *u) {
     __m256i s = vround_bf16(silu(vload((const char *)g, 1)));
     return vround_bf16(vmul(vload((const char *)&s, 1), vload((const char *)u, 1)));

@@ -61,20 +61,15 @@ static void configure(int rows) {
     _tile_loadconfig(&c);
 }
 
-/* 16 fp32 -> bf16 as bf16.h's f32_to_bf16 rounds (RNE, NaN kept quiet), the bias (16 bf16 or
- * NULL) added in fp32 first */
+/* n (<= 16) fp32 -> bf16 as bf16.h's f32_to_bf16 rounds (RNE, NaN kept quiet), the bias (n
+ * bf16 or NULL) added in fp32 first */
 static inline void store_row(uint16_t *y, const float *s, const uint16_t *b, int n) {
     __m512 v = _mm512_loadu_ps(s);
     if (b) {
         __m256i bb = n == 16 ? _mm256_loadu_si256((const __m256i *)b) : _mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), b);
         v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bb), 16)));
     }
-    __m512i u = _mm512_castps_si512(v);
-    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
-                                                      _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-    __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
-    r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x400000));     /* (u >> 16) | 0x40 below */
-    __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+    __m256i h = vround_bf16(v);
     if (n == 16) _mm256_storeu_si256((__m256i *)y, h);
     else _mm256_mask_storeu_epi16(y, (__mmask16)((1u << n) - 1), h);
 }
