@@ -8,13 +8,17 @@ the prompt and, as token ids, to the drafters. Greedy, a fixed number of new tok
 
 * batch 1, interleaved per question (the order rotates): specrag without speculation, with
   single-path reference drafting (LLMA: the first occurrence of the longest suffix match), with
-  draft trees (every occurrence, merged, tree attention), and HF ``generate`` with prompt lookup
+  draft trees from the request's documents, prompt and output only (every occurrence, merged,
+  tree attention), with draft trees that also draw on earlier answers (the engine's
+  ``History``, on by default: here exactly the plain answers to the questions before this one,
+  as a server that answered them in this order would hold -- never the question's own answer),
+  and HF ``generate`` with prompt lookup
   (``prompt_lookup_num_tokens=10``) on the same prompt. Each question's prompt is prefilled
   into specrag's prefix cache before its timed runs, so every specrag method decodes from the
   cached prompt (else the first of them in the rotation would pay the prefill for the others);
   HF's ``generate`` prefills the prompt in each of its runs;
 * concurrency 8: every question through one engine loop, 8 in flight, per method, the methods
-  alternated over rounds.
+  alternated over rounds; the history starts empty in each run and grows as its requests finish.
 
 Reported: tokens/s, tokens per target forward, the accepted-length histogram per drafter, and
 whether every output equals specrag's non-speculative one (HF's too, with the logit gap at a
@@ -42,9 +46,12 @@ from bench_serve import build_index  # noqa: E402
 from questions import ITERATIVE_QUESTIONS  # noqa: E402
 
 CORPUS = "python-docs:json,textwrap,heapq,functools,itertools,bisect"
-SPEC_METHODS = {"reference": ("reference",), "tree": ("tree",)}
+SPEC_METHODS = {"reference": ("reference",), "tree": ("tree",), "tree_history": ("tree",)}
 LABELS = {"plain": "specrag, no speculation", "reference": "specrag, single-path reference drafting (LLMA)",
-          "tree": "specrag, draft trees", "hf_prompt_lookup": "HF generate, prompt lookup (10)"}
+          "tree": "specrag, draft trees (documents, prompt, output)",
+          "tree_history": "specrag, draft trees + earlier answers (history)",
+          "hf_prompt_lookup": "HF generate, prompt lookup (10)"}
+CONC_METHODS = ("plain", "reference", "tree", "tree_history")
 
 
 def _histogram(results: list[Any], drafter: str) -> list[int]:
@@ -117,10 +124,23 @@ def main() -> int:
                                   prompt_lookup_num_tokens=10)
         return out[0, len(prompt):].tolist(), counter.n - n0
 
-    methods = ["plain", "reference", "tree", "hf_prompt_lookup"]
+    history = engine.history
+    assert history is not None, "EngineConfig.history_tokens must be > 0"
+
+    def use_history(method: str, earlier: list[list[int]] | None) -> None:
+        """The tree drafter reads the history only for tree_history; then it holds exactly
+        ``earlier`` (None: left as it is, the concurrency runs' own)."""
+        engine.drafters["tree"].history = history if method == "tree_history" else None  # type: ignore[attr-defined]
+        if method == "tree_history" and earlier is not None:
+            history.clear()
+            for ids in earlier:
+                history.add(ids)
+
+    methods = ["plain", "reference", "tree", "tree_history", "hf_prompt_lookup"]
     # warm-up: every method once, and the cost curve measured (cached) before any timing
     q0, p0, r0 = cases[0]
     for m in methods:
+        use_history(m, [])
         hf_lookup(p0) if m == "hf_prompt_lookup" else engine.generate_one(request(p0, r0, m))
 
     per: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
@@ -135,6 +155,7 @@ def main() -> int:
             if m == "hf_prompt_lookup":
                 ids, forwards = hf_lookup(prompt)
             else:
+                use_history(m, outputs["plain"][:i])
                 res = engine.generate_one(request(prompt, refs, m))
                 ids, forwards = res.token_ids, res.stats.target_forwards
                 if m in results:
@@ -162,15 +183,17 @@ def main() -> int:
                      "identical_to_plain": sum(a == b for a, b in zip(outputs[m], outputs["plain"])),
                      "n": len(rows)}
         if m in SPEC_METHODS:
-            batch1[m]["accepted_length_histogram"] = _histogram(results[m], m)
-    per_question_ratio = [t["tokens_per_second"] / r["tokens_per_second"] for t, r in zip(per["tree"], per["reference"])]
-    batch1["tree_over_reference_median_ratio"] = round(statistics.median(per_question_ratio), 3)
+            batch1[m]["accepted_length_histogram"] = _histogram(results[m], SPEC_METHODS[m][0])
+    for m in ("tree", "tree_history"):
+        ratio = [t["tokens_per_second"] / r["tokens_per_second"] for t, r in zip(per[m], per["reference"])]
+        batch1[f"{m}_over_reference_median_ratio"] = round(statistics.median(ratio), 3)
 
     # concurrency: every question through one engine loop, `concurrency` in flight
     loop = EngineLoop(engine)
-    conc: dict[str, list[dict[str, Any]]] = {m: [] for m in ("plain", "reference", "tree")}
+    conc: dict[str, list[dict[str, Any]]] = {m: [] for m in CONC_METHODS}
     for rnd in range(args.rounds):
-        for m in (("plain", "reference", "tree") if rnd % 2 == 0 else ("tree", "reference", "plain")):
+        for m in (CONC_METHODS if rnd % 2 == 0 else CONC_METHODS[::-1]):
+            use_history(m, [])
             def one(case: tuple[str, list[int], list[list[int]]]) -> Any:
                 return loop.submit(request(case[1], case[2], m)).result(1800)
             t0 = time.perf_counter()
@@ -182,7 +205,7 @@ def main() -> int:
                             "tokens_per_forward": tokens / max(1, sum(r.stats.target_forwards for r in res)),
                             "mean_rows_per_step": statistics.fmean(r.stats.mean_rows_per_step for r in res),
                             "identical_to_plain": sum(r.token_ids == o for r, o in zip(res, outputs["plain"])),
-                            "histogram": _histogram(res, m) if m in SPEC_METHODS else None})
+                            "histogram": _histogram(res, SPEC_METHODS[m][0]) if m in SPEC_METHODS else None})
             print(f"concurrency {args.concurrency}, {m}: {conc[m][-1]['tokens_per_second']:.1f} tok/s", flush=True)
     loop.close()
     concurrency = {m: {"tokens_per_second": round(statistics.median(r["tokens_per_second"] for r in rs), 2),
@@ -192,13 +215,16 @@ def main() -> int:
                        **({"accepted_length_histogram": rs[-1]["histogram"]} if rs[-1]["histogram"] else {})}
                    for m, rs in conc.items()}
 
-    tree, ref = batch1["tree"], batch1["reference"]
-    targets = {
-        "tokens_per_forward_ratio": round(tree["tokens_per_forward"] / ref["tokens_per_forward"], 3),
-        "tokens_per_second_ratio_batch1": round(tree["tokens_per_second"] / ref["tokens_per_second"], 3),
-        "tokens_per_second_ratio_concurrency": round(concurrency["tree"]["tokens_per_second"]
-                                                     / concurrency["reference"]["tokens_per_second"], 3),
-    }
+    ref = batch1["reference"]
+    targets = {}
+    for m, suffix in (("tree", ""), ("tree_history", "_history")):
+        targets.update({
+            f"tokens_per_forward_ratio{suffix}": round(batch1[m]["tokens_per_forward"] / ref["tokens_per_forward"], 3),
+            f"tokens_per_second_ratio_batch1{suffix}": round(batch1[m]["tokens_per_second"]
+                                                             / ref["tokens_per_second"], 3),
+            f"tokens_per_second_ratio_concurrency{suffix}": round(concurrency[m]["tokens_per_second"]
+                                                                  / concurrency["reference"]["tokens_per_second"], 3),
+        })
     result = {"machine": machine_info(), "dtype": str(next(target.parameters()).dtype).replace("torch.", ""),
               "questions": len(cases), "k": args.k, "max_tokens": args.max_tokens, "concurrency": args.concurrency,
               "load_average_before": [round(x, 2) for x in load_before],
@@ -224,23 +250,31 @@ def render_markdown(r: dict[str, Any]) -> str:
              f"load average {r['load_average_before'][0]} before, {r['load_average_after'][0]} after.", "",
              "| batch 1 | tokens/s | median tokens/s | tokens/forward | identical to plain | accepted lengths (0, 1, 2, ...) |",
              "|---|---|---|---|---|---|"]
-    for m in ("plain", "reference", "tree", "hf_prompt_lookup"):
+    for m in ("plain", "reference", "tree", "tree_history", "hf_prompt_lookup"):
+        if m not in b1:          # results from before the history method
+            continue
         x = b1[m]
         hist = ", ".join(map(str, x.get("accepted_length_histogram", []))) or "-"
         lines.append(f"| {x['label']} | {x['tokens_per_second']} | {x['median_tokens_per_second']} | "
                      f"{x['tokens_per_forward']} | {x['identical_to_plain']}/{x['n']} | {hist} |")
     lines += ["", f"| concurrency {r['concurrency']} | tokens/s | tokens/forward | rows/step | identical to plain |",
               "|---|---|---|---|---|"]
-    for m in ("plain", "reference", "tree"):
+    for m in CONC_METHODS:
+        if m not in cc:
+            continue
         x = cc[m]
         lines.append(f"| {LABELS[m]} | {x['tokens_per_second']} | {x['tokens_per_forward']} | "
                      f"{x['mean_rows_per_step']} | {x['identical_to_plain']}/{r['questions']} |")
-    lines += ["",
-              f"- tokens per forward, trees / single path: **{t['tokens_per_forward_ratio']}x** (target >= 1.3x)",
-              f"- tokens/s at batch 1, trees / single path: **{t['tokens_per_second_ratio_batch1']}x** "
-              f"(per-question median {b1['tree_over_reference_median_ratio']}x; target >= 1.15x)",
-              f"- tokens/s at concurrency {r['concurrency']}, trees / single path: "
-              f"**{t['tokens_per_second_ratio_concurrency']}x** (target >= 1.0x)"]
+    lines.append("")
+    for m, suffix, what in (("tree", "", "trees"), ("tree_history", "_history", "trees + history")):
+        if f"tokens_per_forward_ratio{suffix}" not in t:
+            continue
+        lines += [f"- tokens per forward, {what} / single path: **{t[f'tokens_per_forward_ratio{suffix}']}x** "
+                  "(target >= 1.3x)",
+                  f"- tokens/s at batch 1, {what} / single path: **{t[f'tokens_per_second_ratio_batch1{suffix}']}x** "
+                  f"(per-question median {b1[f'{m}_over_reference_median_ratio']}x; target >= 1.15x)",
+                  f"- tokens/s at concurrency {r['concurrency']}, {what} / single path: "
+                  f"**{t[f'tokens_per_second_ratio_concurrency{suffix}']}x** (target >= 1.0x)"]
     for d in r["divergences"]:
         lines.append(f"- divergence from plain: {d['method']} on {d['question']!r} at token {d['at']}, "
                      f"logit gap {d['logit_gap']:.3g}")

@@ -88,7 +88,8 @@ class AskResult:
     # [{answer_start, answer_end, source_start, source_end, kind: copied|matched}]
     spans: list[list[dict[str, Any]]] = field(default_factory=list)
     # the answer as segments of one origin: [{answer_start, answer_end, origin, source}], origin
-    # copied (from sources[source]) | prompt | answer | draft_model | target
+    # copied (from sources[source]) | prompt | answer | history (an earlier answer's words) |
+    # draft_model | target
     provenance: list[dict[str, Any]] = field(default_factory=list)
     # iterative mode: the chunk each stride was generated with, [{answer_start, answer_end, source}]
     strides: list[dict[str, Any]] = field(default_factory=list)

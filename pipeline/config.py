@@ -43,6 +43,8 @@ class PipelineConfig(BaseModel):
     prefix_cache: bool = True
     # MB of prompt prefixes copied out of slots handed to other requests (speculation/kv.py PrefixStore)
     prefix_cache_mb: float = Field(256, ge=0)
+    # tokens of earlier answers the tree drafter drafts from (speculation/drafters.py History); 0: off
+    history_tokens: int = Field(16384, ge=0)
     # draft lengths: "cost" (the measured cost model) or "fixed" (adaptive lengths, >= 3-token matches on CPU)
     draft_policy: Literal["cost", "fixed"] = "cost"
     max_tokens: int = Field(256, ge=1)

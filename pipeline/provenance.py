@@ -30,8 +30,8 @@ COPY_KINDS = ("reference", "prompt")
 
 # a token's origin as the pipeline keeps it: (label, source id or "", token offset in that source)
 TokenOrigin = tuple[str, str, int]
-_LABELS = {"reference": "copied", "prompt": "prompt", "output": "answer", "draft_model": "draft_model",
-           "target": "target", "given": "target"}
+_LABELS = {"reference": "copied", "prompt": "prompt", "output": "answer", "history": "history",
+           "draft_model": "draft_model", "target": "target", "given": "target"}
 
 
 def resolve(origin: tuple[str, int, int], reference_sources: Sequence[Source]) -> TokenOrigin:

@@ -109,7 +109,8 @@ class GenerationStage:
                                               max_tokens_per_step=config.max_tokens_per_step,
                                               draft_policy=config.draft_policy,
                                               prefix_cache=config.prefix_cache,
-                                              prefix_cache_mb=config.prefix_cache_mb, **chosen))
+                                              prefix_cache_mb=config.prefix_cache_mb,
+                                              history_tokens=config.history_tokens, **chosen))
         # one engine loop: every request of this stage, from any thread, steps in shared forwards
         self.loop = EngineLoop(core)
         self.engine = LoopEngine(self.loop)

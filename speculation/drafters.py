@@ -20,6 +20,7 @@ drafter also continues the copy draft's best branch where the document runs out
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
@@ -34,12 +35,14 @@ if TYPE_CHECKING:
 # Where a committed token came from (provenance): (kind, reference index, token offset).
 # kind: "reference" (copied from the request's references[ref] at token offset), "prompt"
 # (copied from the prompt at offset), "output" (copied from the sequence's own output at
-# offset), "draft_model", "target" (the target's own token: a correction, a bonus token, no
+# offset), "history" (copied from an earlier request's output), "draft_model", "target" (the target's own token: a correction, a bonus token, no
 # draft), "given" (appended by the caller with ``extend``); ref and offset -1 where they do not apply.
 Origin = tuple[str, int, int]
 TARGET: Origin = ("target", -1, -1)
 DRAFT_MODEL: Origin = ("draft_model", -1, -1)
 GIVEN: Origin = ("given", -1, -1)
+# copied from an earlier request's output (``History``): which one is not kept
+HISTORY: Origin = ("history", -1, -1)
 # a draft token the draft model has yet to fill in (``Draft.extended``): never verified as such
 EXTENSION = -1
 
@@ -278,6 +281,12 @@ class _NgramIndex:
         self.seqs[seq_id].extend(tokens)
         self._index(seq_id)
 
+    def reset(self, seq_id: int, tokens: Sequence[int]) -> None:
+        """Replace sequence ``seq_id``'s tokens (its occurrences forgotten, the new ones indexed)."""
+        self.truncate(seq_id, 0)
+        self.seqs[seq_id] = list(tokens)
+        self._index(seq_id)
+
     def truncate(self, seq_id: int, length: int) -> None:
         """Forget tokens past ``length`` (rollback), with the occurrences that contained them."""
         del self.seqs[seq_id][length:]
@@ -308,16 +317,19 @@ class _NgramIndex:
                 owned.append((j, key))
         self._indexed[seq_id] = max(self._indexed[seq_id], len(seq))
 
-    def _matches(self, suffix_source: Sequence[int]) -> list[tuple[int, int, int]]:
+    def _matches(self, suffix_source: Sequence[int], scan: int | None = None) -> list[tuple[int, int, int]]:
         """(match length, seq, position) of every place continuing the suffix's last token or two,
         in the index's order: a bigram's places extended backwards up to ``max_n`` tokens, or, where
-        the last two tokens occur nowhere, the last token's places."""
+        the last two tokens occur nowhere, the last token's places. ``scan``: only the last that
+        many places of the key (a large index's common bigrams)."""
         m = len(suffix_source)
         if m == 0:
             return []
         if m > 1 and self.max_n > 1:
             hits = self._table.get((suffix_source[-2], suffix_source[-1]))
             if hits:
+                if scan is not None:
+                    hits = hits[-scan:]
                 out = []
                 for seq_id, j in hits:
                     seq = self.seqs[seq_id]
@@ -327,7 +339,7 @@ class _NgramIndex:
                         n += 1
                     out.append((n, seq_id, j))
                 return out
-        return [(1, seq_id, j) for seq_id, j in self._table.get((suffix_source[-1],), ())]
+        return [(1, seq_id, j) for seq_id, j in self._table.get((suffix_source[-1],), ())[-(scan or 0):]]
 
     def lookup(self, suffix_source: Sequence[int], max_tokens: int, min_n: int = 1) -> list[int]:
         """Continuation of the longest suffix of ``suffix_source`` found in the index."""
@@ -352,11 +364,12 @@ class _NgramIndex:
         return self.seqs[seq_id][start:start + max_tokens], n, (seq_id, start)
 
     def occurrences(self, suffix_source: Sequence[int], min_n: int = 1, shorter: int = 1,
-                    limit: int = 64) -> list[tuple[int, int, int]]:
+                    limit: int = 64, scan: int | None = None) -> list[tuple[int, int, int]]:
         """(match length, seq, start) of every occurrence of the longest suffix of
         ``suffix_source`` found, then of the suffixes up to ``shorter`` tokens shorter (the places
-        they add), at most ``limit`` in all, in the index's order within a length."""
-        matches = self._matches(suffix_source)
+        they add), at most ``limit`` in all, in the index's order within a length. ``scan``: as
+        in ``_matches``."""
+        matches = self._matches(suffix_source, scan)
         longest = max((n for n, _, _ in matches), default=0)
         if longest < max(min_n, 1):
             return []
@@ -364,8 +377,60 @@ class _NgramIndex:
         out = sorted((hit for hit in matches if hit[0] >= floor), key=lambda hit: -hit[0])   # stable
         if floor <= 1 < longest:               # the last token's places its bigram lacks
             seen = {(s, j) for _, s, j in matches}
-            out += [(1, s, j) for s, j in self._table.get((suffix_source[-1],), ()) if (s, j) not in seen]
+            out += [(1, s, j) for s, j in self._table.get((suffix_source[-1],), ())[-(scan or 0):] if (s, j) not in seen]
         return out[:limit]
+
+
+class History:
+    """The outputs of the engine's finished requests, indexed for drafting: what the model
+    wrote for earlier questions, the phrasing it repeats ("Here's an example:", a code block's
+    opening, an enumeration), offered to the tree drafter beside the request's own documents
+    (SuffixDecoding's global suffix tree over previous outputs; here the same bigram index as a
+    request's). At most ``max_tokens`` tokens, the oldest outputs dropped first; an output
+    longer than that is not kept. Drafting only: verification decides every token, so what is
+    kept here never changes an output, only how many tokens a forward commits. Used on the
+    engine loop's thread only."""
+
+    SCAN = 256        # places of a common bigram a lookup reads, the latest first kept
+
+    def __init__(self, max_tokens: int, max_n: int) -> None:
+        self.max_tokens = max(0, int(max_tokens))
+        self.index = _NgramIndex(max_n)
+        self._order: deque[int] = deque()     # seq ids, oldest first
+        self._free: list[int] = []            # seq ids of dropped outputs, reused
+        self.tokens = 0
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def add(self, tokens: Sequence[int]) -> None:
+        """Keep ``tokens`` (a finished output), dropping the oldest outputs to make room."""
+        n = len(tokens)
+        if n < 2 or n > self.max_tokens:
+            return
+        while self.tokens + n > self.max_tokens:
+            self._drop()
+        if self._free:
+            seq_id = self._free.pop()
+            self.index.reset(seq_id, tokens)
+        else:
+            seq_id = self.index.add(tokens)
+        self._order.append(seq_id)
+        self.tokens += n
+
+    def clear(self) -> None:
+        while self._order:
+            self._drop()
+
+    def _drop(self) -> None:
+        seq_id = self._order.popleft()
+        self.tokens -= len(self.index.seqs[seq_id])
+        self.index.truncate(seq_id, 0)
+        self._free.append(seq_id)
+
+    def occurrences(self, suffix_source: Sequence[int], min_n: int, shorter: int,
+                    limit: int) -> list[tuple[int, int, int]]:
+        return self.index.occurrences(suffix_source, min_n, shorter, limit, self.SCAN) if self._order else []
 
 
 class NgramDrafter:
@@ -455,12 +520,13 @@ class TreeDrafter(NgramDrafter):
 
     def __init__(self, name: str = "tree", max_draft: int = 16, max_nodes: int = 32, max_ngram: int = 8,
                  min_ngram: int = 1, adaptive: bool = True, shorter: int = 1, max_occurrences: int = 64,
-                 provenance: bool = True) -> None:
+                 provenance: bool = True, history: History | None = None) -> None:
         super().__init__(name, max_draft, max_ngram, min_ngram, use_references=True, adaptive=adaptive,
                          provenance=provenance)
         self.max_nodes = max_nodes
         self.shorter = shorter
         self.max_occurrences = max_occurrences
+        self.history = history
 
     def propose(self, state: "SequenceState", max_tokens: int) -> Draft | None:
         st = self._sync(state)
@@ -473,10 +539,20 @@ class TreeDrafter(NgramDrafter):
             return None
         index: _NgramIndex = st["index"]
         occ = index.occurrences(state.tokens, self.min_ngram, self.shorter, self.max_occurrences)
-        tokens, parents, weights, places = build_tree(index.seqs, occ, depth, nodes)
+        seqs = index.seqs
+        if self.history is not None and len(self.history):
+            # earlier requests' outputs: their places after the request's own within a match
+            # length (the longest match still sets the weights), numbered after its sequences
+            past = self.history.occurrences(state.tokens, self.min_ngram, self.shorter, self.max_occurrences)
+            if past:
+                own = len(seqs)
+                seqs = seqs + self.history.index.seqs
+                occ = sorted(occ + [(n, own + s, j) for n, s, j in past], key=lambda hit: -hit[0])   # stable
+        tokens, parents, weights, places = build_tree(seqs, occ, depth, nodes)
         if not tokens:
             return None
-        origins = [self._origin(st, seq_id, pos) for seq_id, pos in places] if self.provenance else None
+        origins = ([self._origin(st, seq_id, pos) if seq_id < len(index.seqs) else HISTORY for seq_id, pos in places]
+                   if self.provenance else None)
         return Draft(tokens, self.name, match_len=occ[0][0], parents=parents, weights=weights, origins=origins)
 
     def accepted(self, state: "SequenceState", draft: Draft, n_accepted: int) -> None:

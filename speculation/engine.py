@@ -30,7 +30,8 @@ from typing import Any, Callable
 import torch
 
 from .cost import Acceptance, Candidate, CostCurve, StepResidual, choose_lengths, load_or_measure, tally_positions
-from .drafters import EXTENSION, GIVEN, TARGET, Draft, Drafter, ModelDrafter, NgramDrafter, Origin, TreeDrafter
+from .drafters import (EXTENSION, GIVEN, TARGET, Draft, Drafter, History, ModelDrafter, NgramDrafter, Origin,
+                       TreeDrafter)
 from .errors import GenerationInputError
 from .forward import SHORT_ROW, PooledModel, Row
 from .kv import KeptPrefix, PrefixStore, SlotTable
@@ -106,6 +107,11 @@ class EngineConfig:
     draft_model_max_tokens: int = 6
     # "tree": nodes one row's draft tree may hold (its depth is bounded by max_draft_tokens)
     max_tree_nodes: int = 32
+    # "tree": the outputs of this engine's finished requests, up to this many tokens (the oldest
+    # dropped first), are drafting sources beside each request's own documents (drafters.History:
+    # the phrasing the model repeats from answer to answer); 0: each request drafts from its own
+    # documents, prompt and output only
+    history_tokens: int = 16384
     # KV slots: sequences resident at once (running, parked, or finished and not yet released)
     max_batch: int = 16
     # tokens one forward feeds while some row is decoding: a newcomer's prompt is fed in chunks
@@ -370,6 +376,8 @@ class SpeculativeEngine:
         if self.config.draft_policy == "cost":
             self.cost = self.config.cost_curve or load_or_measure(self.runner)
         self.acceptance = Acceptance()
+        # finished outputs, drafting sources for the tree drafter (None: off)
+        self.history = History(self.config.history_tokens, self.config.max_ngram) if self.config.history_tokens > 0 else None
         self.drafters: dict[str, Drafter] = self._make_drafters()
         self.on_step: Callable[[StepRecord], None] | None = None
         self._predicted: float | None = None
@@ -434,7 +442,7 @@ class SpeculativeEngine:
             # kept like transformers' / vLLM's n-gram lookup (matches down to 1 token)
             "tree": TreeDrafter("tree", cfg.max_draft_tokens, cfg.max_tree_nodes, cfg.max_ngram,
                                 min(self._min_ngram(), cfg.max_ngram), adaptive=adaptive,
-                                provenance=cfg.provenance),
+                                provenance=cfg.provenance, history=self.history),
             "prompt_lookup": NgramDrafter("prompt_lookup", cfg.max_draft_tokens, cfg.prompt_lookup_max_ngram,
                                           use_references=False, adaptive=adaptive, provenance=cfg.provenance),
         }
@@ -598,6 +606,8 @@ class SpeculativeEngine:
             state.finished, state.finish_reason = True, "length"
         if state.finished:
             delta += state.streamer.finish()
+            if state.finish_reason in ("stop", "length") and self.history is not None:
+                self.history.add(state.generated)
         state.origins.extend(origins[:len(committed)])
         if paused and not state.finished:
             state.ahead, state.ahead_origins = list(new_tokens[len(committed):]), list(origins[len(committed):])

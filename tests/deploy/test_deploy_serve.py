@@ -443,7 +443,7 @@ def test_provenance_over_http_streamed_and_not(client):
     segments = r.choices[0].message.model_extra["provenance"]
     assert segments and segments[0]["answer_start"] == 0 and segments[-1]["answer_end"] == len(answer)
     assert all(a["answer_end"] == b["answer_start"] for a, b in zip(segments, segments[1:]))
-    assert {s["origin"] for s in segments} <= {"copied", "prompt", "answer", "draft_model", "target"}
+    assert {s["origin"] for s in segments} <= {"copied", "prompt", "answer", "history", "draft_model", "target"}
     sources = r.model_extra["sources"]
     assert all(s["source"] is None or 0 <= s["source"] < len(sources) for s in segments)
     spans = _check_spans(answer, sources)

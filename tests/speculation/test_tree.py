@@ -12,7 +12,7 @@ import torch
 import exactness
 from exactness import assert_same_tokens, hf_greedy
 from speculation.cost import CostCurve
-from speculation.drafters import Draft, _NgramIndex, build_tree
+from speculation.drafters import Draft, History, _NgramIndex, build_tree
 from speculation.engine import EngineConfig, GenerationRequest, SpeculativeEngine
 from speculation.forward import PooledModel, Row
 from speculation.kv import KVPool
@@ -354,3 +354,56 @@ def test_validated_drafter_names_are_the_engines():
     from speculation.engine import DRAFTERS
 
     assert typing.get_args(DrafterName) == DRAFTERS
+
+
+# ---- history: earlier requests' outputs as drafting sources --------------------------------
+
+def test_history_keeps_the_latest_outputs_within_its_budget():
+    history = History(max_tokens=10, max_n=4)
+    history.add([1, 2, 3, 4])
+    history.add([5, 2, 3, 6])
+    history.add([9])                          # too short to continue anything: not kept
+    history.add(list(range(20, 40)))          # longer than the budget: not kept
+    assert len(history) == 2 and history.tokens == 8
+    assert [(n, j) for n, _, j in history.occurrences([7, 2, 3], 1, 0, 64)] == [(2, 3), (2, 3)]
+    history.add([7, 2, 3, 8])                 # 12 tokens > 10: the oldest output goes
+    assert len(history) == 2 and history.tokens == 8
+    conts = {tuple(history.index.seqs[s][j:j + 1]) for _, s, j in history.occurrences([0, 2, 3], 1, 0, 64)}
+    assert conts == {(6,), (8,)}, "the dropped output still drafts"
+    # its sequence id is reused; the index agrees with one built afresh from what is kept
+    fresh = _NgramIndex(4)
+    for ids in ([5, 2, 3, 6], [7, 2, 3, 8]):
+        fresh.add(ids)
+    for suffix in ([2, 3], [3], [5, 2], [0, 7], [6]):
+        got = sorted(tuple(history.index.seqs[s][j:]) for _, s, j in history.occurrences(suffix, 1, 1, 64))
+        want = sorted(tuple(fresh.seqs[s][j:]) for _, s, j in fresh.occurrences(suffix, 1, 1, 64))
+        assert got == want, suffix
+    history.clear()
+    assert len(history) == 0 and history.tokens == 0 and history.occurrences([2, 3], 1, 0, 64) == []
+
+
+@pytest.mark.parametrize("history_tokens", [0, 4096])
+def test_tree_drafts_from_an_earlier_answer_exactly(target, history_tokens):
+    """A question asked again (no documents): with the history on, the tree drafts the earlier
+    answer and commits it in a few forwards, marked "history"; the output is HF's and the plain
+    engine's either way."""
+    engine = SpeculativeEngine(target, TinyTokenizer(VOCAB), None,
+                               EngineConfig(drafters=("tree",), draft_policy="fixed", min_ngram=1,
+                                            history_tokens=history_tokens))
+    rng = random.Random(5)
+    forwards, origins = [], []
+    for n in range(3):
+        prompt = [1] + [rng.randrange(3, VOCAB) for _ in range(12)]
+        oracle = hf_greedy(target, prompt, 32)
+        for _ in range(2):
+            result = engine.generate_one(GenerationRequest(prompt, [], max_new_tokens=32))
+            assert_same_tokens(target, prompt, oracle, result.token_ids, f"history case {n}")
+            forwards.append(result.stats.target_forwards)
+            origins.append({kind for kind, _, _ in result.origins})
+    first, again = forwards[0::2], forwards[1::2]
+    if history_tokens:
+        assert all(a < f for a, f in zip(again, first)), forwards
+        # (a later question's first answer may draw on the others' too: these tiny models repeat)
+        assert all("history" in o for o in origins[1::2]) and "history" not in origins[0]
+    else:
+        assert engine.history is None and not any("history" in o for o in origins)
