@@ -879,10 +879,11 @@ class SpeculativeEngine:
 
     def _assign(self, plans: list[_RowPlan], drafts: list[Draft | None]) -> None:
         for plan, draft in zip(plans, drafts):
-            if draft is not None and draft.is_tree and self.batch_invariant:
-                # the batch-invariant forward reproduces plain decoding bit for bit only where a
-                # row's keys sit where plain decoding puts them; a tree's nodes do not (they are
-                # interleaved), so there the tree is verified as its heaviest path
+            if draft is not None and draft.is_tree and self.batch_invariant and self.runner.attention is None:
+                # torch's batch-invariant attention reproduces plain decoding bit for bit only
+                # where a row's keys sit where plain decoding puts them; a tree's nodes do not
+                # (they are interleaved), so there the tree is verified as its heaviest path.
+                # Our attention kernel reads a node's ancestors in path order: whole trees.
                 draft = draft.best_path()
             if draft is not None and draft.tokens:
                 plan.draft = draft.trimmed(plan.node_limit if draft.is_tree else plan.draft_limit)

@@ -135,8 +135,9 @@ class _Batch:
     # our attention kernel (speculation/kernels.py) where it computes this forward (every row a
     # chain: token t sees positions [0, nvis[t]) of its slot), else None
     attention: Any = None
-    nvis: torch.Tensor | None = None             # [T] pos_idx + 1
+    nvis: torch.Tensor | None = None             # [T] pos_idx + 1 (a tree node: prefix + depth)
     max_visible: int = 0
+    tree: torch.Tensor | None = None             # draft-tree nodes' positions (kernels.tree_positions)
 
 
 def _pool_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -160,7 +161,8 @@ def _pool_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
     q_packed = query[0].transpose(0, 1)                       # [T, Hq, D]
     if batch.attention is not None:     # PooledModel checked the model's geometry against it
         out = batch.attention(q_packed, k_store, v_store, batch.slot_idx, batch.nvis,
-                              scaling if scaling is not None else query.shape[-1] ** -0.5, batch.max_visible)
+                              scaling if scaling is not None else query.shape[-1] ** -0.5, batch.max_visible,
+                              batch.tree)
         return out.unsqueeze(0), None
     n_tokens, hq, d = q_packed.shape
     hkv = k_store.shape[1]
@@ -414,11 +416,12 @@ class PooledModel:
         max_visible = max(r.start + len(r.tokens) for r in rows)
         self.pool.ensure(max(r.slot for r in rows) + 1, max_visible)
         chains = all(r.parents is None for r in rows)
-        if self.attention is not None and self.invariant and not chains:
-            # the kernel computes chains only; torch ops for this forward would compute its other
-            # rows differently from every other forward's, and bitwise invariance would be lost
-            raise ValueError("the batch-invariant forward takes chains only: verify a draft tree as its best path")
-        on_kernel = self.attention is not None and chains
+        if self.attention is None and self.invariant and not chains:
+            # torch's invariant attention takes chains only: a tree node's keys would be summed
+            # in another order than plain decoding's, and bitwise equality would be lost
+            raise ValueError("the batch-invariant forward on torch's attention takes chains only: verify a draft "
+                             "tree as its best path")
+        on_kernel = self.attention is not None
         groups: list[_Group] = []
         if not on_kernel:            # the attention calls of torch's operators, with their masks
             hq_per_kv = self._query_groups()
@@ -430,8 +433,30 @@ class PooledModel:
         batch = _Batch(self.pool, torch.tensor(slot_idx, device=dev), torch.tensor(pos_idx, device=dev), groups,
                        self.invariant, span)
         if on_kernel:
-            # positions [0, pos + 1) of each token's slot: inside the pool (ensured above)
+            # positions [0, pos + 1) of each token's slot: inside the pool (ensured above); a
+            # tree node sees its row's cached prefix, then its ancestors' positions, root first
             batch.attention, batch.nvis, batch.max_visible = self.attention, batch.pos_idx + 1, max_visible
+            if not chains:
+                from .kernels import tree_positions
+
+                pre: list[int] = []
+                ancestors: list[list[int]] = []
+                nvis: list[int] = []
+                for row in rows:
+                    if row.parents is None:
+                        ends = range(row.start + 1, row.start + len(row.tokens) + 1)
+                        pre.extend(ends)
+                        nvis.extend(ends)
+                        ancestors.extend([] for _ in ends)
+                        continue
+                    paths: list[list[int]] = []
+                    for i, p in enumerate(row.parents):
+                        paths.append((paths[p] if p >= 0 else []) + [row.start + i])
+                        pre.append(row.start)
+                        nvis.append(row.start + len(paths[-1]))
+                    ancestors.extend(paths)
+                batch.nvis = torch.tensor(nvis, device=dev)
+                batch.tree = tree_positions(pre, ancestors)
         return batch, keep, offsets
 
     def _query_groups(self, kv_heads: int | None = None) -> int:
@@ -493,7 +518,7 @@ class PooledModel:
         else:
             keep_idx = torch.tensor(keep, device=self.device)
         if self.lean is not None and batch.attention is not None:
-            # every row a chain, attention on ours: the lean loop, the products routed as below
+            # attention on ours (chains and trees): the lean loop, the products routed as below
             logits = self.lean.forward(ids[0], positions[0], batch, keep_idx,
                                        None if self.invariant else self._kernel_rows(rows, ids.shape[1]))
             return logits if keep else logits[:0]

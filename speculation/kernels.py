@@ -180,7 +180,7 @@ class AttentionKernel:
         self.path = path
         self.name = f"{spec.name}-{digest[:10]}"
         fn = getattr(ctypes.CDLL(str(path)), spec.symbol)
-        fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 9 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+        fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 9 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
         fn.restype = None
         self._fn = fn
 
@@ -192,10 +192,12 @@ class AttentionKernel:
                 and head_dim % 16 == 0 and head_dim <= 256 and heads % kv_heads == 0 and heads // kv_heads <= 8)
 
     def __call__(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor,
-                 nvis: torch.Tensor, scale: float, max_visible: int | None = None) -> torch.Tensor:
+                 nvis: torch.Tensor, scale: float, max_visible: int | None = None,
+                 tree: torch.Tensor | None = None) -> torch.Tensor:
         """q: [T, Hq, D] (unit stride along D); keys, values: the pool's [slots, Hkv, L, D]
-        (contiguous); slot, nvis: [T] int64, token t sees positions [0, nvis[t]) of slot[t].
-        Returns [T, Hq, D] in q's dtype."""
+        (contiguous); slot, nvis: [T] int64, token t sees positions [0, nvis[t]) of slot[t];
+        tree: None, or ``tree_positions``' int64 array for draft-tree nodes (which then see
+        their prefix and their ancestors' positions instead). Returns [T, Hq, D] in q's dtype."""
         t, hq, d = q.shape
         out = torch.empty(t, hq, d, dtype=q.dtype)
         if t:
@@ -209,22 +211,55 @@ class AttentionKernel:
                 top = int(nvis.max())
                 if int(nvis.min()) < 1 or top > keys.shape[2] or int(slot.min()) < 0 or int(slot.max()) >= keys.shape[0]:
                     raise ValueError("attention kernel: every token must see 1..L positions of an existing slot")
+                if tree is not None:
+                    _check_tree(tree, nvis, keys.shape[2])
             else:
                 top = max_visible
             self._fn(q.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), slot.data_ptr(),
-                     nvis.data_ptr(), t, hq, keys.shape[1], d, q.stride(0), q.stride(1), keys.stride(0),
+                     nvis.data_ptr(), tree.data_ptr() if tree is not None else None, t, hq, keys.shape[1], d, q.stride(0), q.stride(1), keys.stride(0),
                      keys.stride(1), top, scale, int(q.dtype == torch.bfloat16), torch.get_num_threads())
         return out
 
 
+def tree_positions(pre: list[int], ancestors: list[list[int]]) -> torch.Tensor:
+    """The attention kernel's ``tree`` argument: token t sees positions [0, pre[t]) of its slot,
+    then ``ancestors[t]`` (empty for a chain token, whose pre[t] is its nvis)."""
+    offsets, flat = [], []
+    for a in ancestors:
+        offsets.append(len(flat))
+        flat.extend(a)
+    return torch.tensor([max(map(len, ancestors), default=0)] + list(pre) + offsets + flat, dtype=torch.int64)
+
+
+def _check_tree(tree: torch.Tensor, nvis: torch.Tensor, length: int) -> None:
+    t = nvis.shape[0]
+    if tree.dtype != torch.int64 or not tree.is_contiguous() or tree.shape[0] < 1 + 2 * t:
+        raise ValueError("attention kernel: tree must be tree_positions' int64 array")
+    pre, off, anc = tree[1:1 + t], tree[1 + t:1 + 2 * t], tree[1 + 2 * t:]
+    extra = nvis - pre
+    if (int(pre.min()) < 0 or int(extra.max()) > int(tree[0]) or int(extra.min()) < 0
+            or int((off + extra).max()) > anc.shape[0] or (anc.numel() and (int(anc.min()) < 0 or int(anc.max()) >= length))):
+        raise ValueError("attention kernel: a tree node's positions must lie inside its slot")
+
+
+def _visible(t: int, nvis: torch.Tensor, tree: torch.Tensor | None) -> torch.Tensor:
+    """The positions token t sees, in order."""
+    if tree is None:
+        return torch.arange(int(nvis[t]))
+    n = nvis.shape[0]
+    pre, off = int(tree[1 + t]), int(tree[1 + n + t])
+    return torch.cat([torch.arange(pre), tree[1 + 2 * n + off:1 + 2 * n + off + int(nvis[t]) - pre]])
+
+
 def reference_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor,
-                        nvis: torch.Tensor, scale: float) -> torch.Tensor:
+                        nvis: torch.Tensor, scale: float, tree: torch.Tensor | None = None) -> torch.Tensor:
     """What the attention kernel computes, in torch ops (fp32, token by token): its check."""
     g = q.shape[1] // keys.shape[1]
     out = []
     for t in range(q.shape[0]):
-        k = keys[slot[t], :, :nvis[t]].float().repeat_interleave(g, 0)
-        v = values[slot[t], :, :nvis[t]].float().repeat_interleave(g, 0)
+        seen = _visible(t, nvis, tree)
+        k = keys[slot[t], :, seen].float().repeat_interleave(g, 0)
+        v = values[slot[t], :, seen].float().repeat_interleave(g, 0)
         p = torch.softmax(torch.einsum("hd,hjd->hj", q[t].float() * scale, k), -1)
         out.append(torch.einsum("hj,hjd->hd", p, v))
     return torch.stack(out).to(q.dtype)
@@ -248,6 +283,24 @@ def _check_attention(kernel: AttentionKernel) -> str | None:
         for i in (0, 9, 10, 19):
             if not torch.equal(kernel(q[i:i + 1], keys, values, slot[i:i + 1], nvis[i:i + 1], 0.125), got[i:i + 1]):
                 return "a token's attention changed with the tokens beside it"
+        # draft-tree nodes: their prefix and ancestors at scattered positions give the bits of
+        # the same positions laid out as a chain (prefix lengths at and off multiples of four)
+        for pre in (281, 284, 7):
+            depth = 6
+            path = [pre + 2 * i + (i % 2) for i in range(depth)]          # siblings between them
+            chain_k, chain_v = keys.clone(), values.clone()
+            chain_k[1], chain_v[1] = keys[0], values[0]
+            chain_k[1, :, pre:pre + depth], chain_v[1, :, pre:pre + depth] = keys[0, :, path], values[0, :, path]
+            tree = tree_positions([pre] * depth + [pre + depth], [path[:i + 1] for i in range(depth)] + [[]])
+            sl, nv = torch.tensor([0] * (depth + 1)), torch.tensor([pre + i + 1 for i in range(depth)] + [pre + depth])
+            got = kernel(q[:depth + 1], keys, values, sl, nv, 0.125, tree=tree)
+            want = kernel(q[:depth + 1], chain_k, chain_v, torch.tensor([1] * depth + [0]), nv, 0.125)
+            if not torch.equal(got[:depth], want[:depth]) or not torch.equal(got[depth:], kernel(
+                    q[depth:depth + 1], keys, values, sl[:1], nv[depth:], 0.125)):
+                return "a draft-tree node's attention differs from the same path's as a chain"
+            if not torch.allclose(got.float(), reference_attention(q[:depth + 1], keys, values, sl, nv, 0.125,
+                                                                   tree).float(), rtol=tol, atol=tol):
+                return f"its {dtype} tree attention differs from torch's"
     return None
 
 
@@ -420,7 +473,7 @@ class LeanKernel:
             if silu is None or layers is None:
                 continue             # bf16: the AVX-512 build only
             silu.argtypes = [p] * 2 + [i64] * 2 + [ctypes.c_int]
-            layers.argtypes = [p] * 4 + [i64] * 2 + [p] * 6 + [i64] * 2 + [p] * 3 + [i64, ctypes.c_float] + [p] * 9 + [ctypes.c_int]
+            layers.argtypes = [p] * 4 + [i64] * 2 + [p] * 6 + [i64] * 2 + [p] * 4 + [i64, ctypes.c_float] + [p] * 9 + [ctypes.c_int]
             silu.restype = layers.restype = None
             self._silu[dtype], self._layers[dtype] = silu, layers
         self.bf16 = torch.bfloat16 in self._layers
@@ -444,12 +497,13 @@ class LeanKernel:
     def layers(self, kernels: tuple[int, int, int, int], n_layers: int, h: torch.Tensor, dims: Any, wts: Any,
                bias: Any, eps: Any, keys: Any, values: Any, pool_strides: tuple[int, int], slot: torch.Tensor,
                pos: torch.Tensor, nvis: torch.Tensor, max_visible: int, scale: float, cos: torch.Tensor,
-               sin: torch.Tensor) -> torch.Tensor:
+               sin: torch.Tensor, tree: torch.Tensor | None = None) -> torch.Tensor:
         """Every decoder layer and the final RMSNorm for the T tokens of ``h`` [T, hidden]
         (contiguous fp32 or bf16 embeddings; the residual stream on return); the normed hidden
         states [T, hidden]. kernels: ``entry_points``; dims / wts / bias / eps / keys / values:
         ctypes arrays laid out as ``specrag_lean_layers`` reads them (``LeanLlama`` builds them);
-        slot, pos, nvis: int64 [T], inside the pool (the caller checked); cos, sin: [T, head dim]
+        slot, pos, nvis: int64 [T], inside the pool (the caller checked); tree: None or the
+        attention's draft-tree positions (``tree_positions``); cos, sin: [T, head dim]
         contiguous, of h's dtype."""
         t, hid = h.shape
         nq, nkv, inter = dims[1], dims[2], dims[3]
@@ -457,7 +511,8 @@ class LeanKernel:
         y, a = h.new_empty(t, nq + 2 * nkv), h.new_empty(t, nq)
         g, p, dn = h.new_empty(t, 2 * inter), h.new_empty(t, inter), h.new_empty(t, hid)
         self._layers[h.dtype](*kernels, n_layers, t, dims, wts, bias, eps, keys, values, pool_strides[0],
-                              pool_strides[1], slot.data_ptr(), pos.data_ptr(), nvis.data_ptr(), max_visible, scale,
+                              pool_strides[1], slot.data_ptr(), pos.data_ptr(), nvis.data_ptr(),
+                              tree.data_ptr() if tree is not None else None, max_visible, scale,
                               cos.data_ptr(), sin.data_ptr(), h.data_ptr(), x.data_ptr(), y.data_ptr(), a.data_ptr(),
                               g.data_ptr(), p.data_ptr(), dn.data_ptr(), torch.get_num_threads())
         return x

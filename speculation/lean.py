@@ -204,7 +204,7 @@ class LeanLlama:
             q = y[:, :nq]
             ops.rope_kv(q, y[:, nq:nq + nkv], y[:, nq + nkv:], cos, sin, pool.keys[i], pool.values[i], slot, pos, d)
             a = self.attention(q.view(q.shape[0], -1, d), pool.keys[i], pool.values[i], slot, batch.nvis,
-                               self.scale, batch.max_visible)
+                               self.scale, batch.max_visible, batch.tree)
             ops.add_rmsnorm(h, lin(o_proj, a.view(a.shape[0], -1), rows), norm2.weight, x, norm2.variance_epsilon)
             g = lin(gate_up, x, rows)                                   # [T, gate | up]
             delta = lin(down, silu_mul(g) if silu_mul else act(g[:, :self.inter]) * g[:, self.inter:], rows)
@@ -250,4 +250,4 @@ class LeanLlama:
         return self.loop.layers(self._kernels, n, h, self._dims, self._wts, self._bias,
                                 self._eps, self._keys, self._values, (k0.stride(0), k0.stride(1)),
                                 batch.slot_idx.contiguous(), batch.pos_idx.contiguous(), batch.nvis.contiguous(),
-                                batch.max_visible, self.scale, cos, sin)
+                                batch.max_visible, self.scale, cos, sin, batch.tree)

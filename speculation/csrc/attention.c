@@ -17,6 +17,13 @@
  * on its query and its slot's keys and values only, so the forward is batch-invariant by
  * construction: alone, among drafts, in a prompt chunk or beside other rows, the same bits.
  * (The AVX-512 and AVX2 builds differ from each other in the last bits; a machine runs one.)
+ *
+ * A node of a draft tree sees the cached prefix and then its ancestors, whose keys and values
+ * sit at scattered positions of the slot (siblings between them). Its visible positions are
+ * taken in that logical order -- the prefix's [0, pre), then the ancestors' positions as listed
+ * -- and the ones from the last multiple of four below pre on are copied into a contiguous
+ * scratch first, so the same loops, blocked by four from logical position 0, compute it: the
+ * bits plain decoding computes for the same token after the same path.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -51,13 +58,27 @@ static inline vf vexp_tail(const float *s, vf m, int64_t live) {
 /* token t, kv head kh: its G query heads over positions [0, nvis[t]) of its slot. G and C are
  * constants where called from the dispatch below, so q and the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void one(const void *Q, const void *K, const void *V, void *O,
-                                                       const int64_t *slot, const int64_t *nvis, int64_t t,
+                                                       const int64_t *slot, const int64_t *nvis, const int64_t *pre,
+                                                       const int64_t *aoff, const int64_t *anc, int64_t t,
                                                        int64_t kh, int64_t Hq, const int64_t G, const int64_t C,
                                                        int64_t qs_t, int64_t qs_h, int64_t ks_slot, int64_t ks_head,
-                                                       int64_t stride, float scale, const int bf16, float *s) {
+                                                       int64_t stride, float scale, const int bf16, float *s,
+                                                       char *kt, char *vt) {
     const int64_t D = C * W, esz = bf16 ? 2 : 4, n = nvis[t];
     const char *kb = (const char *)K + (slot[t] * ks_slot + kh * ks_head) * esz;
     const char *vb = (const char *)V + (slot[t] * ks_slot + kh * ks_head) * esz;
+    /* logical positions [0, b) at their own place in the slot, [b, n) in the scratch (a tree node) */
+    int64_t b = n;
+    if (pre != 0 && pre[t] < n) {
+        b = pre[t] & ~(int64_t)3;
+        for (int64_t j = b; j < n; j++) {
+            int64_t at = j < pre[t] ? j : anc[aoff[t] + j - pre[t]];
+            memcpy(kt + (j - b) * D * esz, kb + at * D * esz, D * esz);
+            memcpy(vt + (j - b) * D * esz, vb + at * D * esz, D * esz);
+        }
+    }
+#define KP(j) ((j) < b ? kb + (j) * D * esz : kt + ((j) - b) * D * esz)
+#define VP(j) ((j) < b ? vb + (j) * D * esz : vt + ((j) - b) * D * esz)
     vf q[MAXG][MAXC];
     float mx[MAXG], sum[MAXG];
     for (int64_t g = 0; g < G; g++) {
@@ -76,7 +97,7 @@ static inline __attribute__((always_inline)) void one(const void *Q, const void 
        then i + i+4, i + i+2, i + i+1), four positions per instruction instead of one */
     if (G <= 4)       /* a[G][4], q[G][C], four keys: in registers (SmolLM2: G 3, C 4) */
         for (; j + 4 <= n; j += 4) {
-            const char *k0 = kb + j * D * esz;
+            const char *k0 = KP(j);
             vf a[MAXG][4];
             for (int64_t c = 0; c < C; c++) {
                 vf k4[4];
@@ -97,7 +118,7 @@ static inline __attribute__((always_inline)) void one(const void *Q, const void 
         }
 #endif
     for (; j + 4 <= n; j += 4) {
-        const char *k0 = kb + j * D * esz;
+        const char *k0 = KP(j);
         for (int64_t g = 0; g < G; g++) {
             vf a0 = vmul(q[g][0], vload(k0, bf16));
             vf a1 = vmul(q[g][0], vload(k0 + D * esz, bf16));
@@ -119,7 +140,7 @@ static inline __attribute__((always_inline)) void one(const void *Q, const void 
     }
     for (; j < n; j++) {
         vf k[MAXC];
-        for (int64_t c = 0; c < C; c++) k[c] = vload(kb + (j * D + c * W) * esz, bf16);
+        for (int64_t c = 0; c < C; c++) k[c] = vload(KP(j) + c * W * esz, bf16);
         for (int64_t g = 0; g < G; g++) {
             vf acc = vmul(q[g][0], k[0]);
             for (int64_t c = 1; c < C; c++) acc = vfmadd(q[g][c], k[c], acc);
@@ -145,7 +166,7 @@ static inline __attribute__((always_inline)) void one(const void *Q, const void 
         for (int64_t c = 0; c < C; c++) o[g][c] = vzero();
     for (int64_t j = 0; j < n; j++) {
         vf v[MAXC];
-        for (int64_t c = 0; c < C; c++) v[c] = vload(vb + (j * D + c * W) * esz, bf16);
+        for (int64_t c = 0; c < C; c++) v[c] = vload(VP(j) + c * W * esz, bf16);
         for (int64_t g = 0; g < G; g++) {
             vf p = vset1(s[g * stride + j]);
             for (int64_t c = 0; c < C; c++) o[g][c] = vfmadd(p, v[c], o[g][c]);
@@ -165,20 +186,28 @@ static inline __attribute__((always_inline)) void one(const void *Q, const void 
             }
         }
     }
+#undef KP
+#undef VP
 }
 
 /* Q: [T, Hq, D] with element strides qs_t, qs_h (unit along D); K, V: pools [slots, Hkv, L, D]
  * with element strides ks_slot, ks_head (D along a position); O: [T, Hq, D] contiguous; all of
  * one dtype (bf16 when bf16, else fp32). slot[t], nvis[t] >= 1: token t's slot and how many
- * positions from 0 it sees; maxvis >= every nvis. Hq / Hkv <= MAXG, D a multiple of 16 <= 256.
+ * positions it sees; maxvis >= every nvis. Hq / Hkv <= MAXG, D a multiple of 16 <= 256.
+ * tree: NULL (every token sees positions [0, nvis[t]) of its slot), or [1 + 2 T + ...] int64:
+ * maxanc, then pre[T], aoff[T], anc[...]; token t with pre[t] < nvis[t] (a draft tree's node)
+ * sees [0, pre[t]), then the nvis[t] - pre[t] positions anc[aoff[t]], ... in that order (its
+ * ancestors, itself last); maxanc >= every nvis - pre.
  * The same instructions compute a (token, head) whatever the constants' dispatch: G and C only
  * unroll the loops. */
 void specrag_attention(const void *Q, const void *K, const void *V, void *O, const int64_t *slot,
-                       const int64_t *nvis, int64_t T, int64_t Hq, int64_t Hkv, int64_t D, int64_t qs_t,
+                       const int64_t *nvis, const int64_t *tree, int64_t T, int64_t Hq, int64_t Hkv, int64_t D, int64_t qs_t,
                        int64_t qs_h, int64_t ks_slot, int64_t ks_head, int64_t maxvis, float scale, int bf16,
                        int nthreads) {
     const int64_t G = Hq / Hkv, C = D / W, stride = maxvis + W;
     if (T <= 0) return;
+    const int64_t maxanc = tree ? tree[0] : 0, *pre = tree ? tree + 1 : 0, *aoff = tree ? tree + 1 + T : 0,
+                  *anc = tree ? tree + 1 + 2 * T : 0;
     /* units of at most `chunk` tokens: ~4 per thread per kv head where the tokens allow */
     int64_t chunk = (T * Hkv) / (4 * (int64_t)(nthreads > 0 ? nthreads : 1));
     chunk = chunk < 1 ? 1 : chunk > 32 ? 32 : chunk;
@@ -191,6 +220,9 @@ void specrag_attention(const void *Q, const void *K, const void *V, void *O, con
     #pragma omp parallel num_threads(nthreads)
     {
         float *s = (float *)malloc(sizeof(float) * G * stride);     /* the caller checked the sizes */
+        /* a tree node's positions from the multiple of four below its prefix on: keys, values */
+        char *kt = pre ? (char *)malloc((size_t)(2 * (maxanc + 4) * D * (bf16 ? 2 : 4))) : 0;
+        char *vt = kt ? kt + (maxanc + 4) * D * (bf16 ? 2 : 4) : 0;
         /* a unit: one kv head over a run of consecutive tokens of one slot (at most `chunk`):
            the tokens of a unit read the same keys and values one after another (a slot's head
            at a 700-token context, 179 KB in bf16, stays in L2 instead of being fetched again for
@@ -201,7 +233,8 @@ void specrag_attention(const void *Q, const void *K, const void *V, void *O, con
             int64_t kh = w % Hkv, u = w / Hkv;
             for (int64_t t = first[u]; t < first[u + 1]; t++) {
             /* head dims 64 and 128 at 3 or 4 query heads per kv head (SmolLM2, Llama, Qwen) */
-#define ONE(g, c, b) one(Q, K, V, O, slot, nvis, t, kh, Hq, g, c, qs_t, qs_h, ks_slot, ks_head, stride, scale, b, s)
+#define ONE(g, c, b) one(Q, K, V, O, slot, nvis, pre, aoff, anc, t, kh, Hq, g, c, qs_t, qs_h, ks_slot, ks_head, \
+                             stride, scale, b, s, kt, vt)
             if (G == 3 && D == 64) { if (bf16) ONE(3, 64 / W, 1); else ONE(3, 64 / W, 0); }
             else if (G == 4 && D == 64) { if (bf16) ONE(4, 64 / W, 1); else ONE(4, 64 / W, 0); }
             else if (G == 4 && D == 128) { if (bf16) ONE(4, 128 / W, 1); else ONE(4, 128 / W, 0); }
@@ -211,6 +244,7 @@ void specrag_attention(const void *Q, const void *K, const void *V, void *O, con
             }
         }
         free(s);
+        free(kt);
     }
     free(first);
 }

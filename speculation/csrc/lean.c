@@ -22,7 +22,7 @@
 typedef void (*linear_fn)(const void *X, int nw, const void *const *Ws, const void *const *Bs,
                           const int64_t *Ns, void *Y, int64_t M, int64_t K, int64_t sx, int nthreads);
 typedef void (*attention_fn)(const void *Q, const void *K, const void *V, void *O, const int64_t *slot,
-                             const int64_t *nvis, int64_t T, int64_t Hq, int64_t Hkv, int64_t D, int64_t qs_t,
+                             const int64_t *nvis, const int64_t *tree, int64_t T, int64_t Hq, int64_t Hkv, int64_t D, int64_t qs_t,
                              int64_t qs_h, int64_t ks_slot, int64_t ks_head, int64_t maxvis, float scale, int bf16,
                              int nthreads);
 typedef void (*norm_fn)(void *H, const void *Dl, const void *Wt, void *X, int64_t T, int64_t n, float eps);
@@ -109,14 +109,15 @@ void specrag_silu_mul_bf16(const uint16_t *G, uint16_t *P, int64_t T, int64_t n,
  *      eps: per layer 2, then the final norm's.
  * keys, values: per layer the pool [slots, Hkv, Lmax, D] (element strides ps_slot, ps_head);
  * slot, pos, nvis: [T] int64, token t written at (slot, pos) and seeing [0, nvis) of its slot;
+ * tree: NULL, or draft-tree nodes' visible positions as attention.c takes them;
  * cs, sn: [T, D] its rotary cos and sin.
  * H [T, hidden]: the embeddings in, the residual stream out; X [T, hidden]: the final norm's
  * output; scratch Y [T, q + 2 kv], A [T, q], Gt [T, 2 MLP], P [T, MLP], Dn [T, hidden]. */
 static void layers(linear_fn lin, attention_fn attn, norm_fn norm, rope_fn rope, int64_t L, int64_t T,
                    const int64_t *dims, const void *const *wts, const void *const *bias, const float *eps,
                    void *const *keys, void *const *values, int64_t ps_slot, int64_t ps_head, const int64_t *slot,
-                   const int64_t *pos, const int64_t *nvis, int64_t maxvis, float scale, const void *cs,
-                   const void *sn, void *H, void *X, void *Y, void *A, void *Gt, void *P, void *Dn, int nthreads,
+                   const int64_t *pos, const int64_t *nvis, const int64_t *tree, int64_t maxvis, float scale,
+                   const void *cs, const void *sn, void *H, void *X, void *Y, void *A, void *Gt, void *P, void *Dn, int nthreads,
                    int bf16) {
     const int64_t hid = dims[0], nq = dims[1], nkv = dims[2], inter = dims[3], D = dims[4];
     const int64_t ldy = nq + 2 * nkv, Hq = nq / D, Hkv = nkv / D, esz = bf16 ? 2 : 4;
@@ -128,7 +129,7 @@ static void layers(linear_fn lin, attention_fn attn, norm_fn norm, rope_fn rope,
         lin(X, 3, w + 1, b, qkv_n, Y, T, hid, hid, nthreads);
         rope(Y, y + nq * esz, y + (nq + nkv) * esz, cs, sn, keys[l], values[l], slot, pos, T, Hq, Hkv, D, ldy, ldy,
              ps_slot, ps_head);
-        attn(Y, keys[l], values[l], A, slot, nvis, T, Hq, Hkv, D, ldy, D, ps_slot, ps_head, maxvis, scale, bf16,
+        attn(Y, keys[l], values[l], A, slot, nvis, tree, T, Hq, Hkv, D, ldy, D, ps_slot, ps_head, maxvis, scale, bf16,
              nthreads);
         lin(A, 1, w + 4, b + 3, &o_n, Dn, T, nq, nq, nthreads);
         norm(H, Dn, w[5], X, T, hid, eps[2 * l + 1]);
@@ -146,10 +147,11 @@ static void layers(linear_fn lin, attention_fn attn, norm_fn norm, rope_fn rope,
 void specrag_lean_layers(linear_fn lin, attention_fn attn, norm_fn norm, rope_fn rope, int64_t L, int64_t T,
                          const int64_t *dims, const void *const *wts, const void *const *bias, const float *eps,
                          void *const *keys, void *const *values, int64_t ps_slot, int64_t ps_head,
-                         const int64_t *slot, const int64_t *pos, const int64_t *nvis, int64_t maxvis, float scale,
+                         const int64_t *slot, const int64_t *pos, const int64_t *nvis, const int64_t *tree,
+                         int64_t maxvis, float scale,
                          const void *cs, const void *sn, void *H, void *X, void *Y, void *A, void *Gt, void *P,
                          void *Dn, int nthreads) {
-    layers(lin, attn, norm, rope, L, T, dims, wts, bias, eps, keys, values, ps_slot, ps_head, slot, pos, nvis, maxvis,
+    layers(lin, attn, norm, rope, L, T, dims, wts, bias, eps, keys, values, ps_slot, ps_head, slot, pos, nvis, tree, maxvis,
            scale, cs, sn, H, X, Y, A, Gt, P, Dn, nthreads, 0);
 }
 
@@ -158,10 +160,11 @@ void specrag_lean_layers(linear_fn lin, attention_fn attn, norm_fn norm, rope_fn
 void specrag_lean_layers_bf16(linear_fn lin, attention_fn attn, norm_fn norm, rope_fn rope, int64_t L, int64_t T,
                               const int64_t *dims, const void *const *wts, const void *const *bias, const float *eps,
                               void *const *keys, void *const *values, int64_t ps_slot, int64_t ps_head,
-                              const int64_t *slot, const int64_t *pos, const int64_t *nvis, int64_t maxvis,
+                              const int64_t *slot, const int64_t *pos, const int64_t *nvis, const int64_t *tree,
+                              int64_t maxvis,
                               float scale, const void *cs, const void *sn, void *H, void *X, void *Y, void *A,
                               void *Gt, void *P, void *Dn, int nthreads) {
-    layers(lin, attn, norm, rope, L, T, dims, wts, bias, eps, keys, values, ps_slot, ps_head, slot, pos, nvis, maxvis,
+    layers(lin, attn, norm, rope, L, T, dims, wts, bias, eps, keys, values, ps_slot, ps_head, slot, pos, nvis, tree, maxvis,
            scale, cs, sn, H, X, Y, A, Gt, P, Dn, nthreads, 1);
 }
 #endif

@@ -333,14 +333,26 @@ def test_packed_weights_follow_the_weight_and_deep_copies_use_their_own(kernel):
     assert not torch.allclose(of_copy, after, rtol=tol, atol=tol)
 
 
-def test_the_invariant_forward_refuses_a_tree_row_beside_the_attention_kernel():
-    """Tree rows take torch ops, which compute the other rows of their forward differently: under
-    the batch-invariant forward the engine verifies a tree as its best path, and a tree row given
-    to it anyway is refused, not computed inexactly."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_invariant_forward_computes_a_tree_node_as_its_path_fed_as_a_chain(dtype):
+    """On the attention kernel a draft tree's node reads the cached prefix and then its
+    ancestors in path order although siblings sit between them in the slot: under the
+    batch-invariant forward its logits are bitwise those of the same path fed as a chain (what
+    plain decoding computes), beside a chain row of another slot or not."""
     if kernels.attention_kernel() is None:
         pytest.skip("the attention kernel needs AVX-512 or AVX2 + FMA (and a C compiler); this CPU lacks them")
-    runner = PooledModel(copy.deepcopy(tiny_llama(seed=0)), 2, invariant=True)
+    if dtype == torch.bfloat16 and kernels.kernel_for(dtype, "cpu") is None:
+        pytest.skip("bf16 products on our kernel need AVX512-BF16")
+    runner = PooledModel(copy.deepcopy(tiny_llama(seed=0)).to(dtype), 3, invariant=True)
+    prompt = [1, 5, 9, 11, 13, 2, 8]            # 7 cached: the prefix ends off a multiple of four
+    # nodes: 4 (depth 1), 6 (depth 1), 7 under 4, 3 under 6, 12 under 7 -- siblings interleaved
+    tree = Row(0, len(prompt), [4, 6, 7, 3, 12], 0, parents=[-1, -1, 0, 1, 2])
     with torch.inference_mode():
-        runner.forward([Row(0, 0, [1, 5, 9], 3)])
-        with pytest.raises(ValueError, match="chains only"):
-            runner.forward([Row(0, 3, [4, 6, 7], 0, parents=[-1, -1, 0])])
+        for slot in range(3):
+            runner.forward([Row(slot, 0, prompt, len(prompt))])
+        nodes = runner.forward([tree])
+        beside = runner.forward([Row(2, len(prompt), [4, 7], 0), tree])      # a chain row in the same forward
+        path_a = runner.forward([Row(1, len(prompt), [4, 7, 12], 0)])
+        path_b = runner.forward([Row(1, len(prompt), [6, 3], 0)])
+    assert torch.equal(nodes[[0, 2, 4]], path_a) and torch.equal(nodes[[1, 3]], path_b)
+    assert torch.equal(beside[2:], nodes) and torch.equal(beside[:2], path_a[:2])

@@ -76,7 +76,7 @@ def _prefill(runner, seqs):
         runner.forward([Row(slot, 0, seq[:60], 60)])
 
 
-def test_it_takes_every_forward_of_chains_and_leaves_trees_to_transformers(model, monkeypatch):
+def test_it_takes_every_forward_trees_included(model, monkeypatch):
     runner = PooledModel(model, 4)
     assert runner.lean is not None and "lean" in runner.kernels and runner.forward_path == "lean"
     taken = []
@@ -88,8 +88,13 @@ def test_it_takes_every_forward_of_chains_and_leaves_trees_to_transformers(model
         runner.forward([Row(0, 0, seq[:100], 99)])                       # a prompt chunk
         runner.forward([Row(0, 100, seq[100:101], 0), Row(1, 0, seq[:SHORT_ROW], 0)])
         assert taken == [100, SHORT_ROW + 1]
-        runner.forward([Row(0, 101, seq[101:104], 0, parents=[-1, 0, 0])])   # a tree: transformers'
-        assert taken == [100, SHORT_ROW + 1]
+        tree = runner.forward([Row(0, 101, seq[101:104], 0, parents=[-1, 0, 0])])   # a tree: ours too
+        assert taken == [100, SHORT_ROW + 1, 3]
+        # its nodes as transformers' modules compute them (on the same attention kernel)
+        lean, runner.lean = runner.lean, None
+        again = runner.forward([Row(0, 101, seq[101:104], 0, parents=[-1, 0, 0])])
+        runner.lean = lean
+    torch.testing.assert_close(tree, again, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
