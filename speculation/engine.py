@@ -376,6 +376,9 @@ class SpeculativeEngine:
         if self.config.draft_policy == "cost":
             self.cost = self.config.cost_curve or load_or_measure(self.runner)
         self.acceptance = Acceptance()
+        # whole draft trees in the batch-invariant forward (on our attention kernel only; off:
+        # their heaviest path, measured no worse -- a what-if for tests and benchmarks)
+        self.invariant_trees = False
         # finished outputs, drafting sources for the tree drafter (None: off)
         self.history = History(self.config.history_tokens, self.config.max_ngram) if self.config.history_tokens > 0 else None
         self.drafters: dict[str, Drafter] = self._make_drafters()
@@ -879,11 +882,12 @@ class SpeculativeEngine:
 
     def _assign(self, plans: list[_RowPlan], drafts: list[Draft | None]) -> None:
         for plan, draft in zip(plans, drafts):
-            if draft is not None and draft.is_tree and self.batch_invariant and self.runner.attention is None:
-                # torch's batch-invariant attention reproduces plain decoding bit for bit only
-                # where a row's keys sit where plain decoding puts them; a tree's nodes do not
-                # (they are interleaved), so there the tree is verified as its heaviest path.
-                # Our attention kernel reads a node's ancestors in path order: whole trees.
+            if draft is not None and draft.is_tree and self.batch_invariant and not self.invariant_trees:
+                # the batch-invariant forward verifies a tree as its heaviest path: torch's
+                # invariant attention cannot compute a node whose ancestors are not where plain
+                # decoding puts them, and with our kernel, which can, whole bf16 trees measured
+                # no more tokens per forward than their heaviest path and cost more per step
+                # (README, Draft trees)
                 draft = draft.best_path()
             if draft is not None and draft.tokens:
                 plan.draft = draft.trimmed(plan.node_limit if draft.is_tree else plan.draft_limit)

@@ -132,8 +132,8 @@ class _Batch:
     invariant: bool = False      # attention that does not depend on the batch (speculation/invariant.py)
     # one row: its tokens go to positions [start, start + T) of one slot, a slice of the pool
     span: tuple[int, int, int] | None = None     # (slot, start, end)
-    # our attention kernel (speculation/kernels.py) where it computes this forward (every row a
-    # chain: token t sees positions [0, nvis[t]) of its slot), else None
+    # our attention kernel (speculation/kernels.py) where it computes this forward (token t sees
+    # positions [0, nvis[t]) of its slot; a tree node, its prefix then ``tree``'s ancestors), else None
     attention: Any = None
     nvis: torch.Tensor | None = None             # [T] pos_idx + 1 (a tree node: prefix + depth)
     max_visible: int = 0
@@ -335,8 +335,8 @@ class PooledModel:
                 _use_linear_kernel(model, self.kernel)
         # what computes the linear layers: part of the cost curve's key
         self.linear_kernel = self.kernel.name if self.kernel is not None else "torch"
-        # attention on our kernel (speculation/kernels.py, AVX-512 or AVX2) for forwards whose rows are
-        # all chains, the batch-invariant ones included (it computes every token alike): where
+        # attention on our kernel (speculation/kernels.py, AVX-512 or AVX2) for every forward, draft
+        # trees and the batch-invariant ones included (it computes every token alike): where
         # it loads, for fp32 and bf16 on a CPU, unless linear_kernel is "torch"
         n_layers, kv_heads, head_dim = _kv_geometry(model.config)
         self.attention = None

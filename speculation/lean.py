@@ -17,8 +17,8 @@ the loaded builds): bitwise the Python loop's result in a quarter less time for 
 decode (26.5 against 35.1 ms at a 700-token context on that EPYC, interleaved medians), 11% less
 for 16 rows of one token (80 against 90 ms).
 
-It runs every pooled forward whose rows are all chains (:class:`speculation.forward.PooledModel`;
-a forward with a draft tree in it keeps transformers' path), with the products routed as there:
+It runs every pooled forward on the attention kernel, draft trees included
+(:class:`speculation.forward.PooledModel`), with the products routed as there:
 decode and draft rows on our kernel, long prompt chunks on torch's GEMM (as fast as ours from
 ~100 rows on), except in the batch-invariant forward, where everything is ours. There a token is
 computed alike whatever shares its forward (per-token C, per-row products, per-token attention,
@@ -179,7 +179,7 @@ class LeanLlama:
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, batch: Any, keep: torch.Tensor,
                 rows: Any = None) -> torch.Tensor:
-        """ids, positions: [T]; batch: the plan (every row a chain, on the attention kernel);
+        """ids, positions: [T]; batch: the plan (on the attention kernel; ``batch.tree``: tree nodes);
         keep: the packed indices whose logits are wanted; rows: which tokens' products go to
         torch's GEMM (``_KernelRows``; None: none). Returns [len(keep), vocab] fp32 (a bf16
         model's logits cast up, as transformers' path does)."""

@@ -233,6 +233,31 @@ def test_tree_greedy_equals_hf_generate_and_no_speculation(target, policy, monke
         assert eos_inside >= 1 and limit_inside >= 1, (eos_inside, limit_inside)
 
 
+@pytest.mark.parametrize("whole", [True, False])
+def test_invariant_forward_verifies_whole_trees_bitwise_on_the_attention_kernel(target, whole, monkeypatch):
+    """Under the batch-invariant forward on our attention kernel, whole trees (branches verified,
+    accepted branches moved into place) give bitwise the plain output; the engine's default
+    there verifies the heaviest path only, with the same output."""
+    from speculation import kernels
+
+    if kernels.attention_kernel() is None:
+        pytest.skip("the attention kernel needs AVX-512 or AVX2 + FMA (and a C compiler); this CPU lacks them")
+    moves = []
+    real_move = KVPool.move
+    monkeypatch.setattr(KVPool, "move", lambda self, *a: (moves.append(a), real_move(self, *a)))
+    cfg = {"draft_policy": "fixed", "min_ngram": 1, "batch_invariant": True, "history_tokens": 0}
+    engine = SpeculativeEngine(target, TinyTokenizer(VOCAB), None, EngineConfig(drafters=("tree",), **cfg))
+    engine.invariant_trees = whole
+    plain_engine = SpeculativeEngine(target, TinyTokenizer(VOCAB), None, EngineConfig(drafters=(), **cfg))
+    requests = [GenerationRequest(p, r, max_new_tokens=m) for p, r, m, _, _ in _cases(target)[:18]]
+    together = engine.generate(requests)              # tree rows beside each other and chain rows
+    for n, (req, got) in enumerate(zip(requests, together)):
+        plain = plain_engine.generate_one(GenerationRequest(req.prompt_ids, [], max_new_tokens=req.max_new_tokens))
+        assert got.token_ids == plain.token_ids, f"case {n}: not bitwise the plain output"
+        assert engine.generate_one(req).token_ids == plain.token_ids, f"case {n} alone"
+    assert bool(moves) == whole, "whole trees move accepted branches; heaviest paths never need to"
+
+
 def test_tree_beats_the_single_path_where_the_right_document_is_second(target):
     """Where the first document is the wrong one, the tree still verifies the second's
     continuation: more tokens per forward than single-path reference drafting."""
