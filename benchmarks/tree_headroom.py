@@ -14,7 +14,10 @@ one token -- and accepted tokens per drafted token.
 
 The engine drafts less than this (its cost model drafts only what pays on the machine), so the
 engine's tokens per forward is below these numbers; the ratio tree / chain here is the most
-trees can give with these documents, this model and this drafting.
+trees can give with these documents, this model and this drafting. The "+ earlier answers"
+rows give the tree drafter a ``History`` holding the answers to the questions before this one
+(never its own), and "heaviest path" rows verify only the tree's heaviest root-to-leaf path (the
+engine's rule under the batch-invariant bf16 forward).
 """
 
 from __future__ import annotations
@@ -42,16 +45,26 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "tree, 64 nodes, matches up to 3 tokens shorter": ("tree", {"max_nodes": 64, "shorter": 3}),
     "tree, every occurrence of every match (bound)": ("tree", {"max_nodes": 4096, "shorter": 8,
                                                                "max_occurrences": 4096}),
+    "tree, 32 nodes, heaviest path": ("tree", {"max_nodes": 32, "best_path": True}),
+    "tree, 32 nodes + earlier answers, heaviest path": ("tree", {"max_nodes": 32, "history": True,
+                                                                 "best_path": True}),
+    "tree, 32 nodes + earlier answers": ("tree", {"max_nodes": 32, "history": True}),
 }
 DEPTH = 16
 
 
-def _drafter(kind: str, opts: dict[str, Any]) -> Any:
-    from speculation.drafters import NgramDrafter, TreeDrafter
+def _drafter(kind: str, opts: dict[str, Any], earlier: list[list[int]]) -> Any:
+    from speculation.drafters import History, NgramDrafter, TreeDrafter
 
     if kind == "chain":
         return NgramDrafter("reference", max_draft=DEPTH, adaptive=False, provenance=False)
-    return TreeDrafter(max_draft=DEPTH, adaptive=False, provenance=False, **opts)
+    opts = {k: v for k, v in opts.items() if k not in ("history", "best_path")}
+    history = None
+    if earlier:
+        history = History(1 << 30, 8)
+        for ids in earlier:
+            history.add(ids)
+    return TreeDrafter(max_draft=DEPTH, adaptive=False, provenance=False, history=history, **opts)
 
 
 def _accepted(draft: Any, rest: list[int]) -> int:
@@ -69,9 +82,10 @@ def _accepted(draft: Any, rest: list[int]) -> int:
 
 
 def replay(kind: str, opts: dict[str, Any], prompt: list[int], refs: list[list[int]],
-           answer: list[int]) -> dict[str, int]:
-    """Steps, drafted nodes and accepted tokens of drafting at every step of ``answer``."""
-    drafter = _drafter(kind, opts)
+           answer: list[int], earlier: list[list[int]] | None = None) -> dict[str, int]:
+    """Steps, drafted nodes and accepted tokens of drafting at every step of ``answer``
+    (``earlier``: the answers the history holds, where ``opts`` asks for it)."""
+    drafter = _drafter(kind, opts, (earlier or []) if opts.get("history") else [])
     state = SimpleNamespace(tokens=list(prompt), references=refs, drafter_state={}, draft_room=DEPTH)
     drafter.begin(state)
     t = steps = drafted = accepted = 0
@@ -79,6 +93,8 @@ def replay(kind: str, opts: dict[str, Any], prompt: list[int], refs: list[list[i
         state.tokens = list(prompt) + answer[:t]
         state.draft_room = min(DEPTH, len(answer) - t - 1)
         draft = drafter.propose(state, opts.get("max_nodes", DEPTH)) if state.draft_room > 0 else None
+        if draft is not None and opts.get("best_path"):
+            draft = draft.best_path()
         n = _accepted(draft, answer[t:])
         steps += 1
         drafted += len(draft.tokens) if draft is not None else 0
@@ -114,7 +130,8 @@ def main() -> int:
 
     rows = {}
     for name, (kind, opts) in CONFIGS.items():
-        per = [replay(kind, opts, prompt, refs, ans) for (_, prompt, refs), ans in zip(cases, answers)]
+        per = [replay(kind, opts, prompt, refs, ans, answers[:i])
+               for i, ((_, prompt, refs), ans) in enumerate(zip(cases, answers))]
         tot = {key: sum(p[key] for p in per) for key in per[0]}
         rows[name] = {"tokens_per_forward": round(tot["tokens"] / tot["steps"], 3),
                       "drafted_per_step": round(tot["drafted"] / tot["steps"], 2),
