@@ -35,8 +35,9 @@ if TYPE_CHECKING:
 # Where a committed token came from (provenance): (kind, reference index, token offset).
 # kind: "reference" (copied from the request's references[ref] at token offset), "prompt"
 # (copied from the prompt at offset), "output" (copied from the sequence's own output at
-# offset), "history" (copied from an earlier request's output), "draft_model", "target" (the target's own token: a correction, a bonus token, no
-# draft), "given" (appended by the caller with ``extend``); ref and offset -1 where they do not apply.
+# offset), "history" (copied from an earlier request's output), "draft_model", "target" (the
+# target's own token: a correction, a bonus token, no draft), "given" (appended by the caller
+# with ``extend``); ref and offset -1 where they do not apply.
 Origin = tuple[str, int, int]
 TARGET: Origin = ("target", -1, -1)
 DRAFT_MODEL: Origin = ("draft_model", -1, -1)
@@ -377,7 +378,8 @@ class _NgramIndex:
         out = sorted((hit for hit in matches if hit[0] >= floor), key=lambda hit: -hit[0])   # stable
         if floor <= 1 < longest:               # the last token's places its bigram lacks
             seen = {(s, j) for _, s, j in matches}
-            out += [(1, s, j) for s, j in self._table.get((suffix_source[-1],), ())[-(scan or 0):] if (s, j) not in seen]
+            last = self._table.get((suffix_source[-1],), ())[-(scan or 0):]
+            out += [(1, s, j) for s, j in last if (s, j) not in seen]
         return out[:limit]
 
 
@@ -391,7 +393,7 @@ class History:
     kept here never changes an output, only how many tokens a forward commits. Used on the
     engine loop's thread only."""
 
-    SCAN = 256        # places of a common bigram a lookup reads, the latest first kept
+    SCAN = 256        # places of a key a lookup reads at most: the latest (a common bigram's)
 
     def __init__(self, max_tokens: int, max_n: int) -> None:
         self.max_tokens = max(0, int(max_tokens))

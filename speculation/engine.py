@@ -380,7 +380,8 @@ class SpeculativeEngine:
         # their heaviest path, measured no worse -- a what-if for tests and benchmarks)
         self.invariant_trees = False
         # finished outputs, drafting sources for the tree drafter (None: off)
-        self.history = History(self.config.history_tokens, self.config.max_ngram) if self.config.history_tokens > 0 else None
+        self.history = (History(self.config.history_tokens, self.config.max_ngram)
+                        if self.config.history_tokens > 0 else None)
         self.drafters: dict[str, Drafter] = self._make_drafters()
         self.on_step: Callable[[StepRecord], None] | None = None
         self._predicted: float | None = None
