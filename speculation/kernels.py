@@ -216,8 +216,9 @@ class AttentionKernel:
             else:
                 top = max_visible
             self._fn(q.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), slot.data_ptr(),
-                     nvis.data_ptr(), tree.data_ptr() if tree is not None else None, t, hq, keys.shape[1], d, q.stride(0), q.stride(1), keys.stride(0),
-                     keys.stride(1), top, scale, int(q.dtype == torch.bfloat16), torch.get_num_threads())
+                     nvis.data_ptr(), tree.data_ptr() if tree is not None else None, t, hq, keys.shape[1], d,
+                     q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), top, scale,
+                     int(q.dtype == torch.bfloat16), torch.get_num_threads())
         return out
 
 
@@ -238,7 +239,8 @@ def _check_tree(tree: torch.Tensor, nvis: torch.Tensor, length: int) -> None:
     pre, off, anc = tree[1:1 + t], tree[1 + t:1 + 2 * t], tree[1 + 2 * t:]
     extra = nvis - pre
     if (int(pre.min()) < 0 or int(extra.max()) > int(tree[0]) or int(extra.min()) < 0
-            or int((off + extra).max()) > anc.shape[0] or (anc.numel() and (int(anc.min()) < 0 or int(anc.max()) >= length))):
+            or int((off + extra).max()) > anc.shape[0]
+            or (anc.numel() and (int(anc.min()) < 0 or int(anc.max()) >= length))):
         raise ValueError("attention kernel: a tree node's positions must lie inside its slot")
 
 
