@@ -59,6 +59,13 @@ class Row:
             return list(range(self.start, self.start + len(self.tokens)))
         return [self.start + d - 1 for d in tree_depths(self.parents)]
 
+    def paths(self) -> list[list[int]]:
+        """Each token's path among the row's tokens: its ancestors, root first, then itself."""
+        out: list[list[int]] = []
+        for i, p in enumerate(self.parents if self.parents is not None else range(-1, len(self.tokens) - 1)):
+            out.append((out[p] if p >= 0 else []) + [i])
+        return out
+
     def visible(self) -> torch.Tensor:
         """[n, n] bool: token i sees token j of the row (j is i or an ancestor of i)."""
         n = len(self.tokens)
@@ -449,12 +456,10 @@ class PooledModel:
                         nvis.extend(ends)
                         ancestors.extend([] for _ in ends)
                         continue
-                    paths: list[list[int]] = []
-                    for i, p in enumerate(row.parents):
-                        paths.append((paths[p] if p >= 0 else []) + [row.start + i])
+                    for path in row.paths():
                         pre.append(row.start)
-                        nvis.append(row.start + len(paths[-1]))
-                    ancestors.extend(paths)
+                        nvis.append(row.start + len(path))
+                        ancestors.append([row.start + i for i in path])
                 batch.nvis = torch.tensor(nvis, device=dev)
                 batch.tree = tree_positions(pre, ancestors)
         return batch, keep, offsets
