@@ -201,9 +201,9 @@ static inline __attribute__((always_inline)) void one(const void *Q, const void 
  * The same instructions compute a (token, head) whatever the constants' dispatch: G and C only
  * unroll the loops. */
 void specrag_attention(const void *Q, const void *K, const void *V, void *O, const int64_t *slot,
-                       const int64_t *nvis, const int64_t *tree, int64_t T, int64_t Hq, int64_t Hkv, int64_t D, int64_t qs_t,
-                       int64_t qs_h, int64_t ks_slot, int64_t ks_head, int64_t maxvis, float scale, int bf16,
-                       int nthreads) {
+                       const int64_t *nvis, const int64_t *tree, int64_t T, int64_t Hq, int64_t Hkv, int64_t D,
+                       int64_t qs_t, int64_t qs_h, int64_t ks_slot, int64_t ks_head, int64_t maxvis, float scale,
+                       int bf16, int nthreads) {
     const int64_t G = Hq / Hkv, C = D / W, stride = maxvis + W;
     if (T <= 0) return;
     const int64_t maxanc = tree ? tree[0] : 0, *pre = tree ? tree + 1 : 0, *aoff = tree ? tree + 1 + T : 0,

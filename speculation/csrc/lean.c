@@ -22,9 +22,9 @@
 typedef void (*linear_fn)(const void *X, int nw, const void *const *Ws, const void *const *Bs,
                           const int64_t *Ns, void *Y, int64_t M, int64_t K, int64_t sx, int nthreads);
 typedef void (*attention_fn)(const void *Q, const void *K, const void *V, void *O, const int64_t *slot,
-                             const int64_t *nvis, const int64_t *tree, int64_t T, int64_t Hq, int64_t Hkv, int64_t D, int64_t qs_t,
-                             int64_t qs_h, int64_t ks_slot, int64_t ks_head, int64_t maxvis, float scale, int bf16,
-                             int nthreads);
+                             const int64_t *nvis, const int64_t *tree, int64_t T, int64_t Hq, int64_t Hkv,
+                             int64_t D, int64_t qs_t, int64_t qs_h, int64_t ks_slot, int64_t ks_head, int64_t maxvis,
+                             float scale, int bf16, int nthreads);
 typedef void (*norm_fn)(void *H, const void *Dl, const void *Wt, void *X, int64_t T, int64_t n, float eps);
 typedef void (*rope_fn)(void *Q, const void *Kn, const void *Vn, const void *cs, const void *sn, void *Kp,
                         void *Vp, const int64_t *slot, const int64_t *pos, int64_t T, int64_t Hq, int64_t Hkv,
@@ -117,8 +117,8 @@ static void layers(linear_fn lin, attention_fn attn, norm_fn norm, rope_fn rope,
                    const int64_t *dims, const void *const *wts, const void *const *bias, const float *eps,
                    void *const *keys, void *const *values, int64_t ps_slot, int64_t ps_head, const int64_t *slot,
                    const int64_t *pos, const int64_t *nvis, const int64_t *tree, int64_t maxvis, float scale,
-                   const void *cs, const void *sn, void *H, void *X, void *Y, void *A, void *Gt, void *P, void *Dn, int nthreads,
-                   int bf16) {
+                   const void *cs, const void *sn, void *H, void *X, void *Y, void *A, void *Gt, void *P, void *Dn,
+                   int nthreads, int bf16) {
     const int64_t hid = dims[0], nq = dims[1], nkv = dims[2], inter = dims[3], D = dims[4];
     const int64_t ldy = nq + 2 * nkv, Hq = nq / D, Hkv = nkv / D, esz = bf16 ? 2 : 4;
     const int64_t qkv_n[3] = {nq, nkv, nkv}, gu_n[2] = {inter, inter}, o_n = hid, down_n = hid;
@@ -151,8 +151,8 @@ void specrag_lean_layers(linear_fn lin, attention_fn attn, norm_fn norm, rope_fn
                          int64_t maxvis, float scale,
                          const void *cs, const void *sn, void *H, void *X, void *Y, void *A, void *Gt, void *P,
                          void *Dn, int nthreads) {
-    layers(lin, attn, norm, rope, L, T, dims, wts, bias, eps, keys, values, ps_slot, ps_head, slot, pos, nvis, tree, maxvis,
-           scale, cs, sn, H, X, Y, A, Gt, P, Dn, nthreads, 0);
+    layers(lin, attn, norm, rope, L, T, dims, wts, bias, eps, keys, values, ps_slot, ps_head, slot, pos, nvis, tree,
+           maxvis, scale, cs, sn, H, X, Y, A, Gt, P, Dn, nthreads, 0);
 }
 
 #if defined(__AVX512F__)
@@ -164,7 +164,7 @@ void specrag_lean_layers_bf16(linear_fn lin, attention_fn attn, norm_fn norm, ro
                               int64_t maxvis,
                               float scale, const void *cs, const void *sn, void *H, void *X, void *Y, void *A,
                               void *Gt, void *P, void *Dn, int nthreads) {
-    layers(lin, attn, norm, rope, L, T, dims, wts, bias, eps, keys, values, ps_slot, ps_head, slot, pos, nvis, tree, maxvis,
-           scale, cs, sn, H, X, Y, A, Gt, P, Dn, nthreads, 1);
+    layers(lin, attn, norm, rope, L, T, dims, wts, bias, eps, keys, values, ps_slot, ps_head, slot, pos, nvis, tree,
+           maxvis, scale, cs, sn, H, X, Y, A, Gt, P, Dn, nthreads, 1);
 }
 #endif
