@@ -129,7 +129,13 @@ def tally_positions(reached: list, accepted_at: list, drafted: int, accepted: in
 
 class Acceptance:
     """Measured acceptance per drafter (and match-length bucket) and draft position: of the
-    drafts that reached position i, how many had it accepted. Smoothed toward ``prior``."""
+    drafts that reached position i, how many had it accepted. Position 1 is smoothed toward
+    ``prior``, every later one toward the smoothed rate of the position before it: a position
+    no draft has reached yet is priced like the last one measured, not like a fresh guess. A
+    copy that has gone right for four tokens usually goes on (the rates rise with depth); with
+    a flat 0.5 prior past the measured positions the cost model rarely drafted past them, so
+    they stayed unmeasured (bench_tree's questions replayed at batch 1: no verified draft of
+    either drafter reached a fifth token)."""
 
     def __init__(self, max_positions: int = 64, prior: float = 0.5, prior_weight: float = 2.0) -> None:
         self.max_positions = max_positions
@@ -157,8 +163,12 @@ class Acceptance:
     def rates(self, drafter: str, match_len: int, n: int) -> list[float]:
         """Conditional acceptance of positions 1..n."""
         tried, acc = self._lists((drafter, self.bucket(match_len)))
-        w, p = self.prior_weight, self.prior
-        return [(acc[i] + w * p) / (tried[i] + w) if tried[i] + w > 0 else p for i in range(min(n, self.max_positions))]
+        w, p, out = self.prior_weight, self.prior, []
+        for i in range(min(n, self.max_positions)):
+            if tried[i] + w > 0:
+                p = (acc[i] + w * p) / (tried[i] + w)
+            out.append(p)
+        return out
 
     def table(self) -> dict[str, list[float]]:
         """{"drafter/bucket": [rate at position 1, 2, ...]} for the positions seen (stats, /metrics)."""

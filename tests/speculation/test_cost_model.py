@@ -111,8 +111,23 @@ def test_acceptance_is_per_position_and_smoothed():
     for _ in range(8):
         acc.update("reference", 3, 4, 2)       # positions 1, 2 accepted, 3 rejected, 4 never reached
     r = acc.rates("reference", 3, 4)
-    assert r[0] == r[1] == pytest.approx(9 / 10) and r[2] == pytest.approx(1 / 10) and r[3] == 0.5
+    # position 1 toward the prior, each later one toward the position before it; position 4,
+    # never reached, is priced like position 3
+    assert r[0] == pytest.approx(9 / 10) and r[1] == pytest.approx((8 + 2 * r[0]) / 10)
+    assert r[2] == pytest.approx(2 * r[1] / 10) and r[3] == pytest.approx(r[2])
     assert acc.table()["reference/3"] == [1.0, 1.0, 0.0]
+    assert acc.rates("reference", 5, 3) == [0.5, 0.5, 0.5]       # another bucket: the prior
+
+
+def test_a_draft_goes_past_the_positions_measured_so_far_when_they_were_accepted():
+    """Drafts of 4 tokens always accepted: positions 5-8, never reached, are priced like
+    position 4, so on a curve where a token pays only above ~0.5 the cost model drafts 8 (a
+    flat 0.5 prior stopped it at 4, and the positions past 4 were never measured)."""
+    acc = Acceptance()
+    for _ in range(20):
+        acc.update("reference", 5, 4, 4)
+    assert acc.rates("reference", 5, 8)[4:] == [pytest.approx(acc.rates("reference", 5, 4)[3])] * 4
+    assert choose_lengths([Candidate("reference", 5, 8)], 1, 1, CostCurve.synthetic(0.008, base=0.04), acc)[0] == [8]
 
 
 def _engine(curve=None, **config):
