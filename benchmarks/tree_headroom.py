@@ -18,6 +18,14 @@ trees can give with these documents, this model and this drafting. The "+ earlie
 rows give the tree drafter a ``History`` holding the answers to the questions before this one
 (never its own), and "heaviest path" rows verify only the tree's heaviest root-to-leaf path (the
 engine's rule under the batch-invariant bf16 forward).
+
+A second table replays the same drafting under the engine's cost model at batch 1, without
+timing anything: this machine's measured cost curve (``engine.cost``), a fresh acceptance table
+per configuration learning as the questions go (``Acceptance``, as the engine's does), each
+step's draft sized by ``choose_lengths`` from the same gains the engine computes
+(``copy_gains``), a step priced at the curve's forward plus ``--overhead-ms``. Deterministic:
+what the cost model's choices give on this machine, tokens per forward and predicted tokens/s
+(plain decoding priced the same way), without the benchmark's timing noise.
 """
 
 from __future__ import annotations
@@ -51,6 +59,9 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "tree, 32 nodes + earlier answers": ("tree", {"max_nodes": 32, "history": True}),
 }
 DEPTH = 16
+# replayed under the cost model too: the chain and the engine's two ways of verifying a tree
+COSTED = ("chain (LLMA: first occurrence of the longest match)",
+          "tree, 32 nodes + earlier answers, heaviest path", "tree, 32 nodes + earlier answers")
 
 
 def _drafter(kind: str, opts: dict[str, Any], earlier: list[list[int]]) -> Any:
@@ -103,12 +114,77 @@ def replay(kind: str, opts: dict[str, Any], prompt: list[int], refs: list[list[i
     return {"tokens": len(answer), "steps": steps, "drafted": drafted, "accepted": accepted}
 
 
+def replay_costed(kind: str, opts: dict[str, Any], prompt: list[int], refs: list[list[int]], answer: list[int],
+                  earlier: list[list[int]], curve: Any, acceptance: Any, overhead: float) -> dict[str, float]:
+    """``replay`` with every draft sized by the cost model at batch 1 (``acceptance`` learns from
+    the verified drafts, as the engine's does); also the steps' predicted seconds."""
+    from speculation.cost import Candidate, choose_lengths, copy_gains
+
+    drafter = _drafter(kind, opts, earlier if opts.get("history") else [])
+    state = SimpleNamespace(tokens=list(prompt), references=refs, drafter_state={}, draft_room=DEPTH)
+    drafter.begin(state)
+    t = steps = drafted = accepted = 0
+    seconds = 0.0
+    while t < len(answer):
+        state.tokens = list(prompt) + answer[:t]
+        state.draft_room = min(DEPTH, len(answer) - t - 1)
+        context = len(state.tokens)
+        draft = drafter.propose(state, opts.get("max_nodes", DEPTH)) if state.draft_room > 0 else None
+        k = n = 0
+        if draft is not None:
+            if opts.get("best_path"):
+                draft = draft.best_path()
+            draft, gains = copy_gains(draft, acceptance)
+            k = choose_lengths([Candidate(draft.source, draft.match_len, len(draft.tokens), gains)], 1, 1, curve,
+                               acceptance, overhead, 0.0, context)[0][0]
+            if k:
+                kept = draft.trimmed(k)
+                n = _accepted(kept, answer[t:])
+                acceptance.update(kept.source, kept.match_len, kept.depth(), n)
+        seconds += curve(1 + k, 1, context) + overhead
+        steps += 1
+        drafted += k
+        accepted += n
+        t += n + 1
+    return {"tokens": len(answer), "steps": steps, "drafted": drafted, "accepted": accepted, "seconds": seconds}
+
+
+def costed_rows(cases: list[Any], answers: list[list[int]], curve: Any, overhead: float) -> dict[str, Any]:
+    """Per ``COSTED`` configuration (and plain decoding): tokens per forward and predicted
+    tokens/s under the cost model, each configuration's acceptance table learning over the
+    questions in order."""
+    from speculation.cost import Acceptance
+
+    tokens = sum(len(a) for a in answers)
+    plain_s = sum(curve(1, 1, len(prompt) + t) + overhead for (_, prompt, _), ans in zip(cases, answers)
+                  for t in range(len(ans)))
+    rows: dict[str, Any] = {"plain decoding": {"tokens_per_forward": 1.0,
+                                               "predicted_tokens_per_second": round(tokens / plain_s, 1)}}
+    for name in COSTED:
+        kind, opts = CONFIGS[name]
+        acceptance = Acceptance()
+        per = [replay_costed(kind, opts, prompt, refs, ans, answers[:i], curve, acceptance, overhead)
+               for i, ((_, prompt, refs), ans) in enumerate(zip(cases, answers))]
+        tot = {key: sum(p[key] for p in per) for key in per[0]}
+        rows[name] = {"tokens_per_forward": round(tot["tokens"] / tot["steps"], 3),
+                      "predicted_tokens_per_second": round(tot["tokens"] / tot["seconds"], 1),
+                      "drafted_per_step": round(tot["drafted"] / tot["steps"], 2)}
+    chain = rows[COSTED[0]]
+    for r in rows.values():
+        r["over_chain"] = round(r["tokens_per_forward"] / chain["tokens_per_forward"], 3)
+        r["speed_over_chain"] = round(r["predicted_tokens_per_second"] / chain["predicted_tokens_per_second"], 3)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--questions", type=int, default=20)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("-k", type=int, default=4)
     ap.add_argument("--index", type=Path, help="index dir (default: built under the cache)")
+    ap.add_argument("--overhead-ms", type=float, default=1.5,
+                    help="a step's cost beyond the curve's forward in the cost-model replay (the engine measures "
+                         "its own: 1-3 ms on a 2-core EPYC)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "tree_headroom")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -140,9 +216,13 @@ def main() -> int:
     chain = rows[next(iter(CONFIGS))]["tokens_per_forward"]
     for r in rows.values():
         r["over_chain"] = round(r["tokens_per_forward"] / chain, 3)
+    assert engine.cost is not None, "the cost-model replay needs draft_policy='cost'"
+    costed = costed_rows(cases, answers, engine.cost, args.overhead_ms / 1000)
     result = {"machine": machine_info(), "questions": len(cases), "k": args.k, "max_tokens": args.max_tokens,
-              "depth": DEPTH, "generate_s": round(generate_s, 1), "configs": rows,
-              "command": "benchmarks/tree_headroom.py"}
+              "depth": DEPTH, "generate_s": round(generate_s, 1), "configs": rows, "cost_model": costed,
+              "overhead_ms": args.overhead_ms, "dtype": str(next(models.target.parameters()).dtype).replace("torch.", ""),
+              "command": "benchmarks/tree_headroom.py" + (f" --max-tokens {args.max_tokens}"
+                                                          if args.max_tokens != 128 else "")}
     save(args.out, result, render_markdown(result))
     return 0
 
@@ -156,6 +236,14 @@ def render_markdown(r: dict[str, Any]) -> str:
     for name, x in r["configs"].items():
         lines.append(f"| {name} | {x['tokens_per_forward']} | {x['over_chain']} | {x['drafted_per_step']} | "
                      f"{x['accepted_per_drafted']} |")
+    lines += ["", f"The same drafting replayed under the cost model at batch 1 ({r['dtype']}, this machine's "
+              f"measured curve, {r['overhead_ms']} ms a step beside it, each configuration's acceptance table "
+              "learning over the questions in order); tokens/s predicted, not timed:", "",
+              "| drafter | tokens/forward | x chain | predicted tokens/s | x chain | drafted tokens/step |",
+              "|---|---|---|---|---|---|"]
+    for name, x in r["cost_model"].items():
+        lines.append(f"| {name} | {x['tokens_per_forward']} | {x['over_chain']} | "
+                     f"{x['predicted_tokens_per_second']} | {x['speed_over_chain']} | {x.get('drafted_per_step', '-')} |")
     return "\n".join(lines) + "\n"
 
 

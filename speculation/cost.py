@@ -27,6 +27,7 @@ import heapq
 import itertools
 import json
 import logging
+import operator
 import os
 import platform
 import statistics
@@ -179,6 +180,19 @@ class Acceptance:
                 acc = self._accepted[(name, b)]
                 out[f"{name}/{b}"] = [round(acc[i] / tried[i], 3) for i in range(seen[-1] + 1)]
         return out
+
+
+def copy_gains(draft: Any, acceptance: Acceptance) -> tuple[Any, list[float]]:
+    """A copy draft's gain per token -- P(the verified path reaches its depth), from the
+    drafter's measured rates by depth, times its share of the matches (a tree node's weight; 1
+    in a chain) -- and the draft with a tree's nodes ranked by it, largest first (a node's gain
+    never exceeds its parent's, so any first k nodes are a tree); the gains in that order."""
+    depths = draft.depths()
+    reach = list(itertools.accumulate(acceptance.rates(draft.source, draft.match_len, max(depths)), operator.mul))
+    gains = [reach[d - 1] * w for d, w in zip(depths, draft.weights)] if draft.weights else reach
+    if draft.is_tree:
+        return draft.ranked(gains), sorted(gains, reverse=True)
+    return draft, gains
 
 
 @dataclass

@@ -29,7 +29,8 @@ from typing import Any, Callable
 
 import torch
 
-from .cost import Acceptance, Candidate, CostCurve, StepResidual, choose_lengths, load_or_measure, tally_positions
+from .cost import (Acceptance, Candidate, CostCurve, StepResidual, choose_lengths, copy_gains, load_or_measure,
+                   tally_positions)
 from .drafters import (EXTENSION, GIVEN, TARGET, Draft, Drafter, History, ModelDrafter, NgramDrafter, Origin,
                        TreeDrafter)
 from .errors import GenerationInputError
@@ -921,20 +922,12 @@ class SpeculativeEngine:
             self._assign(deferred, model.propose_batch([p.state for p in deferred], [p.draft_limit for p in deferred]))
 
     def _copy_candidate(self, plan: _RowPlan, model: Drafter | None) -> Candidate:
-        """A copy draft's candidate for the cost model, with the gain of every token: a tree's
-        node gains P(the path reaches its depth) (the drafter's measured rate by depth) x its
-        share of the matches, and the nodes are ranked by it, so any first k are a tree. Where
-        the draft model may extend the best branch, placeholders for its tokens follow the
-        branch's leaf, each gaining the leaf's gain x the draft model's measured rates."""
-        draft = plan.draft
-        assert draft is not None
-        depths = draft.depths()
-        reach = list(itertools.accumulate(self.acceptance.rates(draft.source, draft.match_len, max(depths)),
-                                          operator.mul))
-        gains = [reach[d - 1] * w for d, w in zip(depths, draft.weights)] if draft.weights else reach
-        if draft.is_tree:
-            draft = plan.draft = draft.ranked(gains)
-            gains = sorted(gains, reverse=True)
+        """A copy draft's candidate for the cost model, with the gain of every token
+        (``copy_gains``: a tree's nodes ranked by it, so any first k are a tree). Where the
+        draft model may extend the best branch, placeholders for its tokens follow the branch's
+        leaf, each gaining the leaf's gain x the draft model's measured rates."""
+        assert plan.draft is not None
+        draft, gains = copy_gains(plan.draft, self.acceptance)
         room = self._extension_room(plan, model)
         if room:
             leaf = gains[draft.best_nodes()[-1]]
