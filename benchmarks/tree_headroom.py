@@ -218,9 +218,10 @@ def main() -> int:
         r["over_chain"] = round(r["tokens_per_forward"] / chain, 3)
     assert engine.cost is not None, "the cost-model replay needs draft_policy='cost'"
     costed = costed_rows(cases, answers, engine.cost, args.overhead_ms / 1000)
+    dtype = str(next(models.target.parameters()).dtype).replace("torch.", "")
     result = {"machine": machine_info(), "questions": len(cases), "k": args.k, "max_tokens": args.max_tokens,
               "depth": DEPTH, "generate_s": round(generate_s, 1), "configs": rows, "cost_model": costed,
-              "overhead_ms": args.overhead_ms, "dtype": str(next(models.target.parameters()).dtype).replace("torch.", ""),
+              "overhead_ms": args.overhead_ms, "dtype": dtype,
               "command": "benchmarks/tree_headroom.py" + (f" --max-tokens {args.max_tokens}"
                                                           if args.max_tokens != 128 else "")}
     save(args.out, result, render_markdown(result))
@@ -242,8 +243,8 @@ def render_markdown(r: dict[str, Any]) -> str:
               "| drafter | tokens/forward | x chain | predicted tokens/s | x chain | drafted tokens/step |",
               "|---|---|---|---|---|---|"]
     for name, x in r["cost_model"].items():
-        lines.append(f"| {name} | {x['tokens_per_forward']} | {x['over_chain']} | "
-                     f"{x['predicted_tokens_per_second']} | {x['speed_over_chain']} | {x.get('drafted_per_step', '-')} |")
+        lines.append(f"| {name} | {x['tokens_per_forward']} | {x['over_chain']} | {x['predicted_tokens_per_second']} | "
+                     f"{x['speed_over_chain']} | {x.get('drafted_per_step', '-')} |")
     return "\n".join(lines) + "\n"
 
 
