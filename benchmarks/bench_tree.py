@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_tree.py           # writes benchmarks/results/tree.{json,md}
     .venv/bin/python benchmarks/bench_tree.py --quick   # 6 questions, 64 tokens, one concurrency round
+    .venv/bin/python benchmarks/bench_tree.py --whole-trees   # bf16: verify whole trees, not heaviest paths
 
 Each question retrieves k = 4 python-docs chunks (the real index and embedder), which go into
 the prompt and, as token ids, to the drafters. Greedy, a fixed number of new tokens.
@@ -93,6 +94,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="concurrency runs per method")
     ap.add_argument("--index", type=Path, help="index dir (default: built under the cache)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--whole-trees", action="store_true",
+                    help="verify whole trees on the batch-invariant (bf16) forward too, not their heaviest paths "
+                         "(engine.invariant_trees)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "tree")
     args = ap.parse_args()
     if args.quick:
@@ -109,6 +113,7 @@ def main() -> int:
     models = load_models(ModelConfig())
     target, tok = models.target, models.tokenizer
     engine = SpeculativeEngine(target, tok, None, EngineConfig(drafters=("reference",)))
+    engine.invariant_trees = args.whole_trees
     counter = ForwardCounter(target)
     cases = rag_cases(tok, engine.context_tokens or 2048, args.questions, args.k, args.max_tokens, args.index)
 
@@ -230,7 +235,9 @@ def main() -> int:
               "load_average_before": [round(x, 2) for x in load_before],
               "load_average_after": [round(x, 2) for x in os.getloadavg()],
               "batch1": batch1, "concurrent": concurrency, "targets": targets, "divergences": divergences,
-              "command": "benchmarks/bench_tree.py" + (" --quick" if args.quick else "")}
+              "whole_trees": args.whole_trees,
+              "command": "benchmarks/bench_tree.py" + (" --quick" if args.quick else "")
+              + (" --whole-trees" if args.whole_trees else "")}
     save(args.out, result, render_markdown(result))
     return 0
 
