@@ -92,61 +92,51 @@ def _accepted(draft: Any, rest: list[int]) -> int:
     return best
 
 
-def replay(kind: str, opts: dict[str, Any], prompt: list[int], refs: list[list[int]],
-           answer: list[int], earlier: list[list[int]] | None = None) -> dict[str, int]:
+def replay(kind: str, opts: dict[str, Any], prompt: list[int], refs: list[list[int]], answer: list[int],
+           earlier: list[list[int]] | None = None, cost: tuple[Any, Any, float] | None = None) -> dict[str, float]:
     """Steps, drafted nodes and accepted tokens of drafting at every step of ``answer``
-    (``earlier``: the answers the history holds, where ``opts`` asks for it)."""
+    (``earlier``: the answers the history holds, where ``opts`` asks for it). ``cost``: (curve,
+    acceptance, overhead seconds): every draft sized by the cost model at batch 1 instead, the
+    acceptance table learning from the verified drafts as the engine's does, and the steps'
+    predicted seconds counted."""
+    from speculation.cost import Candidate, choose_lengths, copy_gains
+
     drafter = _drafter(kind, opts, (earlier or []) if opts.get("history") else [])
     state = SimpleNamespace(tokens=list(prompt), references=refs, drafter_state={}, draft_room=DEPTH)
     drafter.begin(state)
+    curve, acceptance, overhead = cost if cost is not None else (None, None, 0.0)
     t = steps = drafted = accepted = 0
+    seconds = 0.0
     while t < len(answer):
         state.tokens = list(prompt) + answer[:t]
         state.draft_room = min(DEPTH, len(answer) - t - 1)
         draft = drafter.propose(state, opts.get("max_nodes", DEPTH)) if state.draft_room > 0 else None
         if draft is not None and opts.get("best_path"):
             draft = draft.best_path()
-        n = _accepted(draft, answer[t:])
-        steps += 1
-        drafted += len(draft.tokens) if draft is not None else 0
-        accepted += n
-        t += n + 1
-    return {"tokens": len(answer), "steps": steps, "drafted": drafted, "accepted": accepted}
-
-
-def replay_costed(kind: str, opts: dict[str, Any], prompt: list[int], refs: list[list[int]], answer: list[int],
-                  earlier: list[list[int]], curve: Any, acceptance: Any, overhead: float) -> dict[str, float]:
-    """``replay`` with every draft sized by the cost model at batch 1 (``acceptance`` learns from
-    the verified drafts, as the engine's does); also the steps' predicted seconds."""
-    from speculation.cost import Candidate, choose_lengths, copy_gains
-
-    drafter = _drafter(kind, opts, earlier if opts.get("history") else [])
-    state = SimpleNamespace(tokens=list(prompt), references=refs, drafter_state={}, draft_room=DEPTH)
-    drafter.begin(state)
-    t = steps = drafted = accepted = 0
-    seconds = 0.0
-    while t < len(answer):
-        state.tokens = list(prompt) + answer[:t]
-        state.draft_room = min(DEPTH, len(answer) - t - 1)
-        context = len(state.tokens)
-        draft = drafter.propose(state, opts.get("max_nodes", DEPTH)) if state.draft_room > 0 else None
-        k = n = 0
-        if draft is not None:
-            if opts.get("best_path"):
-                draft = draft.best_path()
+        if draft is not None and curve is not None:
             draft, gains = copy_gains(draft, acceptance)
             k = choose_lengths([Candidate(draft.source, draft.match_len, len(draft.tokens), gains)], 1, 1, curve,
-                               acceptance, overhead, 0.0, context)[0][0]
-            if k:
-                kept = draft.trimmed(k)
-                n = _accepted(kept, answer[t:])
-                acceptance.update(kept.source, kept.match_len, kept.depth(), n)
-        seconds += curve(1 + k, 1, context) + overhead
+                               acceptance, overhead, 0.0, len(state.tokens))[0][0]
+            draft = draft.trimmed(k) if k else None
+        n = _accepted(draft, answer[t:])
+        k = len(draft.tokens) if draft is not None else 0
+        if curve is not None:
+            if draft is not None:
+                acceptance.update(draft.source, draft.match_len, draft.depth(), n)
+            seconds += curve(1 + k, 1, len(state.tokens)) + overhead
         steps += 1
         drafted += k
         accepted += n
         t += n + 1
-    return {"tokens": len(answer), "steps": steps, "drafted": drafted, "accepted": accepted, "seconds": seconds}
+    out = {"tokens": len(answer), "steps": steps, "drafted": drafted, "accepted": accepted}
+    return out if curve is None else {**out, "seconds": seconds}
+
+
+def replay_costed(kind: str, opts: dict[str, Any], prompt: list[int], refs: list[list[int]], answer: list[int],
+                  earlier: list[list[int]], curve: Any, acceptance: Any, overhead: float) -> dict[str, float]:
+    """``replay`` with every draft sized by the cost model (``curve``, ``acceptance``, a step's
+    ``overhead`` seconds beside the curve's forward)."""
+    return replay(kind, opts, prompt, refs, answer, earlier, (curve, acceptance, overhead))
 
 
 def costed_rows(cases: list[Any], answers: list[list[int]], curve: Any, overhead: float) -> dict[str, Any]:
