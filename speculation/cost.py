@@ -43,7 +43,7 @@ CALIBRATION_TOKENS = (1, 2, 4, 8, 16)          # per row (a draft of 16 + the pe
 CALIBRATION_CONTEXT = 256
 CALIBRATION_LONG_CONTEXT = 768      # the second context, for the per-position (attention) price
 PER_POSITION_SHAPE = (4, 4)         # rows x tokens per row timed at both contexts
-CURVE_VERSION = "v2"                # v2: per_position
+CURVE_VERSION = "v3"                # v2: per_position; v3: weights in memory of their own (models.own_weights)
 
 
 @dataclass

@@ -101,3 +101,38 @@ def test_auto_dtype_on_a_cpu_is_measured_and_cached(monkeypatch, tmp_path):
     monkeypatch.setattr(cost, "rag_forward_ms", lambda m, invariant: timings[invariant])
     _, info = models.choose_cpu_dtype(copy.deepcopy(tiny_llama(seed=0)))
     assert info["dtype"] == "float32" and ">= 10% faster" in info["why"]
+
+
+def test_a_checkpoint_loaded_on_a_cpu_owns_aligned_memory(tmp_path):
+    """transformers keeps a checkpoint stored in the model's dtype as views of the file's
+    mapping, each tensor wherever the file's 8-byte layout puts it (our fp32 kernel read such
+    weights 8-20% slower); load_causal_lm moves every weight into memory of its own on 64-byte
+    boundaries, with the same values, the same ties and bitwise the same logits."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from speculation import models
+
+    # odd sizes (a 72-float norm is 288 bytes), so tensors after it in the file start off 64 bytes
+    config = LlamaConfig(vocab_size=101, hidden_size=72, intermediate_size=136, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).eval().save_pretrained(tmp_path)
+
+    raw = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    mapped = models._file_mappings()
+    stray = [n for n, p in raw.named_parameters() if p.data_ptr() % 64 or any(a <= p.data_ptr() < b for a, b in mapped)]
+    assert stray, "transformers no longer maps the checkpoint: this test no longer sees what own_weights fixes"
+
+    loaded = models.load_causal_lm(str(tmp_path))
+    mapped = models._file_mappings()
+    for name, p in list(loaded.named_parameters()) + list(loaded.named_buffers()):
+        assert p.data_ptr() % 64 == 0, name
+        assert not any(a <= p.data_ptr() < b for a, b in mapped), f"{name} still in the file's mapping"
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    want = raw.state_dict()
+    assert all(torch.equal(t, want[n]) for n, t in loaded.state_dict().items())
+    ids = torch.tensor([[5, 17, 3, 99, 42, 8]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, raw(ids).logits)
+    assert models.own_weights(loaded) == 0          # nothing left to move
