@@ -171,8 +171,9 @@ def own_weights(model: Any) -> int:
 
     Why: transformers keeps a checkpoint stored in the model's dtype (our fp32 SmolLM2) as views
     of the safetensors file's mapping, where each tensor starts wherever the file's 8-byte
-    layout puts it. Our fp32 kernel's weight rows then start off cache lines (a vector load in
-    two of every three rows splits one) and are read through file pages: SmolLM2's 211 products
+    layout puts it. Our fp32 kernel's weight rows then start off cache lines (SmolLM2's q_proj
+    at 40 bytes past one: half of the AVX2 build's 32-byte loads split a line, every one of the
+    AVX-512 build's) and are read through file pages: SmolLM2's 211 products
     at 1 / 4 / 8 rows took 34.9 / 44.4 / 65.0 ms from the mapping against 32.5 / 39.0 / 53.4 from
     aligned copies (2-core AMD EPYC, AVX2; misaligned anonymous copies 32.3 / 43.6 / 61.3). A
     model converted on load (bf16) already owns its memory and is left alone.
@@ -188,10 +189,9 @@ def own_weights(model: Any) -> int:
     libc = ctypes.CDLL(None, use_errno=True) if mapped else None
     page = os.sysconf("SC_PAGE_SIZE")
     moved, seen = 0, set()
-    tensors = [(m, n, t, True) for m in model.modules() for n, t in m._parameters.items() if t is not None]
-    tensors += [(m, n, t, False) for m in model.modules() for n, t in m._buffers.items() if t is not None]
+    tensors = [t for m in model.modules() for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
     with torch.no_grad():
-        for module, name, t, is_param in tensors:
+        for t in tensors:
             if t.device.type != "cpu" or id(t) in seen or t.numel() == 0:
                 continue
             seen.add(id(t))
