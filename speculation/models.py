@@ -186,7 +186,7 @@ def own_weights(model: Any) -> int:
     import torch
 
     mapped = _file_mappings()
-    libc = ctypes.CDLL(None, use_errno=True) if mapped else None
+    libc = ctypes.CDLL(None) if mapped else None     # madvise is best effort: a refusal keeps the pages
     page = os.sysconf("SC_PAGE_SIZE")
     moved, seen = 0, set()
     tensors = [t for m in model.modules() for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
@@ -196,7 +196,7 @@ def own_weights(model: Any) -> int:
                 continue
             seen.add(id(t))
             ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
-            in_file = any(a <= ptr < b for a, b in mapped)
+            in_file = _inside(ptr, mapped)
             if not in_file and ptr % _ALIGN == 0:
                 continue
             fresh = torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
@@ -209,6 +209,11 @@ def own_weights(model: Any) -> int:
     if moved:
         log.info("moved %d weight tensors out of the checkpoint's file mapping / onto 64-byte boundaries", moved)
     return moved
+
+
+def _inside(ptr: int, ranges: list[tuple[int, int]]) -> bool:
+    """Whether address ``ptr`` lies in one of ``ranges`` (``_file_mappings``)."""
+    return any(a <= ptr < b for a, b in ranges)
 
 
 def _file_mappings() -> list[tuple[int, int]]:
