@@ -125,6 +125,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("-k", type=int, default=2)
     ap.add_argument("--no-speculation", action="store_true")
+    ap.add_argument("--drafters", default="reference", help="comma-separated drafters (reference, tree, ...)")
     ap.add_argument("--dtype", default="auto", help="auto (measured on this CPU), float32 or bfloat16")
     ap.add_argument("--profile-steps", type=int, default=8)
     ap.add_argument("--out", type=Path, help="also write the report (markdown) here")
@@ -139,7 +140,7 @@ def main() -> int:
     models, reqs = build_requests(ensure_index(args), args.rows, args.k, args.max_tokens, not args.no_speculation,
                                    args.dtype)
     engine = SpeculativeEngine(models.target, models.tokenizer, None,
-                               EngineConfig(drafters=("reference",), max_batch=max(16, args.rows)))
+                               EngineConfig(drafters=tuple(args.drafters.split(",")), max_batch=max(16, args.rows)))
     engine.generate_one(reqs[0])                                   # warm-up (first forwards, allocator)
     per_step = instrument(engine)
     t0 = time.perf_counter()
@@ -158,7 +159,7 @@ def main() -> int:
              f"{str(engine.runner.dtype).replace('torch.', '')}; load average {[round(x, 2) for x in load0]} at "
              f"start, {[round(x, 2) for x in load1]} at end.  ",
              f"{args.rows} requests stepped together (mean prompt {prompt:.0f} tokens, k = {args.k}), "
-             f"{args.max_tokens} new tokens, speculation {'off' if args.no_speculation else 'on (reference)'}: "
+             f"{args.max_tokens} new tokens, speculation {'off' if args.no_speculation else f'on ({args.drafters})'}: "
              f"{tokens} tokens in {wall:.1f} s = {tokens / wall:.1f} tokens/s, "
              f"{sum(r.stats.cached_prompt_tokens for r in results)} prompt tokens from the prefix cache.", ""]
     lines += ["| steps | count | mean s/step | mean tokens fed | " + " | ".join(PHASES) + " |",
