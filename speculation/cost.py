@@ -29,7 +29,6 @@ import json
 import logging
 import operator
 import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -304,11 +303,10 @@ def curve_key(model: Any, dtype: Any, device: Any, kernel: str = "torch") -> str
     forward, so a curve measured there overprices every forward alike and makes drafts look cheap)."""
     import torch
 
-    from .models import cpu_info
+    from .models import cpu_fingerprint
 
     cfg = model.config.to_json_string() if hasattr(model.config, "to_json_string") else repr(model.config)
-    parts = [cfg, str(dtype), str(device), str(torch.get_num_threads()), torch.__version__,
-             platform.processor() or platform.machine(), cpu_info()["model"], kernel,
+    parts = [cfg, str(dtype), str(device), str(torch.get_num_threads()), torch.__version__, cpu_fingerprint(), kernel,
              os.environ.get("OMP_WAIT_POLICY", ""), os.environ.get("GOMP_SPINCOUNT", ""), CURVE_VERSION]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 

@@ -142,7 +142,8 @@ def _block_matmul_invariant(device: torch.device) -> bool:
 
 
 # rows a linear layer's product may hold and still compute each row as it would in any other
-# product of 2..that many rows: per linear shape / dtype / device, probed once per process
+# product of 2..that many rows: per linear shape / dtype / device, probed once per machine (kept
+# on disk: _stored_block) and held here per process
 _ROW_BLOCK: dict[tuple, int | None] = {}
 ROW_BLOCKS = (512, 256, 128, 64, 32, 16, 8, 4, 2)
 _PROBE_CHECKED = 256      # rows compared per product size, input and alignment (at least)
@@ -166,11 +167,46 @@ def row_block(model: Any) -> int | None:
         w = module.weight
         key = (tuple(w.shape), w.dtype, w.device.type, module.bias is not None)
         if key not in _ROW_BLOCK:
-            _ROW_BLOCK[key] = _linear_block(module)
+            _ROW_BLOCK[key] = _stored_block(module, key)
         b = _ROW_BLOCK[key]
         if b is None:
             return None
         block = b if block is None else min(block, b)
+    return block
+
+
+# what a stored probe result depends on beside the shape and the machine: bump when the probe changes
+_PROBE_VERSION = "v1"
+
+
+def _stored_block(module: Any, key: tuple) -> int | None:
+    """``_linear_block`` of a CPU layer, kept on disk per shape / dtype / bias, CPU (model and
+    flags), torch version and threads: the probe is the dearest thing a bf16 model does at load
+    where torch computes bf16 (minutes on a CPU without bf16 instructions, mostly the LM head's
+    products), and its answer only changes with those. A GPU's layer is probed in every process."""
+    if key[2] != "cpu":
+        return _linear_block(module)
+    import hashlib
+    import json
+    import os
+
+    from .models import cache_dir, cpu_fingerprint
+
+    parts = [repr(key), torch.__version__, str(torch.get_num_threads()), cpu_fingerprint(),
+             repr((ROW_BLOCKS, _PROBE_ROWS, _PROBE_CHECKED)), _PROBE_VERSION]
+    digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+    path = cache_dir() / "row_block" / f"{digest}.json"
+    try:
+        block = json.loads(path.read_text())["block"]
+        if block is None or block in ROW_BLOCKS:
+            return block
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    block = _linear_block(module)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"block": block, "shape": list(key[0]), "dtype": str(key[1]), "bias": key[3]}))
+    os.replace(tmp, path)      # atomic: processes probing at once each leave a whole file
     return block
 
 

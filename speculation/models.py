@@ -275,6 +275,19 @@ def cpu_info() -> dict[str, Any]:
     return info
 
 
+def cpu_fingerprint() -> str:
+    """This CPU for the keys of what is measured on it and cached (cost curves, the dtype
+    decision, the row-invariance probe): its model name and its feature flags. The name alone
+    does not tell CPUs apart here ("AMD EPYC" on an AVX2-only Zen and on an AVX512-BF16 one),
+    and a cache directory can be shared by machines of a cluster."""
+    import hashlib
+    import platform
+
+    info = cpu_info()
+    flags = hashlib.sha256(" ".join(sorted(info["flags"])).encode()).hexdigest()[:12]
+    return f"{platform.processor() or platform.machine()}/{info['model']}/{flags}"
+
+
 def cpu_has_bf16() -> bool:
     """AVX512-BF16 or AMX-BF16: the instructions that make bf16 matmuls fast on a CPU."""
     return bool({"avx512_bf16", "amx_bf16"} & cpu_info()["flags"])

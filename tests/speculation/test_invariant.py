@@ -178,3 +178,38 @@ def test_row_probe_finds_every_block_size_and_a_rare_odd_row(monkeypatch):
 
     monkeypatch.setattr(torch.nn.functional, "linear", odd_rows)
     assert invariant._linear_block(layer) == 2
+
+
+def test_row_probe_result_is_kept_per_machine_and_shape(tmp_path, monkeypatch):
+    """``row_block`` probes a CPU layer's shape once per machine: the answer is read back from
+    the cache directory by a later process (the in-process memo cleared), the probe is not run
+    again; another shape, or another CPU (same model name, other flags), is probed."""
+    from speculation import invariant, models
+
+    monkeypatch.setenv("SPECRAG_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(invariant, "_ROW_BLOCK", {})
+    probed = []
+    real = invariant._linear_block
+
+    def counting(module):
+        probed.append(tuple(module.weight.shape))
+        return real(module)
+
+    monkeypatch.setattr(invariant, "_linear_block", counting)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 10), torch.nn.Linear(10, 24, bias=False)).to(torch.bfloat16)
+    first = invariant.row_block(model)
+    assert first is not None and probed == [(10, 24), (24, 10)]
+    assert len(list((tmp_path / "row_block").glob("*.json"))) == 2
+
+    monkeypatch.setattr(invariant, "_ROW_BLOCK", {})          # a new process
+    assert invariant.row_block(model) == first and len(probed) == 2
+
+    monkeypatch.setattr(invariant, "_ROW_BLOCK", {})
+    assert invariant.row_block(torch.nn.Linear(24, 12).to(torch.bfloat16)) is not None
+    assert probed[2:] == [(12, 24)]
+
+    info = models.cpu_info()
+    monkeypatch.setattr(invariant, "_ROW_BLOCK", {})
+    monkeypatch.setattr(models, "cpu_info", lambda: {"model": info["model"], "flags": info["flags"] | {"avx9"}})
+    invariant.row_block(model)
+    assert probed[3:] == [(10, 24), (24, 10)]
