@@ -278,6 +278,19 @@ def test_a_compiler_that_fails_is_reported_not_raised(monkeypatch, tmp_path, cap
         kernels.lean_kernel.cache_clear()
 
 
+@pytest.mark.parametrize("spec", kernels.ATTENTION, ids=lambda spec: spec.name)
+def test_every_attention_build_this_cpu_can_run_passes_its_check(spec):
+    """Each build of csrc/attention.c this CPU runs (the machine uses the widest; the narrower
+    ones are what a CPU without its flags gets) passes the check the loader runs: softmax
+    attention to the dtype's rounding, a token's bits alone and beside others, a tree node's
+    bits those of the same path as a chain."""
+    why = kernels._why_unavailable(spec)
+    if why is not None:
+        pytest.skip(f"{spec.name}: {why}")
+    kernel, why = kernels._load(spec, kernels.AttentionKernel, kernels._check_attention)
+    assert kernel is not None, why
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_attention_kernel_matches_softmax_attention_and_each_token_is_bitwise_independent(dtype):
     """Our attention kernel (csrc/attention.c): every query token against positions [0, nvis) of
