@@ -158,7 +158,7 @@ def _by_score(scores: list[float], limit: int) -> list[int]:
     """The first ``limit`` nodes of a parents-first tree by score, largest first, ties in the
     current order. A node's score must never exceed its parent's: then parents stay first and
     any prefix is a tree."""
-    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:limit]
+    return sorted(range(len(scores)), key=scores.__getitem__, reverse=True)[:limit]    # stable: ties keep their order
 
 
 def _reorder(order: list[int], tokens: list[int], parents: list[int],
