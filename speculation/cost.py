@@ -293,6 +293,46 @@ class StepResidual:
         return max(0.0, m[1] - slope * m[0]), slope
 
 
+
+class MeasuredGain:
+    """Whether drafting pays in a batch of a given number of rows, as measured rather than as
+    predicted. The cost model's choice rests on a curve timed on uniform shapes and on measured
+    acceptance, and in a full batch, where each drafted token is bought with compute, a small
+    error in either turns a gain into a loss (bf16 on an AMD EPYC, 8 rows, closed loop: the
+    drafts the model chose made the engine 4-7% slower). Per row count (decode steps of two rows
+    or more), an EWMA of committed tokens per second, apart for steps that verified drafts and
+    steps that did not; drafting loses at a row count once both are measured and its side is the
+    slower. While drafting runs, every ``explore_every``-th step at a row count goes without
+    drafts (``explore``), so the plain side stays measured: speed only -- verification decides
+    every token, with drafts or without."""
+
+    def __init__(self, weight: float = 0.1, explore_every: int = 32) -> None:
+        self.weight, self.explore_every = weight, explore_every
+        self._speed: dict[tuple[int, bool], float] = {}     # (rows, drafted) -> EWMA tokens/s
+        self._drafting_run: dict[int, int] = {}             # rows -> drafting steps since a plain one
+
+    def update(self, rows: int, drafted: int, committed: int, seconds: float) -> None:
+        if rows < 2 or seconds <= 0:
+            return
+        key = (rows, drafted > 0)
+        speed = committed / seconds
+        old = self._speed.get(key)
+        self._speed[key] = speed if old is None else old + self.weight * (speed - old)
+        self._drafting_run[rows] = self._drafting_run.get(rows, 0) + 1 if drafted else 0
+
+    def speeds(self, rows: int) -> tuple[float | None, float | None]:
+        """(tokens/s with drafts, without) at ``rows``; None where not measured yet."""
+        return self._speed.get((rows, True)), self._speed.get((rows, False))
+
+    def explore(self, rows: int) -> bool:
+        """Whether a step of ``rows`` rows should go without drafts to measure that side again."""
+        return self._drafting_run.get(rows, 0) >= self.explore_every
+
+    def loses(self, rows: int) -> bool:
+        drafting, plain = self.speeds(rows)
+        return drafting is not None and plain is not None and drafting < plain
+
+
 # ---- calibration ------------------------------------------------------------------------------
 
 def curve_key(model: Any, dtype: Any, device: Any, kernel: str = "torch") -> str:

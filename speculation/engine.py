@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import torch
 
-from .cost import (Acceptance, Candidate, CostCurve, StepResidual, choose_lengths, copy_gains, load_or_measure,
+from .cost import (Acceptance, Candidate, CostCurve, MeasuredGain, StepResidual, choose_lengths, copy_gains, load_or_measure,
                    tally_positions)
 from .drafters import (EXTENSION, GIVEN, TARGET, Draft, Drafter, History, ModelDrafter, NgramDrafter, Origin,
                        TreeDrafter)
@@ -390,6 +390,9 @@ class SpeculativeEngine:
         # per batch size (StepResidual's buckets): steps left in which no row proposes a draft, and
         # the next such pause, doubled each time the cost model takes none of the drafts proposed
         self._proposal_pause: dict[int, list[int]] = {}
+        # per row count, the measured speed of steps with drafts and without: a pause also starts
+        # where drafting measured slower, and now and then a step goes without to measure that side
+        self.measured_gain = MeasuredGain()
         # seconds a one-row decode step costs beyond the curve's forward (EWMA of measured -
         # predicted, >= 0). In a batch the gap grows with the drafts (ragged rows cost more than
         # the curve's uniform shapes), so there it is fitted as overhead + slope x draft tokens
@@ -713,6 +716,7 @@ class SpeculativeEngine:
         elif self.cost is not None and prefill_rows == 0 and len(plans) > 1:
             self.batch_residual.update(len(plans), drafted,
                                        seconds - self.cost(step_tokens, len(plans), self._context))
+            self.measured_gain.update(len(plans), drafted, len(plans) + accepted, seconds)
         if self.on_step is not None:
             self.on_step(StepRecord(len(plans), step_tokens, seconds, prefill_rows, self._predicted,
                                     drafted, accepted))
@@ -860,24 +864,31 @@ class SpeculativeEngine:
 
     def _skip_proposals(self, plans: list[_RowPlan]) -> bool:
         """Whether this step's rows skip drafting: a batch whose size's last sizings took none of
-        the drafts proposed (a full batch where verification does not pay). Proposing costs every
-        row a lookup (~0.1 ms each in Python: ~1.5 ms of a 16-row step) for drafts that would be
-        dropped; the pause doubles (up to PROPOSAL_PAUSE_MAX steps) while they keep being dropped,
-        and ends when a sizing takes one, so drafting resumes where it pays again."""
+        the drafts proposed (a full batch where verification does not pay) or whose steps with
+        drafts measured slower than its steps without (``measured_gain``); and now and then a
+        step of a batch that drafts, to measure the other side (``MeasuredGain.explore``).
+        Proposing costs every row a lookup (~0.1 ms each in Python: ~1.5 ms of a 16-row step)
+        for drafts that would be dropped; the pause doubles (up to PROPOSAL_PAUSE_MAX steps)
+        while they keep being dropped or losing, and ends when a sizing takes one and drafting
+        has not measured slower, so drafting resumes where it pays again."""
         if len(plans) < 2:
             return False
         pause = self._proposal_pause.get(StepResidual.bucket(len(plans)))
-        if not pause or pause[0] <= 0:
+        if pause and pause[0] > 0:
+            pause[0] -= 1
+        elif not self.measured_gain.explore(len(plans)):
             return False
-        pause[0] -= 1
         self._predicted = self.cost(sum(len(p.fed) for p in plans), len(plans), self._context)  # type: ignore[misc]
         return True
 
     def _note_choice(self, rows: int, proposed: bool, chosen: int) -> None:
+        """After a batch's sizing: its size's pause of proposals ends where the cost model took a
+        draft and drafting has not measured slower than not drafting at this row count
+        (``measured_gain``); otherwise the next pause, twice the last, starts."""
         if rows < 2 or not proposed:
             return
         pause = self._proposal_pause.setdefault(StepResidual.bucket(rows), [0, 1])
-        if chosen:
+        if chosen and not self.measured_gain.loses(rows):
             pause[:] = [0, 1]
         else:
             pause[:] = [pause[1], min(2 * pause[1], PROPOSAL_PAUSE_MAX)]

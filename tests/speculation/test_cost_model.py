@@ -309,3 +309,66 @@ def test_a_batch_whose_drafts_never_pay_stops_proposing_them_and_resumes_where_t
         else:
             assert len(calls) >= len(batched) - 1
     assert outs["steep"] == outs["flat"] == [hf_greedy(target, p, 40) for p in prompts]
+
+
+def test_measured_gain_compares_steps_with_and_without_drafts_per_row_count():
+    from speculation.cost import MeasuredGain
+
+    gain = MeasuredGain(weight=0.5, explore_every=3)
+    gain.update(1, 4, 5, 0.01)                          # one row: not a batch, not measured
+    assert gain.speeds(1) == (None, None)
+    gain.update(4, 6, 10, 0.02)                         # 500 tokens/s with drafts
+    assert gain.speeds(4) == (500.0, None) and not gain.loses(4)   # nothing to compare with yet
+    gain.update(4, 0, 4, 0.005)                         # 800 without
+    assert gain.loses(4) and not gain.loses(8)
+    gain.update(4, 6, 12, 0.01)                         # 1200: EWMA 850
+    assert gain.speeds(4) == (850.0, 800.0) and not gain.loses(4)
+    # a run of drafting steps at a row count asks for one without, which ends the run
+    assert not gain.explore(4)
+    gain.update(4, 6, 12, 0.01)
+    gain.update(4, 6, 12, 0.01)
+    assert gain.explore(4) and not gain.explore(8)
+    gain.update(4, 0, 4, 0.005)
+    assert not gain.explore(4)
+
+
+def test_a_batch_whose_drafts_measure_slower_stops_drafting_with_the_same_output():
+    """The cost model is told drafts are free (a flat curve, and its residual fit kept from
+    learning otherwise: an error of the model it cannot see) and every draft is right, but each
+    drafted token really costs the forward 20 ms: steps with drafts commit fewer tokens per
+    second than steps without. Measured (``MeasuredGain``, exploring every other drafting step
+    here), the batch stops proposing, for longer each time; where drafts cost what the curve
+    says, it keeps drafting. Both give HF greedy's tokens."""
+    import time
+
+    from exactness import hf_greedy
+    from speculation.cost import MeasuredGain
+    from speculation.engine import GenerationRequest
+    from tinymodels import tiny_llama
+
+    target = tiny_llama(seed=0)
+    prompts = [p for p in ([1, 30 + i, 31 + i % 3, 32, 33] for i in range(40)) if len(hf_greedy(target, p, 60)) == 60][:4]
+    assert len(prompts) == 4
+    want = [hf_greedy(target, p, 60) for p in prompts]
+    reqs = [GenerationRequest(p, [p[-2:] + w], max_new_tokens=60) for p, w in zip(prompts, want)]
+    drafting = {}
+    for name, per_draft in (("dear drafts", 0.02), ("free drafts", 0.0)):
+        engine = _engine(CostCurve.synthetic(per_token=1e-6), max_draft_tokens=2)      # many steps per request
+        engine.measured_gain = MeasuredGain(explore_every=2)
+        engine.batch_residual.update = lambda *args: None
+        forward = engine.runner.forward
+
+        def slowed(rows, forward=forward, per_draft=per_draft):
+            time.sleep(per_draft * (sum(len(r.tokens) for r in rows) - len(rows)))
+            return forward(rows)
+
+        engine.runner.forward = slowed
+        steps = []
+        engine.on_step = steps.append
+        assert [r.token_ids for r in engine.generate(reqs)] == want
+        batched = [s for s in steps if s.rows == 4 and s.prefill_rows == 0]
+        drafting[name] = sum(1 for s in batched if s.drafted) / len(batched)
+        if name == "dear drafts":
+            with_drafts, without = engine.measured_gain.speeds(4)
+            assert with_drafts < without
+    assert drafting["dear drafts"] < 0.5 < drafting["free drafts"], drafting
