@@ -57,6 +57,28 @@ static inline vf vexp_tail(const float *s, vf m, int64_t live) {
 #endif
 
 
+#if defined(__AVX512F__)
+/* four positions' score accumulators -> their four sums, each by the additions of
+ * _mm512_reduce_add_ps in the same tree (lane i + i+8, then i + i+4, i + i+2, i + i+1), four
+ * positions per instruction instead of one */
+static inline __m128 sums4(vf a0, vf a1, vf a2, vf a3) {
+    vf b01 = vadd(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xEE));
+    vf b23 = vadd(_mm512_shuffle_f32x4(a2, a3, 0x44), _mm512_shuffle_f32x4(a2, a3, 0xEE));
+    vf c4 = vadd(_mm512_shuffle_f32x4(b01, b23, 0x88), _mm512_shuffle_f32x4(b01, b23, 0xDD));
+    vf d4 = vadd(c4, _mm512_permute_ps(c4, 0x4E));
+    vf e4 = vadd(d4, _mm512_permute_ps(d4, 0xB1));
+    return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), e4));
+}
+
+/* the larger of mx and m's four lanes (a max is order-free) */
+static inline float max4(__m128 m, float mx) {
+    float f[4];
+    _mm_storeu_ps(f, m);
+    for (int i = 0; i < 4; i++) mx = f[i] > mx ? f[i] : mx;
+    return mx;
+}
+#endif
+
 /* token t, kv head kh: its G query heads over positions [0, nvis[t]) of its slot. G and C are
  * constants where called from the dispatch below, so q and the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void one(const void *Q, const void *K, const void *V, void *O,
@@ -95,8 +117,7 @@ static inline __attribute__((always_inline)) void one(const void *Q, const void 
 #if defined(__AVX512F__)
     /* four positions at a time, their keys loaded once for the G heads; each score the FMA
        chain over the head dimension of a lone position, then the four accumulators reduced
-       together: the same additions in the same tree as _mm512_reduce_add_ps (lane i + i+8,
-       then i + i+4, i + i+2, i + i+1), four positions per instruction instead of one */
+       together (sums4: bitwise a lone position's vsum) */
     __m128 m4[MAXG];             /* the blocks' running maximum, four lanes (a max is order-free) */
     for (int64_t g = 0; g < G; g++) m4[g] = _mm_set1_ps(-INFINITY);
     if (G <= 4)       /* a[G][4], q[G][C], four keys: in registers (SmolLM2: G 3, C 4) */
@@ -110,21 +131,12 @@ static inline __attribute__((always_inline)) void one(const void *Q, const void 
                     for (int i = 0; i < 4; i++) a[g][i] = c == 0 ? vmul(q[g][0], k4[i]) : vfmadd(q[g][c], k4[i], a[g][i]);
             }
             for (int64_t g = 0; g < G; g++) {
-                vf b01 = vadd(_mm512_shuffle_f32x4(a[g][0], a[g][1], 0x44), _mm512_shuffle_f32x4(a[g][0], a[g][1], 0xEE));
-                vf b23 = vadd(_mm512_shuffle_f32x4(a[g][2], a[g][3], 0x44), _mm512_shuffle_f32x4(a[g][2], a[g][3], 0xEE));
-                vf c4 = vadd(_mm512_shuffle_f32x4(b01, b23, 0x88), _mm512_shuffle_f32x4(b01, b23, 0xDD));
-                vf d4 = vadd(c4, _mm512_permute_ps(c4, 0x4E));
-                vf e4 = vadd(d4, _mm512_permute_ps(d4, 0xB1));
-                __m128 s4 = _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), e4));
+                __m128 s4 = sums4(a[g][0], a[g][1], a[g][2], a[g][3]);
                 _mm_storeu_ps(s + g * stride + j, s4);
                 m4[g] = _mm_max_ps(m4[g], s4);
             }
         }
-    for (int64_t g = 0; g < G; g++) {
-        float f[4];
-        _mm_storeu_ps(f, m4[g]);
-        for (int i = 0; i < 4; i++) mx[g] = f[i] > mx[g] ? f[i] : mx[g];
-    }
+    for (int64_t g = 0; g < G; g++) mx[g] = max4(m4[g], mx[g]);
 #endif
     for (; j + 4 <= n; j += 4) {
         const char *k0 = KP(j);
@@ -234,7 +246,7 @@ static inline __attribute__((always_inline)) void one_dp(const void *Q, const vo
 #define VP(j) ((j) < b ? vb + (j) * D * 2 : vt + ((j) - b) * D * 2)
     __m512bh q[MAXG][MAXC2];
     float mx[MAXG], sum[MAXG];
-    const vf vscale = vset1(scale);
+    const __m128 vscale = _mm_set1_ps(scale);
     for (int64_t g = 0; g < G; g++) {
         const char *qp = (const char *)Q + (t * qs_t + (kh * G + g) * qs_h) * 2;
         for (int64_t c = 0; c < C2; c++) q[g][c] = (__m512bh)_mm512_loadu_si512((const void *)(qp + c * 64));
@@ -256,21 +268,12 @@ static inline __attribute__((always_inline)) void one_dp(const void *Q, const vo
                 for (int i = 0; i < 4; i++) a[g][i] = _mm512_dpbf16_ps(c == 0 ? vzero() : a[g][i], q[g][c], k4[i]);
         }
         for (int64_t g = 0; g < G; g++) {
-            vf b01 = vadd(_mm512_shuffle_f32x4(a[g][0], a[g][1], 0x44), _mm512_shuffle_f32x4(a[g][0], a[g][1], 0xEE));
-            vf b23 = vadd(_mm512_shuffle_f32x4(a[g][2], a[g][3], 0x44), _mm512_shuffle_f32x4(a[g][2], a[g][3], 0xEE));
-            vf c4 = vadd(_mm512_shuffle_f32x4(b01, b23, 0x88), _mm512_shuffle_f32x4(b01, b23, 0xDD));
-            vf d4 = vadd(c4, _mm512_permute_ps(c4, 0x4E));
-            vf e4 = vmul(vadd(d4, _mm512_permute_ps(d4, 0xB1)), vscale);
-            __m128 s4 = _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), e4));
+            __m128 s4 = _mm_mul_ps(sums4(a[g][0], a[g][1], a[g][2], a[g][3]), vscale);
             _mm_storeu_ps(s + g * stride + j, s4);
             m4[g] = _mm_max_ps(m4[g], s4);
         }
     }
-    for (int64_t g = 0; g < G; g++) {
-        float f[4];
-        _mm_storeu_ps(f, m4[g]);
-        for (int i = 0; i < 4; i++) mx[g] = f[i] > mx[g] ? f[i] : mx[g];
-    }
+    for (int64_t g = 0; g < G; g++) mx[g] = max4(m4[g], mx[g]);
     for (; j < n; j++) {
         __m512bh k[MAXC2];
         for (int64_t c = 0; c < C2; c++) k[c] = (__m512bh)_mm512_loadu_si512((const void *)(KP(j) + c * 64));
