@@ -293,7 +293,6 @@ class StepResidual:
         return max(0.0, m[1] - slope * m[0]), slope
 
 
-
 class MeasuredGain:
     """Whether drafting pays in a batch of a given number of rows, as measured rather than as
     predicted. The cost model's choice rests on a curve timed on uniform shapes and on measured

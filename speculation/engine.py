@@ -29,8 +29,8 @@ from typing import Any, Callable
 
 import torch
 
-from .cost import (Acceptance, Candidate, CostCurve, MeasuredGain, StepResidual, choose_lengths, copy_gains, load_or_measure,
-                   tally_positions)
+from .cost import (Acceptance, Candidate, CostCurve, MeasuredGain, StepResidual, choose_lengths, copy_gains,
+                   load_or_measure, tally_positions)
 from .drafters import (EXTENSION, GIVEN, TARGET, Draft, Drafter, History, ModelDrafter, NgramDrafter, Origin,
                        TreeDrafter)
 from .errors import GenerationInputError
