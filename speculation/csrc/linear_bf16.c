@@ -23,6 +23,14 @@
 
 #define MR 8     /* input rows per pass */
 #define MB 64    /* input rows per block (a thread's tile: MB rows x 32 outputs) */
+/* A full tile (MR rows) is bound by VDPBF16PS as much as by memory, and without a hint the two
+ * took turns (the hardware prefetcher falls behind while the tile computes): it asks for the
+ * weights PF_AHEAD bytes ahead, into L2 (AMD EPYC with AVX512-BF16, SmolLM2's bf16 forward at 8 /
+ * 12 / 16 tokens: 0.4-2.0 / 0.5-1.8 / 0.2-1.8 ms faster over four alternated runs; at 4-6 tokens
+ * no gain). Smaller tiles stream the weights as fast as memory gives them. Prefetches change no
+ * result. */
+#define PF_ROWS MR
+#define PF_AHEAD 6144
 
 static inline __m512bh pair(const uint16_t *x, int64_t kp, int64_t K) {
     int32_t v;
@@ -42,6 +50,10 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *X, const 
     __m512 acc[MR][2];
     for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     for (int64_t kp = 0; kp < K2; kp++) {
+        if (mc >= PF_ROWS) {
+            _mm_prefetch((const char *)(w + kp * 64) + PF_AHEAD, _MM_HINT_T1);
+            _mm_prefetch((const char *)(w + kp * 64) + PF_AHEAD + 64, _MM_HINT_T1);
+        }
         __m512bh w0 = (__m512bh)_mm512_loadu_si512((const void *)(w + kp * 64));
         __m512bh w1 = (__m512bh)_mm512_loadu_si512((const void *)(w + kp * 64 + 32));
         for (int i = 0; i < mc; i++) {
