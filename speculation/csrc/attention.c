@@ -79,6 +79,23 @@ static inline float max4(__m128 m, float mx) {
 }
 #endif
 
+/* A token's logical positions [0, n): [0, b) at their own place in its slot (kb, vb), [b, n) in
+ * the scratch kt, vt (row bytes apart). A draft tree's node (pre[t] < n) sees the prefix [0,
+ * pre[t]) and then its ancestors at scattered positions: those from the multiple of four below
+ * pre[t] on are copied into the scratch in that order, so blocks of four never straddle b.
+ * Returns b (n for a chain token: no copy). */
+static inline int64_t tree_scratch(const char *kb, const char *vb, const int64_t *pre, const int64_t *aoff,
+                                   const int64_t *anc, int64_t t, int64_t n, int64_t row, char *kt, char *vt) {
+    if (pre == 0 || pre[t] >= n) return n;
+    int64_t b = pre[t] & ~(int64_t)3;
+    for (int64_t j = b; j < n; j++) {
+        int64_t at = j < pre[t] ? j : anc[aoff[t] + j - pre[t]];
+        memcpy(kt + (j - b) * row, kb + at * row, row);
+        memcpy(vt + (j - b) * row, vb + at * row, row);
+    }
+    return b;
+}
+
 /* token t, kv head kh: its G query heads over positions [0, nvis[t]) of its slot. G and C are
  * constants where called from the dispatch below, so q and the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void one(const void *Q, const void *K, const void *V, void *O,
@@ -91,16 +108,7 @@ static inline __attribute__((always_inline)) void one(const void *Q, const void 
     const int64_t D = C * W, esz = bf16 ? 2 : 4, n = nvis[t];
     const char *kb = (const char *)K + (slot[t] * ks_slot + kh * ks_head) * esz;
     const char *vb = (const char *)V + (slot[t] * ks_slot + kh * ks_head) * esz;
-    /* logical positions [0, b) at their own place in the slot, [b, n) in the scratch (a tree node) */
-    int64_t b = n;
-    if (pre != 0 && pre[t] < n) {
-        b = pre[t] & ~(int64_t)3;
-        for (int64_t j = b; j < n; j++) {
-            int64_t at = j < pre[t] ? j : anc[aoff[t] + j - pre[t]];
-            memcpy(kt + (j - b) * D * esz, kb + at * D * esz, D * esz);
-            memcpy(vt + (j - b) * D * esz, vb + at * D * esz, D * esz);
-        }
-    }
+    const int64_t b = tree_scratch(kb, vb, pre, aoff, anc, t, n, D * esz, kt, vt);
 #define KP(j) ((j) < b ? kb + (j) * D * esz : kt + ((j) - b) * D * esz)
 #define VP(j) ((j) < b ? vb + (j) * D * esz : vt + ((j) - b) * D * esz)
     vf q[MAXG][MAXC];
@@ -233,15 +241,7 @@ static inline __attribute__((always_inline)) void one_dp(const void *Q, const vo
     const int64_t D = C2 * 32, n = nvis[t];
     const char *kb = (const char *)K + (slot[t] * ks_slot + kh * ks_head) * 2;
     const char *vb = (const char *)V + (slot[t] * ks_slot + kh * ks_head) * 2;
-    int64_t b = n;
-    if (pre != 0 && pre[t] < n) {
-        b = pre[t] & ~(int64_t)3;
-        for (int64_t j = b; j < n; j++) {
-            int64_t at = j < pre[t] ? j : anc[aoff[t] + j - pre[t]];
-            memcpy(kt + (j - b) * D * 2, kb + at * D * 2, D * 2);
-            memcpy(vt + (j - b) * D * 2, vb + at * D * 2, D * 2);
-        }
-    }
+    const int64_t b = tree_scratch(kb, vb, pre, aoff, anc, t, n, D * 2, kt, vt);
 #define KP(j) ((j) < b ? kb + (j) * D * 2 : kt + ((j) - b) * D * 2)
 #define VP(j) ((j) < b ? vb + (j) * D * 2 : vt + ((j) - b) * D * 2)
     __m512bh q[MAXG][MAXC2];
