@@ -29,7 +29,6 @@
  * 12 / 16 tokens: 0.4-2.0 / 0.5-1.8 / 0.2-1.8 ms faster over four alternated runs; at 4-6 tokens
  * no gain). Smaller tiles stream the weights as fast as memory gives them. Prefetches change no
  * result. */
-#define PF_ROWS MR
 #define PF_AHEAD 6144
 
 static inline __m512bh pair(const uint16_t *x, int64_t kp, int64_t K) {
@@ -50,7 +49,7 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *X, const 
     __m512 acc[MR][2];
     for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     for (int64_t kp = 0; kp < K2; kp++) {
-        if (mc >= PF_ROWS) {
+        if (mc == MR) {
             _mm_prefetch((const char *)(w + kp * 64) + PF_AHEAD, _MM_HINT_T1);
             _mm_prefetch((const char *)(w + kp * 64) + PF_AHEAD + 64, _MM_HINT_T1);
         }
